@@ -1,0 +1,124 @@
+"""Slow, obviously correct twins of the fast paths (NumPy and loops only).
+
+Each function here follows a formula of MODEL.md literally, with no FFT trick, no
+Wigner D and no sufficient statistic, so that a test comparing the fast path with it
+pins the conventions down.
+"""
+import math
+
+import numpy as np
+
+
+def wigner_small_d(j, mp, m, beta):
+    """Explicit factorial sum for ``d^j_{m',m}(beta)`` (fine for small ``j``)."""
+    f = math.factorial
+    tot = 0.0
+    for s in range(0, 2 * j + 1):
+        if j + m - s < 0 or mp - m + s < 0 or j - mp - s < 0:
+            continue
+        tot += ((-1) ** (mp - m + s) * math.cos(beta / 2) ** (2 * j + m - mp - 2 * s)
+                * math.sin(beta / 2) ** (mp - m + 2 * s)
+                / (f(j + m - s) * f(s) * f(mp - m + s) * f(j - mp - s)))
+    return math.sqrt(f(j + mp) * f(j - mp) * f(j + m) * f(j - m)) * tot
+
+
+def direct_projection(theta, basis, rot, n_kappa=None, n_phi=None):
+    """``p_w[p] = integral_{|k| <= c} F(w^T (k, 0)) e^{2 pi i k . x_p} d^2k`` by polar quadrature.
+
+    ``F`` is evaluated straight from the basis (spherical Bessel times spherical
+    harmonics) at the rotated points; no Wigner D, no Hankel transform.
+    Returns the image (L, L).
+    """
+    L, c = basis.L, 0.5
+    R = L // 2
+    n_kappa = n_kappa or 6 * L + 40
+    n_phi = n_phi or 8 * L + 4 * basis.lmax + 64
+    nodes, weights = np.polynomial.legendre.leggauss(n_kappa)
+    kappa = c * (nodes + 1) / 2
+    wk = c / 2 * weights * kappa
+    phis = 2 * np.pi * np.arange(n_phi) / n_phi
+    kk, pp = np.meshgrid(kappa, phis, indexing="ij")
+    k2 = np.stack([kk * np.cos(pp), kk * np.sin(pp)], axis=-1).reshape(-1, 2)
+    wts = (wk[:, None] * np.full(n_phi, 2 * np.pi / n_phi)[None, :]).ravel()
+    k3 = np.concatenate([k2, np.zeros((len(k2), 1))], axis=1)
+    q = k3 @ rot  # rows: (w^T k)^T = k^T w
+    F = basis.evaluate_fourier_real(q) @ theta
+    x = np.arange(L) - R
+    X0, X1 = np.meshgrid(x, x, indexing="ij")
+    xs = np.stack([X0.ravel(), X1.ravel()], axis=1)
+    img = (np.exp(2j * np.pi * xs @ k2.T) @ (F * wts))
+    return img.reshape(L, L)
+
+
+def shift_crop(img, shift, L):
+    """``C T_l Z img``: zero-pad to 2L x 2L, shift circularly by ``l``, keep the top-left L x L."""
+    z = np.zeros((2 * L, 2 * L))
+    z[:L, :L] = img
+    z = np.roll(z, shift, axis=(0, 1))
+    return z[:L, :L]
+
+
+def nonempty_shifts(L):
+    """The (2L-1)^2 non-empty shifts (l1 != L and l2 != L), in row-major order of (l1, l2)."""
+    return [(a, b) for a in range(2 * L) for b in range(2 * L) if a != L and b != L]
+
+
+def shift_operator(L, shift):
+    """Matrix of ``C T_l Z`` acting on flat L^2 images (L^2 x L^2)."""
+    P = L * L
+    Mtx = np.zeros((P, P))
+    for q in range(P):
+        e = np.zeros(P)
+        e[q] = 1.0
+        Mtx[:, q] = shift_crop(e.reshape(L, L), shift, L).ravel()
+    return Mtx
+
+
+def brute_log_posteriors(patches, A, theta, upsilon, sigma2):
+    """Brute-force E-step: unnormalised log-probabilities of every state of every patch.
+
+    Returns ``(logp_empty (n,), logp (n, K, 2L, 2L) with -inf at dropped shifts, loglik (n,))``
+    where ``loglik`` is the full log-likelihood of each patch (MODEL section 4),
+    computed from explicit residual norms.
+    """
+    n, L, _ = patches.shape
+    K = A.shape[0]
+    P = L * L
+    shifts = nonempty_shifts(L)
+    logprior_shift = math.log((1 - upsilon) / ((2 * L - 1) ** 2 * K))
+    const = -P / 2 * math.log(2 * math.pi * sigma2)
+    proj = (A @ theta).reshape(K, L, L)
+    logp = np.full((n, K, 2 * L, 2 * L), -np.inf)
+    logp_empty = np.empty(n)
+    loglik = np.empty(n)
+    for j in range(n):
+        y = patches[j]
+        logp_empty[j] = math.log(upsilon) - np.sum(y ** 2) / (2 * sigma2) + const
+        for k in range(K):
+            for sh in shifts:
+                r = y - shift_crop(proj[k], sh, L)
+                logp[j, k, sh[0], sh[1]] = logprior_shift - np.sum(r ** 2) / (2 * sigma2) + const
+        allv = np.concatenate([[logp_empty[j]], logp[j].ravel()])
+        mx = allv.max()
+        loglik[j] = mx + math.log(np.sum(np.exp(allv - mx)))
+    return logp_empty, logp, loglik
+
+
+def brute_normal_equations(patches, A, w, L):
+    """Brute-force ``H = sum_{j,k,l} w_jkl A_kl^T A_kl`` and ``b = sum w_jkl A_kl^T y_j``.
+
+    ``w`` has shape (n, K, 2L, 2L) (posteriors over non-empty shifts; other entries ignored).
+    ``A_kl = (C T_l Z) A_k`` is formed explicitly for every rotation and shift.
+    """
+    n = patches.shape[0]
+    K, P, M = A.shape
+    H = np.zeros((M, M))
+    b = np.zeros(M)
+    for sh in nonempty_shifts(L):
+        S = shift_operator(L, sh)
+        for k in range(K):
+            Akl = S @ A[k]
+            wk = w[:, k, sh[0], sh[1]]
+            H += wk.sum() * (Akl.T @ Akl)
+            b += Akl.T @ (patches.reshape(n, P).T @ wk)
+    return H, b
