@@ -1,0 +1,289 @@
+"""E-step (MODEL sections 4 and 5) and the sufficient statistics it feeds to the M-step (section 6).
+
+For patch ``j``, rotation ``k`` and non-empty shift ``l``:
+
+    ||y_j - C T_l Z p_k||^2 = ||y_j||^2 - 2 c_jk[l] + e_k[l],
+    c_jk = IFFT2(FFT2(Z y_j) conj(FFT2(Z p_k))),   e_k = IFFT2(FFT2(Z 1) conj(FFT2(Z p_k^2))).
+
+The state scores are ``log upsilon`` (empty, counted once) and
+``log((1 - upsilon) / ((2L-1)^2 K)) + (2 c_jk[l] - e_k[l]) / (2 sigma^2)``; the common
+``-||y_j||^2 / (2 sigma^2) - (L^2/2) log(2 pi sigma^2)`` is added back for the
+log-likelihood. Posteriors come from a log-sum-exp (no patch underflows).
+
+A chunk of patches is processed at a time and only its sufficient statistics are kept:
+
+    W[k, l] += sum_j w_jkl                               (2L x 2L per rotation)
+    G[k]    += sum_j FFT2(Z y_j) conj(FFT2(w_jk))         (half spectrum per rotation)
+
+plus the sums of the empty-state posteriors, of ``||y_j||^2`` and of the log-likelihood.
+Nothing of size (patches x rotations x shifts) outlives one chunk.
+
+Kernels split their work over patches (scoring) or over rotations (accumulation), in
+an order that does not depend on the thread count, so 1 and N threads give the same bits.
+"""
+import dataclasses
+import logging
+import math
+
+import numpy as np
+from numba import prange
+
+from . import fft
+from ._jit import pjit
+from .errors import NumbaemError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SufficientStats:
+    """Per-iteration sums over patches (MODEL section 6); additive over chunks.
+
+    Attributes
+    ----------
+    W : ndarray, shape (K, 2L, 2L)
+        ``sum_j w_jkl`` (zero at the dropped and the empty shift).
+    G : ndarray, complex, shape (K, 2L, L + 1)
+        ``sum_j FFT2(Z y_j) conj(FFT2(w_jk))`` (real-FFT half spectrum).
+    n_patches : int
+    sum_empty : float
+        ``sum_j w_{j,empty}``.
+    sum_yy : float
+        ``sum_j ||y_j||^2``.
+    loglik : float
+        ``sum_j log p(y_j)``, the approximate log-likelihood (section 4) of the patches seen.
+    """
+
+    W: np.ndarray
+    G: np.ndarray
+    n_patches: int = 0
+    sum_empty: float = 0.0
+    sum_yy: float = 0.0
+    loglik: float = 0.0
+
+    @classmethod
+    def zeros(cls, K, L):
+        return cls(np.zeros((K, 2 * L, 2 * L)), np.zeros((K, 2 * L, L + 1), np.complex128))
+
+    def add(self, other):
+        """In-place sum (chunks, or workers' partial results)."""
+        self.W += other.W
+        self.G += other.G
+        self.n_patches += other.n_patches
+        self.sum_empty += other.sum_empty
+        self.sum_yy += other.sum_yy
+        self.loglik += other.loglik
+        return self
+
+    @property
+    def nbytes(self):
+        return self.W.nbytes + self.G.nbytes
+
+    def to_arrays(self):
+        """Plain dict of arrays and floats (for sending or saving)."""
+        return dict(W=self.W, G=self.G, n_patches=self.n_patches, sum_empty=self.sum_empty,
+                    sum_yy=self.sum_yy, loglik=self.loglik)
+
+
+@dataclasses.dataclass
+class ProjectionSpectra:
+    """What the E-step needs of the current volume: ``conj(FFT2(Z p_k))`` and ``e_k``.
+
+    Attributes
+    ----------
+    Pc : ndarray, complex, shape (K, 2L, L + 1)
+    e : ndarray, shape (K, 2L, 2L)
+    L : int
+    """
+
+    Pc: np.ndarray
+    e: np.ndarray
+    L: int
+
+    @property
+    def K(self):
+        return self.Pc.shape[0]
+
+
+def projection_spectra(proj):
+    """Spectra of the projections ``p_k`` (section 5).
+
+    Parameters
+    ----------
+    proj : ndarray, shape (K, L, L)
+
+    Returns
+    -------
+    ProjectionSpectra
+    """
+    proj = np.asarray(proj, dtype=np.float64)
+    K, L, _ = proj.shape
+    zp = np.zeros((K, 2 * L, 2 * L))
+    zp[:, :L, :L] = proj
+    Pc = np.conj(fft.rfft2(zp))
+    zp[:, :L, :L] = proj ** 2
+    P2c = np.conj(fft.rfft2(zp))
+    one = np.zeros((2 * L, 2 * L))
+    one[:L, :L] = 1.0
+    O = fft.rfft2(one)
+    e = fft.irfft2(O[None] * P2c, 2 * L)
+    return ProjectionSpectra(Pc, e, L)
+
+
+def patch_spectra(patches):
+    """``FFT2(Z y_j)`` for a stack of patches (n, L, L) -> (n, 2L, L + 1)."""
+    n, L, _ = patches.shape
+    z = np.zeros((n, 2 * L, 2 * L))
+    z[:, :L, :L] = patches
+    return fft.rfft2(z)
+
+
+@pjit
+def _products(Yh, Pc, n_valid, Q):
+    """``Q[j, k] = Yh[j] * Pc[k]`` for ``j < n_valid``; zero for the padding rows."""
+    n, K, n0, n1 = Q.shape
+    for j in prange(n):
+        if j < n_valid:
+            for k in range(K):
+                for a in range(n0):
+                    for b in range(n1):
+                        Q[j, k, a, b] = Yh[j, a, b] * Pc[k, a, b]
+        else:
+            Q[j] = 0.0
+
+
+@pjit
+def _posteriors(C, e, n_valid, L, log_shift_prior, log_upsilon, inv2s2, w_empty, lse):
+    """Scores -> posteriors in place of ``C`` (n, K, 2L, 2L); ``w_empty`` and ``lse`` per patch.
+
+    Dropped shifts (l1 == L or l2 == L, which includes the empty (L, L)) get posterior 0.
+    Padding rows (j >= n_valid) are zeroed.
+    """
+    n, K, n2 = C.shape[0], C.shape[1], C.shape[2]
+    for j in prange(n):
+        if j >= n_valid:
+            C[j] = 0.0
+            w_empty[j] = 0.0
+            lse[j] = 0.0
+            continue
+        mx = log_upsilon
+        for k in range(K):
+            for a in range(n2):
+                for b in range(n2):
+                    if a == L or b == L:
+                        continue
+                    s = log_shift_prior + (2.0 * C[j, k, a, b] - e[k, a, b]) * inv2s2
+                    C[j, k, a, b] = s
+                    if s > mx:
+                        mx = s
+        tot = math.exp(log_upsilon - mx)
+        for k in range(K):
+            for a in range(n2):
+                for b in range(n2):
+                    if a == L or b == L:
+                        C[j, k, a, b] = 0.0
+                    else:
+                        v = math.exp(C[j, k, a, b] - mx)
+                        C[j, k, a, b] = v
+                        tot += v
+        inv = 1.0 / tot
+        for k in range(K):
+            for a in range(n2):
+                for b in range(n2):
+                    C[j, k, a, b] *= inv
+        lse[j] = mx + math.log(tot)
+        w_empty[j] = math.exp(log_upsilon - lse[j])
+
+
+@pjit
+def _accumulate_W(C, n_valid, W):
+    """``W[k] += sum_{j < n_valid} C[j, k]``, parallel over rotations (fixed order in j)."""
+    K, n0, n1 = W.shape
+    for k in prange(K):
+        for j in range(n_valid):
+            for a in range(n0):
+                for b in range(n1):
+                    W[k, a, b] += C[j, k, a, b]
+
+
+@pjit
+def _accumulate_G(Yh, Q, n_valid, G):
+    """``G[k] += sum_{j < n_valid} Yh[j] * conj(Q[j, k])``, parallel over rotations."""
+    K = G.shape[0]
+    n0, n1 = G.shape[1], G.shape[2]
+    for k in prange(K):
+        for j in range(n_valid):
+            for a in range(n0):
+                for b in range(n1):
+                    q = Q[j, k, a, b]
+                    G[k, a, b] += Yh[j, a, b] * complex(q.real, -q.imag)
+
+
+def chunk_bytes(n_chunk, K, L):
+    """Bytes of the per-chunk work arrays for ``n_chunk`` patches and ``K`` rotations."""
+    per_pair = (2 * L) * (2 * L) * 8 + (2 * L) * (L + 1) * 16
+    per_patch = (2 * L) * (L + 1) * 16 + 2 * (2 * L) ** 2 * 8 + L * L * 8 + 64
+    return n_chunk * (K * per_pair + per_patch)
+
+
+def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_posteriors=False):
+    """E-step on one chunk of patches; adds its sufficient statistics into ``stats``.
+
+    Parameters
+    ----------
+    patches : ndarray, shape (n, L, L)
+        ``n <= n_chunk``; the FFT plans are sized for ``n_chunk`` patches (padding rows
+        are zero and do not count), so every chunk of a run reuses the same plans.
+    spectra : ProjectionSpectra
+    upsilon : float
+        Prior probability of an empty patch, in (0, 1).
+    sigma2 : float
+        Noise variance, > 0.
+    stats : SufficientStats
+        Accumulated in place.
+    n_chunk : int, optional
+        Plan size; default ``n``.
+    keep_posteriors : bool
+        Also return the posteriors (n, K, 2L, 2L) and the empty-state posteriors (n,)
+        (tests only: this is the array the streaming design never keeps).
+
+    Returns
+    -------
+    loglik : ndarray, shape (n,)
+        Log-likelihood of each patch under the model of section 4.
+    (w, w_empty) when ``keep_posteriors``.
+    """
+    patches = np.asarray(patches, dtype=np.float64)
+    n, L, _ = patches.shape
+    if L != spectra.L:
+        raise NumbaemError(f"patches are {L}x{L} but the projections are {spectra.L}x{spectra.L}; use one patch size")
+    if not 0.0 < upsilon < 1.0:
+        raise NumbaemError(f"upsilon={upsilon} must lie strictly between 0 and 1")
+    if not sigma2 > 0:
+        raise NumbaemError(f"sigma2={sigma2} must be positive; give the noise variance of the micrograph pixels")
+    n_chunk = n if n_chunk is None else int(n_chunk)
+    if n > n_chunk:
+        raise NumbaemError(f"chunk of {n} patches exceeds the planned chunk size {n_chunk}")
+    K = spectra.K
+    Yh = np.zeros((n_chunk, 2 * L, L + 1), np.complex128)
+    Yh[:n] = patch_spectra(patches)
+    ws = fft.workspace((n_chunk, K, 2 * L, 2 * L))
+    _products(Yh, spectra.Pc, n, ws.spec)
+    C = ws.backward()
+    w_empty = np.zeros(n_chunk)
+    lse = np.zeros(n_chunk)
+    log_shift_prior = math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * K)
+    _posteriors(C, spectra.e, n, L, log_shift_prior, math.log(upsilon), 1.0 / (2.0 * sigma2), w_empty, lse)
+    _accumulate_W(C, n, stats.W)
+    post = C[:n].copy() if keep_posteriors else None
+    Q = ws.forward()
+    _accumulate_G(Yh, Q, n, stats.G)
+    yy = np.einsum("jab,jab->j", patches, patches)
+    loglik = lse[:n] - yy / (2.0 * sigma2) - 0.5 * L * L * math.log(2.0 * math.pi * sigma2)
+    stats.n_patches += n
+    stats.sum_empty += float(w_empty[:n].sum())
+    stats.sum_yy += float(yy.sum())
+    stats.loglik += float(loglik.sum())
+    if keep_posteriors:
+        return loglik, post, w_empty[:n].copy()
+    return loglik

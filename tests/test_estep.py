@@ -1,0 +1,97 @@
+"""E-step (MODEL sections 4-5) against the brute-force sum over states."""
+import math
+
+import numpy as np
+import pytest
+
+from numbaem.basis import FBBasis
+from numbaem.errors import NumbaemError
+from numbaem.estep import SufficientStats, e_step_chunk, projection_spectra
+from numbaem.projection import projection_matrices
+from numbaem.rotations import random_rotations
+
+import naive
+
+
+def _case(rng, L=5, lmax=2, K=4, n=3, sigma2=0.7):
+    basis = FBBasis(L, lmax)
+    rots = random_rotations(K, rng)
+    A = projection_matrices(basis, rots)
+    theta = rng.standard_normal(basis.M)
+    proj = (A @ theta).reshape(K, L, L)
+    patches = rng.standard_normal((n, L, L)) * math.sqrt(sigma2)
+    # put a shifted projection into the first patch so the posteriors are not flat
+    patches[0] += naive.shift_crop(proj[1], (2, 7), L)
+    return basis, A, theta, proj, patches, sigma2
+
+
+def test_estep_matches_brute_force(rng):
+    basis, A, theta, proj, patches, sigma2 = _case(rng)
+    L, K = basis.L, len(A)
+    upsilon = 0.3
+    stats = SufficientStats.zeros(K, L)
+    loglik, w, w_empty = e_step_chunk(patches, projection_spectra(proj), upsilon, sigma2, stats,
+                                      keep_posteriors=True)
+    logp_empty, logp, ll_ref = naive.brute_log_posteriors(patches, A, theta, upsilon, sigma2)
+    np.testing.assert_allclose(loglik, ll_ref, rtol=1e-13)
+    w_ref = np.exp(logp - ll_ref[:, None, None, None])
+    np.testing.assert_allclose(w, w_ref, rtol=1e-11, atol=1e-15)
+    np.testing.assert_allclose(w_empty, np.exp(logp_empty - ll_ref), rtol=1e-11)
+    # every patch's posteriors sum to one, the empty state counted once
+    np.testing.assert_allclose(w.sum(axis=(1, 2, 3)) + w_empty, 1.0, rtol=1e-13)
+    # dropped shifts carry nothing
+    assert np.all(w[:, :, L, :] == 0) and np.all(w[:, :, :, L] == 0)
+    np.testing.assert_allclose(stats.W, w.sum(axis=0), rtol=1e-13, atol=1e-16)
+    assert stats.n_patches == len(patches)
+    np.testing.assert_allclose(stats.loglik, ll_ref.sum(), rtol=1e-13)
+    np.testing.assert_allclose(stats.sum_empty, w_empty.sum(), rtol=1e-13)
+
+
+def test_estep_chunks_add_up(rng):
+    """Two chunks (the second padded to the plan size) give the statistics of one."""
+    basis, A, theta, proj, patches, sigma2 = _case(rng, n=5)
+    L, K = basis.L, len(A)
+    spectra = projection_spectra(proj)
+    one = SufficientStats.zeros(K, L)
+    e_step_chunk(patches, spectra, 0.4, sigma2, one)
+    two = SufficientStats.zeros(K, L)
+    e_step_chunk(patches[:3], spectra, 0.4, sigma2, two, n_chunk=3)
+    e_step_chunk(patches[3:], spectra, 0.4, sigma2, two, n_chunk=3)
+    np.testing.assert_allclose(two.W, one.W, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(two.G, one.G, rtol=1e-12, atol=1e-13)
+    assert two.n_patches == one.n_patches == 5
+    np.testing.assert_allclose(two.loglik, one.loglik, rtol=1e-13)
+
+
+def test_estep_no_underflow(rng):
+    """A patch far brighter than the model: every state's likelihood underflows exp,
+    the log-sum-exp does not."""
+    basis, A, theta, proj, patches, sigma2 = _case(rng)
+    patches = patches * 1e4
+    stats = SufficientStats.zeros(len(A), basis.L)
+    loglik, w, w_empty = e_step_chunk(patches, projection_spectra(proj), 0.3, 1e-4, stats,
+                                      keep_posteriors=True)
+    assert np.all(np.isfinite(loglik)) and np.all(np.isfinite(w))
+    np.testing.assert_allclose(w.sum(axis=(1, 2, 3)) + w_empty, 1.0, rtol=1e-12)
+
+
+def test_estep_zero_patch(rng):
+    basis, A, theta, proj, patches, sigma2 = _case(rng)
+    patches[:] = 0.0
+    stats = SufficientStats.zeros(len(A), basis.L)
+    loglik, w, w_empty = e_step_chunk(patches, projection_spectra(proj), 0.3, sigma2, stats,
+                                      keep_posteriors=True)
+    _, _, ll_ref = naive.brute_log_posteriors(patches, A, theta, 0.3, sigma2)
+    np.testing.assert_allclose(loglik, ll_ref, rtol=1e-13)
+    assert np.all(w_empty > 0.3)  # nothing is the most likely explanation of a zero patch
+
+
+@pytest.mark.parametrize("kw,match", [(dict(upsilon=0.0), "upsilon"), (dict(upsilon=1.0), "upsilon"),
+                                      (dict(sigma2=0.0), "sigma2"), (dict(sigma2=-1.0), "sigma2")])
+def test_estep_rejects_bad_parameters(rng, kw, match):
+    basis, A, theta, proj, patches, sigma2 = _case(rng)
+    args = dict(upsilon=0.3, sigma2=sigma2)
+    args.update(kw)
+    with pytest.raises(NumbaemError, match=match):
+        e_step_chunk(patches, projection_spectra(proj), args["upsilon"], args["sigma2"],
+                     SufficientStats.zeros(len(A), basis.L))
