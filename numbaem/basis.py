@@ -93,6 +93,16 @@ class FBBasis:
                 f"lmax={self.lmax} is too high for L={self.L}: no radial function of order "
                 f"l={self.lmax} is below Nyquist; use lmax <= {top}")
 
+    @staticmethod
+    def max_lmax(L):
+        """The highest angular order with at least one radial function below Nyquist for side ``L``."""
+        L = check_L(L)
+        umax = 2 * np.pi * C_BAND * (L // 2) - 1e-9
+        l = 0
+        while spherical_bessel_zeros(l + 1, umax):
+            l += 1
+        return l
+
     @property
     def R(self):
         return self.L // 2
