@@ -152,12 +152,18 @@ def _products(Yh, Pc, n_valid, Q):
             Q[j] = 0.0
 
 
+# exp(-50) = 2e-22: a state scoring 50 below the best adds less than round-off to the
+# normaliser of any patch with fewer than 1e5 states, so its exp is skipped (posterior 0).
+_LOG_NEGLIGIBLE = -50.0
+
+
 @pjit
 def _posteriors(C, e, n_valid, L, log_shift_prior, log_upsilon, inv2s2, w_empty, lse):
     """Scores -> posteriors in place of ``C`` (n, K, 2L, 2L); ``w_empty`` and ``lse`` per patch.
 
     Dropped shifts (l1 == L or l2 == L, which includes the empty (L, L)) get posterior 0.
-    Padding rows (j >= n_valid) are zeroed.
+    Padding rows (j >= n_valid) are zeroed. Each row's two runs of valid shifts
+    (``b < L`` and ``b > L``) are branch-free loops.
     """
     n, K, n2 = C.shape[0], C.shape[1], C.shape[2]
     for j in prange(n):
@@ -169,28 +175,42 @@ def _posteriors(C, e, n_valid, L, log_shift_prior, log_upsilon, inv2s2, w_empty,
         mx = log_upsilon
         for k in range(K):
             for a in range(n2):
-                for b in range(n2):
-                    if a == L or b == L:
-                        continue
-                    s = log_shift_prior + (2.0 * C[j, k, a, b] - e[k, a, b]) * inv2s2
-                    C[j, k, a, b] = s
-                    if s > mx:
-                        mx = s
+                if a == L:
+                    continue
+                row = C[j, k, a]
+                er = e[k, a]
+                for b in range(L):
+                    s = log_shift_prior + (2.0 * row[b] - er[b]) * inv2s2
+                    row[b] = s
+                    mx = max(mx, s)
+                for b in range(L + 1, n2):
+                    s = log_shift_prior + (2.0 * row[b] - er[b]) * inv2s2
+                    row[b] = s
+                    mx = max(mx, s)
         tot = math.exp(log_upsilon - mx)
         for k in range(K):
             for a in range(n2):
-                for b in range(n2):
-                    if a == L or b == L:
-                        C[j, k, a, b] = 0.0
-                    else:
-                        v = math.exp(C[j, k, a, b] - mx)
-                        C[j, k, a, b] = v
-                        tot += v
+                row = C[j, k, a]
+                if a == L:
+                    row[:] = 0.0
+                    continue
+                row[L] = 0.0
+                for b in range(L):
+                    d = row[b] - mx
+                    v = math.exp(d) if d > _LOG_NEGLIGIBLE else 0.0
+                    row[b] = v
+                    tot += v
+                for b in range(L + 1, n2):
+                    d = row[b] - mx
+                    v = math.exp(d) if d > _LOG_NEGLIGIBLE else 0.0
+                    row[b] = v
+                    tot += v
         inv = 1.0 / tot
         for k in range(K):
             for a in range(n2):
+                row = C[j, k, a]
                 for b in range(n2):
-                    C[j, k, a, b] *= inv
+                    row[b] *= inv
         lse[j] = mx + math.log(tot)
         w_empty[j] = math.exp(log_upsilon - lse[j])
 

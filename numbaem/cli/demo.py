@@ -42,9 +42,9 @@ def add_args(p):
 def settings(quick):
     """Sizes of the demo (documented in the README)."""
     if quick:
-        return dict(L0=21, L=7, N=420, count=1, density=0.12,
+        return dict(L0=21, L=7, N=420, count=1, density=0.12, homolog_strength=1.0,
                     schedule=[Stage(2, 3, 1.0, 100), Stage(4, 4, 1.0, 300)])
-    return dict(L0=41, L=11, N=880, count=2, density=0.12,
+    return dict(L0=41, L=11, N=880, count=2, density=0.12, homolog_strength=0.8,
                 schedule=[Stage(3, 3, 1.0, 150), Stage(5, 3, 1.0, 400), Stage(6, 4, 1.0, 800)])
 
 
@@ -63,12 +63,13 @@ def main(args):
     L, L0 = cfg["L"], cfg["L0"]
     rng = np.random.default_rng(args.seed)
     truth_full = synthetic_molecule(L0, seed=args.seed)
-    homolog_full = synthetic_molecule(L0, seed=args.seed + 1, homolog_of=args.seed)
+    homolog_full = synthetic_molecule(L0, seed=args.seed + 1, homolog_of=args.seed,
+                                      homolog_strength=cfg["homolog_strength"])
     with use_threads(args.threads):
         sim = simulate_micrographs(truth_full, L, micrograph_size=cfg["N"], method=2, density=cfg["density"],
                                    snr=args.snr, spacing="separated", count=cfg["count"], rng=rng)
         mic_base = os.path.join(out, "micrograph.mrc")
-        paths = write_simulation(sim, mic_base, force=True, command="numbaem demo")
+        paths = write_simulation(sim, mic_base, force=True, command="numbaem demo")[:-2]  # micrographs only
         truth = sim.truth_volume
         top = max(st.lmax for st in cfg["schedule"])
         basis = FBBasis(L, top)
@@ -77,7 +78,6 @@ def main(args):
         write_volume(os.path.join(out, "init.mrc"), init, force=True)
         f0, c0 = fsc(init, truth)
         res0 = resolution(f0, c0)
-        logger.info("initial guess (homolog): FSC 0.5 at %.4f 1/pixel", res0)
         print(f"truth: synthetic molecule {L0}^3 -> L={L}; {sum(len(p) for p in sim.positions)} projections in "
               f"{cfg['count']} micrograph(s) of {cfg['N']}x{cfg['N']}, SNR {args.snr:g}, sigma^2 {sim.sigma2:.4g}")
         print(f"initial guess (homolog):      FSC 0.5 at {res0:.4f} 1/pixel, relative error {relative_error(init, truth):.3f}")
