@@ -149,7 +149,6 @@ def test_memory_budget_is_honoured(rng):
     src = PatchSource([mic], L)
     budget = 8 << 20
     op = em.Operator(basis, rotation_grid(K), budget // 4)
-    n_chunk = em.plan_chunk(budget, K, L, basis.M, src.n_patches, op.nbytes) if False else None
     state = em.EMState(theta=theta, lmax=lmax, upsilon=0.5, sigma2=s2, rng=rng)
     stage = em.Stage(lmax, 1, 1.0, K)
     # budget without the interpreter slack, which plan_chunk keeps for Python itself

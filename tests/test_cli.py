@@ -1,0 +1,128 @@
+"""The command line, in process: numbers in the files it writes, and one-line errors."""
+import json
+
+import mrcfile
+import numpy as np
+import pytest
+
+from numbaem.basis import FBBasis, expand
+from numbaem.cli.main import main
+from numbaem.fourier import downsample
+from numbaem.io import read_image, read_stack, read_volume
+from numbaem.projection import project
+from numbaem.rotations import rotation_grid
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def molecule(tmp_path, capsys):
+    p = tmp_path / "mol.mrc"
+    assert run(["molecule", "-o", str(p), "--size", "15", "--seed", "3", "-q"], capsys)[0] == 0
+    return p
+
+
+def test_molecule_and_project_numbers(tmp_path, molecule, capsys):
+    vol, _ = read_volume(molecule)
+    assert vol.shape == (15, 15, 15) and abs(vol.max() - 1) < 1e-6
+    out = tmp_path / "p.mrcs"
+    code, _, _ = run(["project", str(molecule), "-o", str(out), "--patch-size", "7", "--rotations", "5",
+                      "--lmax", "3", "-q"], capsys)
+    assert code == 0
+    stack, _ = read_stack(out)
+    b = FBBasis(7, 3)
+    ref = project(expand(downsample(vol, 7), b), b, rotation_grid(5))
+    np.testing.assert_allclose(stack, ref, atol=1e-6 * np.abs(ref).max())  # float32 on disk
+    assert np.array_equal(np.load(tmp_path / "p.rotations.npy"), rotation_grid(5))
+
+
+def test_simulate_reconstruct_fsc(tmp_path, molecule, capsys):
+    mic = tmp_path / "mic.mrc"
+    code, _, err = run(["simulate", str(molecule), "-o", str(mic), "--patch-size", "7", "--micrograph-size", "140",
+                        "--method", "2", "--density", "0.1", "--snr", "50", "--seed", "1", "-q"], capsys)
+    assert code == 0, err
+    truth = json.loads((tmp_path / "mic.json").read_text())
+    img, _ = read_image(mic)
+    assert img.shape == (140, 140) and truth["L"] == 7 and truth["sigma2"] > 0
+    est = tmp_path / "est.mrc"
+    log = tmp_path / "run.jsonl"
+    code, out, err = run(["reconstruct", str(mic), "--patch-size", "7", "-o", str(est), "--init",
+                          str(tmp_path / "mic.truth.mrc"), "--noise-var", str(truth["sigma2"]),
+                          "--schedule", "lmax=2,iters=2,rotations=30;lmax=3,iters=1,rotations=60",
+                          "--truth", str(tmp_path / "mic.truth.mrc"), "--log", str(log), "--json", "-q"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["lmax"] for r in recs] == [2, 2, 3] and [r["K"] for r in recs] == [30, 30, 60]
+    assert all(np.isfinite(r["loglik"]) and 0 < r["upsilon"] < 1 and r["fsc_resolution"] > 0 for r in recs)
+    assert summary["iterations"] == 3 and summary["lmax"] == 3
+    vol, _ = read_volume(est)
+    assert vol.shape == (7, 7, 7)
+    code, out, err = run(["fsc", str(est), str(tmp_path / "mic.truth.mrc"), "--json", "-q"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert 0 < res["resolution_per_pixel"] <= 3 / 7 + 1e-12 and len(res["fsc"]) == 4
+    assert abs(res["relative_error"] - summary["relative_error"]) < 1e-5
+
+
+def _assert_one_line_error(code, err, match):
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err
+    assert any(match in ln for ln in lines), err
+    assert lines[-1].startswith("numbaem")
+
+
+def test_bad_inputs_one_sentence(tmp_path, molecule, capsys):
+    out = tmp_path / "x.mrc"
+    # even L
+    code, _, err = run(["simulate", str(molecule), "-o", str(out), "--patch-size", "8"], capsys)
+    _assert_one_line_error(code, err, "even")
+    # L larger than the map
+    code, _, err = run(["project", str(molecule), "-o", str(out), "--patch-size", "21"], capsys)
+    _assert_one_line_error(code, err, "larger than the map")
+    # unreadable MRC
+    junk = tmp_path / "junk.mrc"
+    junk.write_bytes(b"not an mrc file at all" * 10)
+    code, _, err = run(["fsc", str(junk), str(molecule)], capsys)
+    _assert_one_line_error(code, err, "junk.mrc")
+    # NaN voxels
+    nan = tmp_path / "nan.mrc"
+    with mrcfile.new(nan) as m:
+        d = np.ones((9, 9, 9), np.float32)
+        d[1, 1, 1] = np.nan
+        m.set_data(d)
+    code, _, err = run(["project", str(nan), "-o", str(out), "--patch-size", "7"], capsys)
+    _assert_one_line_error(code, err, "NaN")
+    # existing output without --force: refused, untouched
+    out.write_bytes(b"keep")
+    code, _, err = run(["molecule", "-o", str(out), "--size", "9"], capsys)
+    _assert_one_line_error(code, err, "exists")
+    assert out.read_bytes() == b"keep"
+    # a schedule that makes no sense
+    mic = tmp_path / "m.mrc"
+    from numbaem.io import write_image
+    write_image(mic, np.random.default_rng(0).standard_normal((70, 70)))
+    code, _, err = run(["reconstruct", str(mic), "--patch-size", "7", "-o", str(tmp_path / "e.mrc"), "--init",
+                        "random", "--noise-var", "1", "--schedule", "lmax=2,iters=2,speed=fast"], capsys)
+    _assert_one_line_error(code, err, "unknown key")
+    code, _, err = run(["reconstruct", str(mic), "--patch-size", "7", "-o", str(tmp_path / "e.mrc"), "--init",
+                        "random"], capsys)
+    _assert_one_line_error(code, err, "noise")
+    assert not (tmp_path / "e.mrc").exists()
+    # an initial volume of another size: offer to downsample
+    code, _, err = run(["reconstruct", str(mic), "--patch-size", "7", "-o", str(tmp_path / "e.mrc"), "--init",
+                        str(molecule), "--noise-var", "1"], capsys)
+    _assert_one_line_error(code, err, "--downsample-init")
+
+
+def test_nonpositive_noise_var_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["reconstruct", "m.mrc", "--patch-size", "7", "-o", str(tmp_path / "e.mrc"), "--init", "random",
+              "--noise-var", "-1"])
+    assert exc.value.code == 2
+    assert "positive" in capsys.readouterr().err
