@@ -71,7 +71,16 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    root = logging.getLogger("numbaem")
+    saved = (root.handlers[:], root.level, root.propagate)
     _setup_logging(args)
+    try:
+        return _run(args)
+    finally:  # leave logging as found: the CLI may run in process (tests, notebooks)
+        root.handlers[:], root.level, root.propagate = saved
+
+
+def _run(args):
     try:
         status = args._module.main(args)
         return 0 if status is None else int(status)
