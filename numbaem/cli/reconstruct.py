@@ -118,16 +118,15 @@ def main(args):
     state = None
     rng = np.random.default_rng(args.seed)
     if args.checkpoint:
-        from ..checkpoint import Checkpointer
-        inputs = dict(micrographs=[os.path.abspath(m) for m in args.micrographs], L=L, sigma2=sigma2,
-                      estimate_noise=bool(args.estimate_noise), seed=args.seed, tikhonov=args.tikhonov,
-                      upsilon0=args.upsilon0, memory=budget, threads=args.threads,
-                      schedule=[s.to_dict() for s in schedule] if schedule else "default")
+        from ..checkpoint import Checkpointer, run_inputs
+        inputs = run_inputs(args.micrographs, L=L, sigma2=sigma2, estimate_noise=bool(args.estimate_noise),
+                            schedule=schedule, seed=args.seed, tikhonov=args.tikhonov, upsilon0=args.upsilon0,
+                            init=init if args.init else None, memory=budget, threads=args.threads)
         ckpt = Checkpointer(args.checkpoint, inputs, force=args.force and not args.resume)
-        if args.resume:
-            state = ckpt.load()
-            if state is None:
-                raise NumbaemError(f"no checkpoint found in {args.checkpoint}; start the run with --init instead of --resume")
+        state = ckpt.begin(resume=args.resume)
+        if args.resume and state is None:
+            raise NumbaemError(f"no checkpoint found in {args.checkpoint}; start the run with --init instead of --resume")
+        if state is not None:
             logger.info("resuming after iteration %d", state.total_iterations)
 
     log_lines = []
@@ -159,7 +158,7 @@ def main(args):
     if args.plot and state.history:
         _plot(state.history, args.plot, force=True if args.resume else args.force)
     if interrupted:
-        raise InterruptedRun(f"stopped by a signal after iteration {state.total_iterations}; the estimate so far is "
+        raise InterruptedRun(f"stopped by {stop.signal_name or 'a signal'} after iteration {state.total_iterations}; the estimate so far is "
                              f"in {args.output}" + (f" and the checkpoint in {args.checkpoint}: rerun with --resume "
                                                     "to continue" if args.checkpoint else ""))
     summary = dict(output=args.output, L=L, lmax=state.lmax, M=basis.M, iterations=state.total_iterations,
