@@ -682,6 +682,11 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
             f"{top} or leave it out"
         )
     lmax = int(lmax)
+    if gamma > 1:
+        raise NumbaemError(
+            f"density={density!r} is above 1: projections of side L={L} that do not overlap cover at "
+            f"most the whole micrograph; pass a density below {0.25 if spacing == 'separated' else 1}"
+        )
     T = int(round(gamma * N[0] * N[1] / L**2))
     if T < 1:
         raise NumbaemError(
