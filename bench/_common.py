@@ -1,0 +1,327 @@
+"""Shared pieces of the benchmark suites: machine and version records, timers, data, fits.
+
+Nothing here is timed itself. The suites call :func:`time_call` (best and median of a
+few repetitions after the caller's warm-up), build their data with
+:func:`synthetic_source` (noise plus a few well-separated projections: the data's
+*shape* is what matters for timing, but the scores must have a realistic spread
+because the posterior kernel skips exponentials far below the best state) and write
+their record through :mod:`bench.main`.
+"""
+import dataclasses
+import math
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from numbaem.basis import FBBasis
+from numbaem.memory import current_rss, peak_rss, reset_peak_rss, total_memory
+from numbaem.patches import PatchSource
+from numbaem.projection import project
+from numbaem.rotations import random_rotations
+
+
+@dataclasses.dataclass
+class Config:
+    """Options shared by every suite (from the command line).
+
+    Attributes
+    ----------
+    quick : bool
+        Shrink every size for a smoke test (seconds, not minutes).
+    threads : int
+        Threads for numba and FFTW (already applied by :func:`numbaem.threads.use_threads`).
+    memory : int or None
+        Memory budget in bytes for the EM iteration; ``None``: each suite's default.
+    seed : int
+    baseline_patches : int or None
+        Patches the baseline really runs on (the rest is extrapolated).
+    baseline_rotations : int or None
+        Rotations of the baseline's per-shift precompute (the rest is extrapolated).
+    """
+
+    quick: bool = False
+    threads: int = 1
+    memory: int = None
+    seed: int = 0
+    baseline_patches: int = None
+    baseline_rotations: int = None
+
+    def rng(self, salt=0):
+        return np.random.default_rng([self.seed, salt])
+
+
+# --------------------------------------------------------------------------- machine
+
+def cpu_model():
+    """The CPU model string of ``/proc/cpuinfo`` (or :func:`platform.processor`)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags():
+    """SIMD flags of the CPU that matter for the kernels (AVX2, AVX-512F, FMA)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return sorted(f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512dq") if f in flags)
+    except OSError:
+        pass
+    return []
+
+
+def physical_cores():
+    """Distinct (physical id, core id) pairs in ``/proc/cpuinfo``; logical CPUs when unknown."""
+    try:
+        seen, phys, core = set(), None, None
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                elif not line.strip() and core is not None:
+                    seen.add((phys, core))
+                    phys, core = None, None
+        if core is not None:
+            seen.add((phys, core))
+        if seen:
+            return len(seen)
+    except OSError:
+        pass
+    return os.cpu_count()
+
+
+def machine_info():
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        affinity = os.cpu_count()
+    return dict(cpu_model=cpu_model(), cpu_flags=cpu_flags(), logical_cpus=os.cpu_count(),
+                physical_cores=physical_cores(), cpus_available=affinity, memory_bytes=total_memory(),
+                platform=platform.platform(), python=platform.python_version(),
+                load_average=list(os.getloadavg()))
+
+
+def versions():
+    import numba
+    import pyfftw
+    import scipy
+
+    import numbaem
+
+    out = dict(numpy=np.__version__, numba=numba.__version__, pyfftw=pyfftw.__version__,
+               scipy=scipy.__version__, numbaem=getattr(numbaem, "__version__", "unknown"),
+               python=platform.python_version())
+    try:
+        import llvmlite
+        out["llvmlite"] = llvmlite.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        out["blas"] = _blas_name()
+    except Exception:  # pragma: no cover - informational only
+        pass
+    return out
+
+
+def _blas_name():
+    cfg = np.show_config(mode="dicts")
+    blas = cfg.get("Build Dependencies", {}).get("blas", {})
+    return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+
+
+def thread_info():
+    import numba
+
+    from numbaem.threads import fft_threads
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = "not yet initialised"
+    return dict(numba=numba.get_num_threads(), fftw=fft_threads(), numba_max=numba.config.NUMBA_NUM_THREADS,
+                threading_layer=layer)
+
+
+class CpuShare:
+    """CPU time the *other* processes of the machine used over a block, in cores.
+
+    ``/proc/stat`` gives the machine's busy time, ``resource.getrusage`` this
+    process's; ``other_cores`` = (machine busy - own) / wall. On a shared machine this
+    says how much of the measured time may be contention (0 on a quiet machine).
+    """
+
+    @staticmethod
+    def _busy():
+        try:
+            with open("/proc/stat") as fh:
+                f = [int(v) for v in fh.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...
+        return (f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] if len(f) > 7 else 0)) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own():
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    def __enter__(self):
+        self.t0, self.b0, self.o0 = time.perf_counter(), self._busy(), self._own()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        b1, o1 = self._busy(), self._own()
+        if self.b0 is None or b1 is None or wall <= 0:
+            self.result = dict(other_cores=None, own_cores=None, wall=wall)
+        else:
+            own = o1 - self.o0
+            self.result = dict(other_cores=max(0.0, (b1 - self.b0 - own) / wall), own_cores=own / wall, wall=wall)
+
+
+# --------------------------------------------------------------------------- timing
+
+def time_call(fn, reps=3, min_reps=1, budget_s=None):
+    """Time ``fn()`` ``reps`` times (fewer when ``budget_s`` seconds are spent, at least ``min_reps``).
+
+    Returns
+    -------
+    stats : dict
+        ``best``, ``median``, ``all`` (seconds) and ``reps``.
+    value : the last return value of ``fn``
+    """
+    times, value = [], None
+    t_start = time.perf_counter()
+    for i in range(max(reps, min_reps)):
+        t0 = time.perf_counter()
+        value = fn()
+        times.append(time.perf_counter() - t0)
+        if budget_s is not None and i + 1 >= min_reps and time.perf_counter() - t_start > budget_s:
+            break
+    return dict(best=min(times), median=statistics.median(times), all=times, reps=len(times)), value
+
+
+class Phases:
+    """Accumulate wall time per named phase: ``with ph("name"): ...``."""
+
+    def __init__(self):
+        self.seconds = {}
+        self.calls = {}
+
+    def __call__(self, name):
+        return _PhaseCtx(self, name)
+
+    def add(self, name, dt):
+        self.seconds[name] = self.seconds.get(name, 0.0) + dt
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+
+class _PhaseCtx:
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.owner.add(self.name, time.perf_counter() - self.t0)
+
+
+class PeakMemory:
+    """Peak resident size over a block (resets the kernel counter on entry).
+
+    Attributes (after the block): ``peak`` (bytes), ``start`` (resident bytes on entry).
+    """
+
+    def __enter__(self):
+        reset_peak_rss()
+        self.start = current_rss()
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = peak_rss()
+
+
+# --------------------------------------------------------------------------- data
+
+def _grid_shape(n):
+    """``(rows, cols)`` with ``rows * cols == n``, as square as the divisors allow."""
+    r = int(math.isqrt(n))
+    while n % r:
+        r -= 1
+    return r, n // r
+
+
+def synthetic_source(L, lmax, n_patches, rng, *, n_micrographs=1, snr=1.0, sigma2=1.0, occupancy=0.25,
+                     dtype=np.float64):
+    """Micrographs of noise plus well-separated projections, with exactly ``n_patches`` patches.
+
+    The micrographs are cut into ``n_micrographs`` equal grids (``n_patches`` must divide
+    evenly); projections of a random volume (Fourier-Bessel coefficients at ``(L, lmax)``,
+    scaled so that the mean ``||p||^2 = snr L^2 sigma2``) at Haar-random rotations sit on a
+    ``2L`` lattice with a 0/1-pixel jitter (separation >= ``2L - 1``), so about
+    ``occupancy`` of the patches hold a part of one.
+
+    Returns
+    -------
+    source : numbaem.patches.PatchSource
+    theta : ndarray, shape (M,)
+        The coefficients the projections came from.
+    """
+    if n_patches % n_micrographs:
+        raise ValueError(f"n_patches={n_patches} does not divide into {n_micrographs} micrographs; "
+                         "pick a multiple of the micrograph count")
+    basis = FBBasis(L, lmax)
+    theta = rng.standard_normal(basis.M)
+    probe = project(theta, basis, random_rotations(32, rng))
+    theta *= math.sqrt(snr * L * L * sigma2 / np.mean(np.sum(probe ** 2, axis=(1, 2))))
+    rows, cols = _grid_shape(n_patches // n_micrographs)
+    images = []
+    for _ in range(n_micrographs):
+        img = rng.standard_normal((rows * L, cols * L)) * math.sqrt(sigma2)
+        c0, c1 = (rows * L - 1) // (2 * L), (cols * L - 1) // (2 * L)
+        n_cells = c0 * c1
+        n_proj = min(n_cells, int(round(occupancy * rows * cols / 4)))
+        if n_proj:
+            cells = rng.choice(n_cells, size=n_proj, replace=False)
+            rots = random_rotations(n_proj, rng)
+            projs = project(theta, basis, rots)
+            jit = rng.integers(0, 2, size=(n_proj, 2))
+            for p, cell, (u, v) in zip(projs, cells, jit):
+                s0, s1 = 2 * L * (cell // c1) + u, 2 * L * (cell % c1) + v
+                img[s0:s0 + L, s1:s1 + L] += p
+        images.append(img.astype(dtype, copy=False))
+    return PatchSource(images, L), theta
+
+
+# --------------------------------------------------------------------------- fits
+
+def linear_fit(x, y):
+    """Least-squares line ``y = slope x + intercept`` and its ``R^2``."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    slope, intercept = np.polyfit(x, y, 1)
+    pred = slope * x + intercept
+    ss_res = float(np.sum((y - pred) ** 2))
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    # proportionality check: time / size should be constant for a linear-through-zero cost
+    per_unit = (y / x).tolist()
+    return dict(slope=float(slope), intercept=float(intercept), r2=float(r2), per_unit=per_unit,
+                per_unit_spread=float((max(per_unit) - min(per_unit)) / np.mean(per_unit)))
+
+
+def gib(n):
+    return None if n is None else n / 1024 ** 3

@@ -1,0 +1,121 @@
+"""One numbaem EM iteration set up the way ``numbaem.em.reconstruct`` sets it up, for timing.
+
+:class:`IterationSetup` holds the patch source, the :class:`numbaem.em.Operator`
+(``A_k`` kept when it fits a quarter of the budget, as ``reconstruct`` does), the
+current estimate and the chunk size that :func:`numbaem.em.plan_chunk` picks for the
+budget. :meth:`IterationSetup.warm_up` compiles every kernel and builds every FFTW plan
+and buffer on exactly the shapes that are timed afterwards (the E-step plan is keyed
+by the chunk size, so the warm-up runs one full chunk).
+"""
+import math
+import time
+
+import numpy as np
+
+from numbaem.basis import FBBasis
+from numbaem.em import EMState, Operator, Stage, em_iteration, plan_chunk, stream_stats
+from numbaem.estep import SufficientStats, e_step_chunk, projection_spectra
+from numbaem.mstep import normal_equations, solve
+from numbaem.projection import projection_matrices
+from numbaem.rotations import rotation_grid
+
+from ._common import PeakMemory, time_call
+
+
+class IterationSetup:
+    """Everything one timed EM iteration needs.
+
+    Parameters
+    ----------
+    source : numbaem.patches.PatchSource
+    lmax, K : int
+    theta : ndarray, shape (M,)
+        The current estimate (the E-step's projections come from it).
+    budget : int
+        Memory budget in bytes (chunk planning, operator size).
+    frac : float
+        Stochastic factor: ``ceil(frac Nd)`` patches per iteration.
+    n_chunk : int, optional
+        Force a chunk size (default: :func:`numbaem.em.plan_chunk`).
+    sigma2, upsilon : float
+    """
+
+    def __init__(self, source, lmax, K, theta, budget, frac=1.0, n_chunk=None, sigma2=1.0, upsilon=0.5,
+                 seed=0):
+        self.source = source
+        self.L = source.L
+        self.basis = FBBasis(self.L, lmax)
+        self.K = K
+        self.M = self.basis.M
+        self.theta = np.asarray(theta, dtype=np.float64)
+        self.budget = int(budget)
+        self.frac = frac
+        self.sigma2, self.upsilon = sigma2, upsilon
+        self.seed = seed
+        self.rots = rotation_grid(K)
+        t0 = time.perf_counter()
+        self.operator = Operator(self.basis, self.rots, self.budget // 4)
+        self.seconds_operator = time.perf_counter() - t0
+        self.n_selected = int(math.ceil(frac * source.n_patches)) if frac < 1 else source.n_patches
+        op_bytes = self.operator.nbytes or self.operator.block * self.L ** 2 * self.M * 8
+        self.n_chunk = int(n_chunk) if n_chunk else plan_chunk(self.budget, K, self.L, self.M, self.n_selected,
+                                                               op_bytes)
+        self.stage = Stage(lmax, 1, frac, K)
+
+    @property
+    def params(self):
+        return dict(L=self.L, lmax=self.basis.lmax, M=self.M, K=self.K, patches=self.n_selected,
+                    patches_in_source=self.source.n_patches, frac=self.frac, chunk=self.n_chunk,
+                    chunks=-(-self.n_selected // self.n_chunk), budget_bytes=self.budget,
+                    operator_kept=self.operator.A is not None, operator_bytes=self.operator.nbytes,
+                    sigma2=self.sigma2, upsilon=self.upsilon)
+
+    def warm_up(self):
+        """Compile the kernels and build the plans/buffers of the timed shapes; returns seconds."""
+        t0 = time.perf_counter()
+        projection_matrices(self.basis, self.rots[:2])
+        spectra = projection_spectra(self.operator.project(self.theta))
+        n = min(self.n_chunk, self.source.n_patches)
+        stats = SufficientStats.zeros(self.K, self.L)
+        e_step_chunk(self.source.get(np.arange(n)), spectra, self.upsilon, self.sigma2, stats, n_chunk=self.n_chunk)
+        H, b = normal_equations(self.operator.blocks(), stats.W, stats.G, self.L, self.M)
+        solve(H + np.trace(H) / self.M * np.eye(self.M), b)
+        return time.perf_counter() - t0
+
+    def new_state(self):
+        return EMState(theta=self.theta.copy(), lmax=self.basis.lmax, upsilon=self.upsilon, sigma2=self.sigma2,
+                       rng=np.random.default_rng(self.seed))
+
+    def iteration(self, reps=1):
+        """Time whole EM iterations (``em_iteration``) from the same state; best / median and the records."""
+        records = []
+
+        def one():
+            with PeakMemory() as pm:
+                rec = em_iteration(self.new_state(), self.source, self.operator, self.stage, budget=self.budget,
+                                   n_chunk=self.n_chunk)
+            rec = dict(rec)
+            rec["rss_start"] = pm.start
+            rec["rss_peak"] = pm.peak
+            records.append(rec)
+            return rec
+
+        stats, _ = time_call(one, reps=reps)
+        best = min(records, key=lambda r: r["seconds"])
+        return dict(seconds=stats, seconds_estep=best["seconds_estep"], seconds_mstep=best["seconds_mstep"],
+                    peak_memory=max(r["rss_peak"] for r in records), rss_start=best["rss_start"],
+                    records=records)
+
+    def indices(self):
+        """The patch indices of one iteration's minibatch (the same draw ``em_iteration`` makes)."""
+        return self.source.sample(self.frac, np.random.default_rng(self.seed))
+
+    def spectra(self):
+        return projection_spectra(self.operator.project(self.theta))
+
+    def estep(self, reps=1):
+        """Time ``stream_stats`` alone over the minibatch; returns (timing, stats)."""
+        idx = self.indices()
+        spectra = self.spectra()
+        return time_call(lambda: stream_stats(self.source, idx, spectra, self.upsilon, self.sigma2, self.n_chunk),
+                         reps=reps)
