@@ -38,7 +38,7 @@ import numbers
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from .basis import C_BAND, FBBasis, check_L, expand, spherical_bessel_zeros, synthesize
+from .basis import FBBasis, check_L, expand, synthesize
 from .errors import NumbaemError
 from .rotations import euler_zyz, geodesic_distance, random_rotations, rotation_grid, wigner_D, wigner_d
 
@@ -362,11 +362,7 @@ def align(theta_est, theta_ref, basis, n_coarse=3000, n_refine=5, reflections=Tr
 
 def _highest_l(L):
     """The highest ``l`` with ``S_l > 0`` for side ``L`` (``u_{l,1} < 2 pi c R``)."""
-    umax = 2 * math.pi * C_BAND * (L // 2) - 1e-9
-    l = 0
-    while spherical_bessel_zeros(l + 1, umax):
-        l += 1
-    return l
+    return FBBasis.max_lmax(L)
 
 
 def align_volumes(est_vol, ref_vol, lmax=None, n_coarse=3000, n_refine=5, reflections=True, rng=None):

@@ -71,7 +71,7 @@ from scipy import ndimage
 
 from . import io as nio
 from ._jit import jit, pjit
-from .basis import C_BAND, FBBasis, check_L, expand, spherical_bessel_zeros, synthesize
+from .basis import FBBasis, check_L, expand, synthesize
 from .errors import NumbaemError
 from .fourier import downsample
 from .projection import project
@@ -151,13 +151,7 @@ def default_lmax(L):
     lmax : int
         The largest ``l`` for which ``j_l`` has a zero below ``2 pi c R`` (Nyquist).
     """
-    L = check_L(L)
-    umax = 2 * np.pi * C_BAND * (L // 2) - 1e-9
-    l = 0
-    # The first zero of j_l exceeds l, so the loop ends by l = umax.
-    while spherical_bessel_zeros(l + 1, umax):
-        l += 1
-    return l
+    return FBBasis.max_lmax(L)
 
 
 # --------------------------------------------------------------------------- placement
