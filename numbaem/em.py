@@ -213,18 +213,23 @@ class EMState:
     history: list = dataclasses.field(default_factory=list)
 
 
-def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None):
+def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, timer=None):
     """E-step over the patches ``idx`` of ``source``, chunk by chunk; their sufficient statistics.
 
     Memory: one chunk of ``n_chunk`` patches at a time (the FFT plans are sized for it).
+    ``timer`` (see :func:`numbaem.estep.e_step_chunk`) also wraps the patch reads
+    (``read_patches``).
     """
+    from contextlib import nullcontext
+    clock = timer or (lambda name: nullcontext())
     L, K = source.L, spectra.K
     stats = SufficientStats.zeros(K, L)
     buf = np.empty((n_chunk, L, L))
     for i in range(0, len(idx), n_chunk):
         sel = idx[i:i + n_chunk]
-        patches = source.get(sel, out=buf[:len(sel)])
-        e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=n_chunk)
+        with clock("read_patches"):
+            patches = source.get(sel, out=buf[:len(sel)])
+        e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=n_chunk, timer=timer)
         if progress is not None:
             progress(len(sel))
     return stats

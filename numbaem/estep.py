@@ -21,6 +21,7 @@ Nothing of size (patches x rotations x shifts) outlives one chunk.
 Kernels split their work over patches (scoring) or over rotations (accumulation), in
 an order that does not depend on the thread count, so 1 and N threads give the same bits.
 """
+import contextlib
 import dataclasses
 import logging
 import math
@@ -158,19 +159,24 @@ _LOG_NEGLIGIBLE = -50.0
 
 
 @pjit
-def _posteriors(C, e, n_valid, L, log_shift_prior, log_upsilon, inv2s2, w_empty, lse):
-    """Scores -> posteriors in place of ``C`` (n, K, 2L, 2L); ``w_empty`` and ``lse`` per patch.
+def _posteriors(C, e, n_valid, L, cscale, log_shift_prior, log_upsilon, inv2s2, w_empty, lse, norm):
+    """Scores -> unnormalised posteriors in place of ``C`` (n, K, 2L, 2L).
 
-    Dropped shifts (l1 == L or l2 == L, which includes the empty (L, L)) get posterior 0.
-    Padding rows (j >= n_valid) are zeroed. Each row's two runs of valid shifts
-    (``b < L`` and ``b > L``) are branch-free loops.
+    ``C`` holds ``c_jk`` times ``1 / cscale`` (the raw backward FFT). On return
+    ``C[j] * norm[j]`` are the posteriors of patch ``j`` (the normalisation is folded into
+    the accumulation, saving a pass), ``w_empty[j]`` the empty-state posterior and
+    ``lse[j]`` the log-sum-exp of its scores. Dropped shifts (l1 == L or l2 == L, which
+    includes the empty (L, L)) get 0; padding rows (j >= n_valid) are zeroed. Each row's
+    two runs of valid shifts (``b < L`` and ``b > L``) are branch-free loops.
     """
     n, K, n2 = C.shape[0], C.shape[1], C.shape[2]
+    c2 = 2.0 * cscale
     for j in prange(n):
         if j >= n_valid:
             C[j] = 0.0
             w_empty[j] = 0.0
             lse[j] = 0.0
+            norm[j] = 0.0
             continue
         mx = log_upsilon
         for k in range(K):
@@ -180,11 +186,11 @@ def _posteriors(C, e, n_valid, L, log_shift_prior, log_upsilon, inv2s2, w_empty,
                 row = C[j, k, a]
                 er = e[k, a]
                 for b in range(L):
-                    s = log_shift_prior + (2.0 * row[b] - er[b]) * inv2s2
+                    s = log_shift_prior + (c2 * row[b] - er[b]) * inv2s2
                     row[b] = s
                     mx = max(mx, s)
                 for b in range(L + 1, n2):
-                    s = log_shift_prior + (2.0 * row[b] - er[b]) * inv2s2
+                    s = log_shift_prior + (c2 * row[b] - er[b]) * inv2s2
                     row[b] = s
                     mx = max(mx, s)
         tot = math.exp(log_upsilon - mx)
@@ -205,38 +211,31 @@ def _posteriors(C, e, n_valid, L, log_shift_prior, log_upsilon, inv2s2, w_empty,
                     v = math.exp(d) if d > _LOG_NEGLIGIBLE else 0.0
                     row[b] = v
                     tot += v
-        inv = 1.0 / tot
-        for k in range(K):
-            for a in range(n2):
-                row = C[j, k, a]
-                for b in range(n2):
-                    row[b] *= inv
+        norm[j] = 1.0 / tot
         lse[j] = mx + math.log(tot)
         w_empty[j] = math.exp(log_upsilon - lse[j])
 
 
 @pjit
-def _accumulate_W(C, n_valid, W):
-    """``W[k] += sum_{j < n_valid} C[j, k]``, parallel over rotations (fixed order in j)."""
+def _accumulate(C, Yh, Q, norm, n_valid, W, G):
+    """``W[k] += sum_j norm_j C[j, k]`` and ``G[k] += sum_j norm_j Yh[j] conj(Q[j, k])``.
+
+    Parallel over rotations; each rotation sums its patches in order, so the result does
+    not depend on the thread count. ``Q`` is the forward transform of the unnormalised
+    ``C``, so ``norm_j`` applies to both.
+    """
     K, n0, n1 = W.shape
+    m1 = G.shape[2]
     for k in prange(K):
         for j in range(n_valid):
+            s = norm[j]
             for a in range(n0):
                 for b in range(n1):
-                    W[k, a, b] += C[j, k, a, b]
-
-
-@pjit
-def _accumulate_G(Yh, Q, n_valid, G):
-    """``G[k] += sum_{j < n_valid} Yh[j] * conj(Q[j, k])``, parallel over rotations."""
-    K = G.shape[0]
-    n0, n1 = G.shape[1], G.shape[2]
-    for k in prange(K):
-        for j in range(n_valid):
+                    W[k, a, b] += s * C[j, k, a, b]
             for a in range(n0):
-                for b in range(n1):
+                for b in range(m1):
                     q = Q[j, k, a, b]
-                    G[k, a, b] += Yh[j, a, b] * complex(q.real, -q.imag)
+                    G[k, a, b] += s * (Yh[j, a, b] * complex(q.real, -q.imag))
 
 
 def chunk_bytes(n_chunk, K, L):
@@ -246,7 +245,11 @@ def chunk_bytes(n_chunk, K, L):
     return n_chunk * (K * per_pair + per_patch)
 
 
-def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_posteriors=False):
+def _no_timer(name):
+    return contextlib.nullcontext()
+
+
+def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_posteriors=False, timer=None):
     """E-step on one chunk of patches; adds its sufficient statistics into ``stats``.
 
     Parameters
@@ -266,6 +269,10 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
     keep_posteriors : bool
         Also return the posteriors (n, K, 2L, 2L) and the empty-state posteriors (n,)
         (tests only: this is the array the streaming design never keeps).
+    timer : callable(name) -> context manager, optional
+        Wraps each step (``patch_spectra``, ``products``, ``fft_backward``,
+        ``posteriors``, ``fft_forward``, ``accumulate``, ``rest``); the bench uses it
+        to time the steps of this very code path.
 
     Returns
     -------
@@ -285,25 +292,34 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
     if n > n_chunk:
         raise NumbaemError(f"chunk of {n} patches exceeds the planned chunk size {n_chunk}")
     K = spectra.K
-    Yh = np.zeros((n_chunk, 2 * L, L + 1), np.complex128)
-    Yh[:n] = patch_spectra(patches)
+    timer = timer or _no_timer
+    with timer("patch_spectra"):
+        Yh = np.zeros((n_chunk, 2 * L, L + 1), np.complex128)
+        Yh[:n] = patch_spectra(patches)
     ws = fft.workspace((n_chunk, K, 2 * L, 2 * L))
-    _products(Yh, spectra.Pc, n, ws.spec)
-    C = ws.backward()
+    with timer("products"):
+        _products(Yh, spectra.Pc, n, ws.spec)
+    with timer("fft_backward"):
+        C = ws.backward(normalise=False)
     w_empty = np.zeros(n_chunk)
     lse = np.zeros(n_chunk)
+    norm = np.zeros(n_chunk)
     log_shift_prior = math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * K)
-    _posteriors(C, spectra.e, n, L, log_shift_prior, math.log(upsilon), 1.0 / (2.0 * sigma2), w_empty, lse)
-    _accumulate_W(C, n, stats.W)
-    post = C[:n].copy() if keep_posteriors else None
-    Q = ws.forward()
-    _accumulate_G(Yh, Q, n, stats.G)
-    yy = np.einsum("jab,jab->j", patches, patches)
-    loglik = lse[:n] - yy / (2.0 * sigma2) - 0.5 * L * L * math.log(2.0 * math.pi * sigma2)
-    stats.n_patches += n
-    stats.sum_empty += float(w_empty[:n].sum())
-    stats.sum_yy += float(yy.sum())
-    stats.loglik += float(loglik.sum())
+    with timer("posteriors"):
+        _posteriors(C, spectra.e, n, L, 1.0 / (2 * L) ** 2, log_shift_prior, math.log(upsilon),
+                    1.0 / (2.0 * sigma2), w_empty, lse, norm)
+    post = C[:n] * norm[:n, None, None, None] if keep_posteriors else None
+    with timer("fft_forward"):
+        Q = ws.forward()
+    with timer("accumulate"):
+        _accumulate(C, Yh, Q, norm, n, stats.W, stats.G)
+    with timer("rest"):
+        yy = np.einsum("jab,jab->j", patches, patches)
+        loglik = lse[:n] - yy / (2.0 * sigma2) - 0.5 * L * L * math.log(2.0 * math.pi * sigma2)
+        stats.n_patches += n
+        stats.sum_empty += float(w_empty[:n].sum())
+        stats.sum_yy += float(yy.sum())
+        stats.loglik += float(loglik.sum())
     if keep_posteriors:
         return loglik, post, w_empty[:n].copy()
     return loglik

@@ -53,11 +53,15 @@ class Workspace:
         self._fwd.execute()
         return self.spec
 
-    def backward(self):
-        """``real = irfft2(spec)`` (normalised; ``spec`` is destroyed)."""
+    def backward(self, normalise=True):
+        """``real = irfft2(spec)`` (``spec`` is destroyed).
+
+        With ``normalise=False`` the result is ``n0 n1`` times larger (FFTW's raw
+        transform): a caller that folds the factor into its own arithmetic saves a pass.
+        """
         self._bwd.execute()
-        n = self.real.shape[-1] * self.real.shape[-2]
-        self.real *= 1.0 / n
+        if normalise:
+            self.real *= 1.0 / (self.real.shape[-1] * self.real.shape[-2])
         return self.real
 
     @property
