@@ -44,7 +44,7 @@ import uuid
 import numpy as np
 
 from .errors import NumbaemError
-from .estep import SufficientStats, chunk_bytes, shift_grid_size
+from .estep import SufficientStats, chunk_bytes
 from .memory import format_size, parse_size
 
 logger = logging.getLogger(__name__)
@@ -318,8 +318,7 @@ class DaskExecutor:
         """
         cap = max(1, min(int(n_chunk), self.chunk or n, n))
         if memory_limit:
-            P = shift_grid_size(L)
-            fixed = 4 * K * (P * P * 8 + P * (P // 2 + 1) * 16) + (256 << 20)
+            fixed = 4 * K * ((2 * L) ** 2 * 8 + (2 * L) * (L + 1) * 16) + (256 << 20)
             mem_cap = int((0.6 * memory_limit - fixed) // chunk_bytes(1, K, L))
             if mem_cap < 1:
                 raise NumbaemError(f"a worker memory limit of {format_size(memory_limit)} is too small for "

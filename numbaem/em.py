@@ -22,7 +22,7 @@ import numpy as np
 
 from .basis import FBBasis, expand, resize_theta, synthesize
 from .errors import NumbaemError
-from .estep import SufficientStats, chunk_bytes, e_step_chunk, projection_spectra, shift_grid_size
+from .estep import SufficientStats, chunk_bytes, e_step_chunk, projection_spectra
 from .memory import default_budget, format_size, peak_rss, reset_peak_rss
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
 from .projection import projection_matrices
@@ -185,9 +185,8 @@ def plan_chunk(budget, K, L, M, n_selected, operator_bytes):
     ``H``, and per patch the chunk's work arrays (:func:`numbaem.estep.chunk_bytes`).
     Raises if not even one patch fits.
     """
-    P = shift_grid_size(L)
     fixed = (operator_bytes
-             + 3 * K * (P * P * 8 + P * (P // 2 + 1) * 16)         # spectra, W, G, and transforms in M-step
+             + 3 * K * ((2 * L) ** 2 * 8 + (2 * L) * (L + 1) * 16)   # spectra, W, G, and transforms in M-step
              + 4 * K * L * L * 8                                        # projections, h, g
              + 3 * M * M * 8 + (64 << 20))                              # H, its factor, slack for the interpreter
     per = chunk_bytes(1, K, L)

@@ -20,15 +20,6 @@ Nothing of size (patches x rotations x shifts) outlives one chunk.
 
 Kernels split their work over patches (scoring) or over rotations (accumulation), in
 an order that does not depend on the thread count, so 1 and N threads give the same bits.
-
-Shift grid. MODEL writes the correlations on the ``2L x 2L`` grid of shifts. A circular
-correlation of two ``L x L`` supports has ``2L - 1`` distinct lags per axis, so any grid
-of side ``P >= 2L - 1`` holds them without wrap-around: lag ``a < L`` sits at index ``a``
-and lag ``-d`` (``0 < d < L``) at index ``P - d`` (``2L - d`` on MODEL's grid). The
-indices ``L .. P - L`` are the dropped no-overlap shifts (on MODEL's grid only ``L``,
-the empty state). :func:`shift_grid_size` picks the smallest ``P >= 2L - 1`` that is even
-and 2-3-5 smooth, which FFTW transforms much faster than ``2L`` when ``L`` is a prime
-such as 7 or 11. :func:`to_model_layout` maps arrays back to MODEL's ``2L`` grid.
 """
 import contextlib
 import dataclasses
@@ -45,45 +36,16 @@ from .errors import NumbaemError
 logger = logging.getLogger(__name__)
 
 
-def shift_grid_size(L):
-    """Side ``P`` of the shift grid: the smallest even 2-3-5-smooth number ``>= 2L - 1``."""
-    P = 2 * L - 1
-    while True:
-        if P % 2 == 0:
-            m = P
-            for f in (2, 3, 5):
-                while m % f == 0:
-                    m //= f
-            if m == 1:
-                return P
-        P += 1
-
-
-def to_model_layout(x, L):
-    """Arrays over the shift grid (last two axes ``P x P``) -> MODEL's ``2L x 2L`` grid.
-
-    Lags ``0 .. L-1`` keep their index, negative lags move from ``P - d`` to ``2L - d``;
-    the dropped no-overlap shifts are zero (row and column ``L`` on MODEL's grid).
-    """
-    P = x.shape[-1]
-    out = np.zeros(x.shape[:-2] + (2 * L, 2 * L), dtype=x.dtype)
-    src = np.r_[0:L, P - L + 1:P]
-    dst = np.r_[0:L, L + 1:2 * L]
-    out[..., dst[:, None], dst[None, :]] = x[..., src[:, None], src[None, :]]
-    return out
-
-
 @dataclasses.dataclass
 class SufficientStats:
     """Per-iteration sums over patches (MODEL section 6); additive over chunks.
 
     Attributes
     ----------
-    W : ndarray, shape (K, P, P)
-        ``sum_j w_jkl`` on the shift grid (zero at the dropped shifts; see
-        :func:`shift_grid_size`, :func:`to_model_layout`).
-    G : ndarray, complex, shape (K, P, P // 2 + 1)
-        ``sum_j FFT2(Z y_j) conj(FFT2(w_jk))`` (real-FFT half spectrum, size ``P``).
+    W : ndarray, shape (K, 2L, 2L)
+        ``sum_j w_jkl`` (zero at the dropped and the empty shift).
+    G : ndarray, complex, shape (K, 2L, L + 1)
+        ``sum_j FFT2(Z y_j) conj(FFT2(w_jk))`` (real-FFT half spectrum).
     n_patches : int
     sum_empty : float
         ``sum_j w_{j,empty}``.
@@ -102,8 +64,7 @@ class SufficientStats:
 
     @classmethod
     def zeros(cls, K, L):
-        P = shift_grid_size(L)
-        return cls(np.zeros((K, P, P)), np.zeros((K, P, P // 2 + 1), np.complex128))
+        return cls(np.zeros((K, 2 * L, 2 * L)), np.zeros((K, 2 * L, L + 1), np.complex128))
 
     def add(self, other):
         """In-place sum (chunks, or workers' partial results)."""
@@ -131,8 +92,8 @@ class ProjectionSpectra:
 
     Attributes
     ----------
-    Pc : ndarray, complex, shape (K, P, P // 2 + 1)
-    e : ndarray, shape (K, P, P)
+    Pc : ndarray, complex, shape (K, 2L, L + 1)
+    e : ndarray, shape (K, 2L, 2L)
     L : int
     """
 
@@ -158,24 +119,22 @@ def projection_spectra(proj):
     """
     proj = np.asarray(proj, dtype=np.float64)
     K, L, _ = proj.shape
-    P = shift_grid_size(L)
-    zp = np.zeros((K, P, P))
+    zp = np.zeros((K, 2 * L, 2 * L))
     zp[:, :L, :L] = proj
     Pc = np.conj(fft.rfft2(zp))
     zp[:, :L, :L] = proj ** 2
     P2c = np.conj(fft.rfft2(zp))
-    one = np.zeros((P, P))
+    one = np.zeros((2 * L, 2 * L))
     one[:L, :L] = 1.0
     O = fft.rfft2(one)
-    e = fft.irfft2(O[None] * P2c, P)
+    e = fft.irfft2(O[None] * P2c, 2 * L)
     return ProjectionSpectra(Pc, e, L)
 
 
 def patch_spectra(patches):
-    """``FFT2(Z y_j)`` for a stack of patches (n, L, L) -> (n, P, P // 2 + 1)."""
+    """``FFT2(Z y_j)`` for a stack of patches (n, L, L) -> (n, 2L, L + 1)."""
     n, L, _ = patches.shape
-    P = shift_grid_size(L)
-    z = np.zeros((n, P, P))
+    z = np.zeros((n, 2 * L, 2 * L))
     z[:, :L, :L] = patches
     return fft.rfft2(z)
 
@@ -201,17 +160,16 @@ _LOG_NEGLIGIBLE = -50.0
 
 @pjit
 def _posteriors(C, e, n_valid, L, cscale, log_shift_prior, log_upsilon, inv2s2, w_empty, lse, norm):
-    """Scores -> unnormalised posteriors in place of ``C`` (n, K, P, P).
+    """Scores -> unnormalised posteriors in place of ``C`` (n, K, 2L, 2L).
 
     ``C`` holds ``c_jk`` times ``1 / cscale`` (the raw backward FFT). On return
     ``C[j] * norm[j]`` are the posteriors of patch ``j`` (the normalisation is folded into
     the accumulation, saving a pass), ``w_empty[j]`` the empty-state posterior and
     ``lse[j]`` the log-sum-exp of its scores. Dropped shifts (l1 == L or l2 == L, which
     includes the empty (L, L)) get 0; padding rows (j >= n_valid) are zeroed. Each row's
-    two runs of valid shifts (``b < L`` and ``b > P - L``) are branch-free loops.
+    two runs of valid shifts (``b < L`` and ``b > L``) are branch-free loops.
     """
     n, K, n2 = C.shape[0], C.shape[1], C.shape[2]
-    lo = n2 - L + 1  # first index of the negative lags
     c2 = 2.0 * cscale
     for j in prange(n):
         if j >= n_valid:
@@ -223,7 +181,7 @@ def _posteriors(C, e, n_valid, L, cscale, log_shift_prior, log_upsilon, inv2s2, 
         mx = log_upsilon
         for k in range(K):
             for a in range(n2):
-                if L <= a < lo:
+                if a == L:
                     continue
                 row = C[j, k, a]
                 er = e[k, a]
@@ -231,7 +189,7 @@ def _posteriors(C, e, n_valid, L, cscale, log_shift_prior, log_upsilon, inv2s2, 
                     s = log_shift_prior + (c2 * row[b] - er[b]) * inv2s2
                     row[b] = s
                     mx = max(mx, s)
-                for b in range(lo, n2):
+                for b in range(L + 1, n2):
                     s = log_shift_prior + (c2 * row[b] - er[b]) * inv2s2
                     row[b] = s
                     mx = max(mx, s)
@@ -239,16 +197,16 @@ def _posteriors(C, e, n_valid, L, cscale, log_shift_prior, log_upsilon, inv2s2, 
         for k in range(K):
             for a in range(n2):
                 row = C[j, k, a]
-                if L <= a < lo:
+                if a == L:
                     row[:] = 0.0
                     continue
-                row[L:lo] = 0.0
+                row[L] = 0.0
                 for b in range(L):
                     d = row[b] - mx
                     v = math.exp(d) if d > _LOG_NEGLIGIBLE else 0.0
                     row[b] = v
                     tot += v
-                for b in range(lo, n2):
+                for b in range(L + 1, n2):
                     d = row[b] - mx
                     v = math.exp(d) if d > _LOG_NEGLIGIBLE else 0.0
                     row[b] = v
@@ -282,9 +240,8 @@ def _accumulate(C, Yh, Q, norm, n_valid, W, G):
 
 def chunk_bytes(n_chunk, K, L):
     """Bytes of the per-chunk work arrays for ``n_chunk`` patches and ``K`` rotations."""
-    P = shift_grid_size(L)
-    per_pair = P * P * 8 + P * (P // 2 + 1) * 16
-    per_patch = P * (P // 2 + 1) * 16 + 2 * P * P * 8 + L * L * 8 + 64
+    per_pair = (2 * L) * (2 * L) * 8 + (2 * L) * (L + 1) * 16
+    per_patch = (2 * L) * (L + 1) * 16 + 2 * (2 * L) ** 2 * 8 + L * L * 8 + 64
     return n_chunk * (K * per_pair + per_patch)
 
 
@@ -310,8 +267,7 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
     n_chunk : int, optional
         Plan size; default ``n``.
     keep_posteriors : bool
-        Also return the posteriors (n, K, 2L, 2L) on MODEL's shift grid and the
-        empty-state posteriors (n,)
+        Also return the posteriors (n, K, 2L, 2L) and the empty-state posteriors (n,)
         (tests only: this is the array the streaming design never keeps).
     timer : callable(name) -> context manager, optional
         Wraps each step (``patch_spectra``, ``products``, ``fft_backward``,
@@ -336,12 +292,11 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
     if n > n_chunk:
         raise NumbaemError(f"chunk of {n} patches exceeds the planned chunk size {n_chunk}")
     K = spectra.K
-    P = spectra.e.shape[-1]
     timer = timer or _no_timer
     with timer("patch_spectra"):
-        Yh = np.zeros((n_chunk, P, P // 2 + 1), np.complex128)
+        Yh = np.zeros((n_chunk, 2 * L, L + 1), np.complex128)
         Yh[:n] = patch_spectra(patches)
-    ws = fft.workspace((n_chunk, K, P, P))
+    ws = fft.workspace((n_chunk, K, 2 * L, 2 * L))
     with timer("products"):
         _products(Yh, spectra.Pc, n, ws.spec)
     with timer("fft_backward"):
@@ -351,9 +306,9 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
     norm = np.zeros(n_chunk)
     log_shift_prior = math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * K)
     with timer("posteriors"):
-        _posteriors(C, spectra.e, n, L, 1.0 / (P * P), log_shift_prior, math.log(upsilon),
+        _posteriors(C, spectra.e, n, L, 1.0 / (2 * L) ** 2, log_shift_prior, math.log(upsilon),
                     1.0 / (2.0 * sigma2), w_empty, lse, norm)
-    post = to_model_layout(C[:n] * norm[:n, None, None, None], L) if keep_posteriors else None
+    post = C[:n] * norm[:n, None, None, None] if keep_posteriors else None
     with timer("fft_forward"):
         Q = ws.forward()
     with timer("accumulate"):

@@ -23,23 +23,17 @@ logger = logging.getLogger(__name__)
 
 
 def mask_weights(W, L):
-    """``h_k = sum_l W_k[l] m_l`` for every rotation: (K, P, P) -> (K, L^2).
-
-    ``W`` is on the shift grid of side ``P >= 2L - 1`` (``2L`` is MODEL's; see
-    :func:`numbaem.estep.shift_grid_size`): the circular correlation with the patch mask
-    is the same on any such grid.
-    """
-    P = W.shape[-1]
-    one = np.zeros((P, P))
+    """``h_k = sum_l W_k[l] m_l`` for every rotation: (K, 2L, 2L) -> (K, L^2)."""
+    one = np.zeros((2 * L, 2 * L))
     one[:L, :L] = 1.0
     O = fft.rfft2(one)
-    h = fft.irfft2(O[None] * np.conj(fft.rfft2(W)), P)[:, :L, :L]
+    h = fft.irfft2(O[None] * np.conj(fft.rfft2(W)), 2 * L)[:, :L, :L]
     return np.maximum(h, 0.0).reshape(len(W), L * L)  # clip round-off below 0 (h >= 0 exactly)
 
 
-def data_images(G, L, P):
-    """``g_k = crop(IFFT2(G_k))``: (K, P, P // 2 + 1) -> (K, L^2)."""
-    return fft.irfft2(G, P)[:, :L, :L].reshape(len(G), L * L)
+def data_images(G, L):
+    """``g_k = crop(IFFT2(G_k))``: (K, 2L, L+1) -> (K, L^2)."""
+    return fft.irfft2(G, 2 * L)[:, :L, :L].reshape(len(G), L * L)
 
 
 def normal_equations(A_blocks, W, G, L, M):
@@ -50,8 +44,8 @@ def normal_equations(A_blocks, W, G, L, M):
     A_blocks : iterable of (slice, ndarray)
         Blocks of the operator: ``(rotation slice, A[slice])`` with ``A`` of shape
         (K, L^2, M); a generator may build them on demand.
-    W : ndarray, shape (K, P, P)
-    G : ndarray, complex, shape (K, P, P // 2 + 1)
+    W : ndarray, shape (K, 2L, 2L)
+    G : ndarray, complex, shape (K, 2L, L + 1)
 
     Returns
     -------
@@ -59,7 +53,7 @@ def normal_equations(A_blocks, W, G, L, M):
     b : ndarray, shape (M,)
     """
     h = mask_weights(W, L)
-    g = data_images(G, L, W.shape[-1])
+    g = data_images(G, L)
     H = np.zeros((M, M))
     b = np.zeros(M)
     for sl, A in A_blocks:
