@@ -178,13 +178,30 @@ class Operator:
         return out
 
 
-def plan_chunk(budget, K, L, M, n_selected, operator_bytes):
+# Work arrays of one chunk are kept near this size when the budget allows more: the
+# E-step passes over them several times, and a chunk that stays in the last-level cache
+# runs faster than one streamed from main memory. Override with NUMBAEM_CHUNK_BYTES.
+CHUNK_TARGET_BYTES = 96 << 20
+
+
+def chunk_target_bytes():
+    import os
+    try:
+        return int(float(os.environ.get("NUMBAEM_CHUNK_BYTES", CHUNK_TARGET_BYTES)))
+    except ValueError:
+        return CHUNK_TARGET_BYTES
+
+
+def plan_chunk(budget, K, L, M, n_selected, operator_bytes, target=None):
     """Patches per chunk so that the iteration's arrays stay inside ``budget`` bytes.
 
     Counts the operator (or one block of it), the spectra and statistics (size K),
     ``H``, and per patch the chunk's work arrays (:func:`numbaem.estep.chunk_bytes`).
-    Raises if not even one patch fits.
+    Raises if not even one patch fits. Within the budget, a chunk is also kept near
+    ``target`` bytes (default :data:`CHUNK_TARGET_BYTES`) but never below four patches
+    per thread, so that every thread has patches to score.
     """
+    import numba
     fixed = (operator_bytes
              + 3 * K * ((2 * L) ** 2 * 8 + (2 * L) * (L + 1) * 16)   # spectra, W, G, and transforms in M-step
              + 4 * K * L * L * 8                                        # projections, h, g
@@ -195,7 +212,9 @@ def plan_chunk(budget, K, L, M, n_selected, operator_bytes):
         need = fixed + per
         raise NumbaemError(f"the memory budget {format_size(budget)} is too small for K={K} rotations at L={L}, "
                            f"lmax with M={M}: at least {format_size(need)} is needed; raise --memory or lower rotations")
-    return int(max(1, min(n_selected, room // per)))
+    target = chunk_target_bytes() if target is None else int(target)
+    want = max(4 * numba.get_num_threads(), target // per)
+    return int(max(1, min(n_selected, room // per, want)))
 
 
 @dataclasses.dataclass
