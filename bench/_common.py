@@ -132,7 +132,24 @@ def versions():
         out["blas"] = _blas_name()
     except Exception:  # pragma: no cover - informational only
         pass
+    out["git"] = git_state()
     return out
+
+
+def git_state():
+    """Commit of the checkout and the library files changed since it (provenance of the timings)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "numbaem"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return dict(commit=commit or None, numbaem_uncommitted=[ln[3:] for ln in dirty if ln.strip()])
 
 
 def _blas_name():

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from numbaem import fft
 from numbaem.basis import FBBasis
 from numbaem.em import EMState, Operator, Stage, em_iteration, plan_chunk, stream_stats
 from numbaem.estep import SufficientStats, e_step_chunk, projection_spectra
@@ -71,7 +72,13 @@ class IterationSetup:
                     sigma2=self.sigma2, upsilon=self.upsilon)
 
     def warm_up(self):
-        """Compile the kernels and build the plans/buffers of the timed shapes; returns seconds."""
+        """Compile the kernels and build the plans/buffers of the timed shapes; returns seconds.
+
+        Drops every cached FFT workspace first: numbaem's plan cache keeps the buffers of
+        every shape it has seen (up to 32), so setups of different chunk sizes or thread
+        counts would otherwise pile up their chunk-sized buffers in memory.
+        """
+        fft.clear_cache()
         t0 = time.perf_counter()
         projection_matrices(self.basis, self.rots[:2])
         spectra = projection_spectra(self.operator.project(self.theta))

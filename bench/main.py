@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from numbaem.errors import NumbaemError
+from numbaem import fft
 from numbaem.fft import planner_effort
 from numbaem.memory import format_size, parse_size
 from numbaem.threads import use_threads
@@ -97,6 +98,7 @@ def _paths(out, suite, stamp):
 
 def run_suite(name, cfg, out, argv):
     module = SUITES[name]
+    fft.clear_cache()   # each suite's memory figures are its own (cached plans hold their buffers)
     started = datetime.datetime.now(datetime.timezone.utc)
     machine = machine_info()
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ few chunks, and the peak resident memory against the budget.
 """
 import numpy as np
 
+from numbaem.em import stream_stats
 from numbaem.estep import chunk_bytes
 from numbaem.memory import format_size
 from numbaem.mstep import normal_equations, solve
@@ -18,7 +19,7 @@ from numbaem.projection import projection_matrices
 
 from ._common import synthetic_source, time_call
 from ._iteration import IterationSetup
-from ._profile import profile_estep, profiled_stream_stats
+from ._profile import profile_estep
 
 FULL = dict(L=11, lmax=10, K=560, micrographs=4, patches_per_micrograph=30_000, frac=0.5, budget=4 << 30,
             profile_chunks=3)
@@ -44,7 +45,7 @@ def run(cfg):
     idx = st.indices()
     sub = idx[:sz["profile_chunks"] * st.n_chunk]
     profile = profile_estep(st.source, sub, spectra, st.upsilon, st.sigma2, st.n_chunk)
-    stats, _ = profiled_stream_stats(st.source, sub[:st.n_chunk], spectra, st.upsilon, st.sigma2, st.n_chunk)
+    stats = stream_stats(st.source, sub[:st.n_chunk], spectra, st.upsilon, st.sigma2, st.n_chunk)
     phases["normal_equations"], (H, b) = time_call(
         lambda: normal_equations(st.operator.blocks(), stats.W, stats.G, L, M), reps=2)
     phases["solve"], _ = time_call(lambda: solve(H + 1e-9 * np.trace(H) / M * np.eye(M), b), reps=3)

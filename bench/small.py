@@ -17,7 +17,7 @@ from numbaem.projection import projection_matrices
 
 from ._common import PeakMemory, synthetic_source, time_call
 from ._iteration import IterationSetup
-from ._profile import STEP_ORDER, profile_estep
+from ._profile import ordered_steps, profile_estep
 
 FULL = dict(L=7, lmax=4, K=300, patches=20_000)
 QUICK = dict(L=7, lmax=4, K=24, patches=400)
@@ -99,7 +99,7 @@ def plot(record, path):
                   f"{record['threads']['numba']} threads", fontsize=9)
     prof = res["estep_profile"]
     if prof.get("available"):
-        keys = [k for k in STEP_ORDER if k in prof["seconds"]]
+        keys = ordered_steps(prof["seconds"])
         v = [prof["seconds"][k] for k in keys]
         ax2.barh(keys[::-1], v[::-1], color="C1")
         for y, (k, s) in enumerate(zip(keys[::-1], v[::-1])):
