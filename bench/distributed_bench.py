@@ -13,7 +13,8 @@ iteration first (JIT cache loads, micrographs opened, FFT plans built); then the
 configurations take turns, ``--repeats`` rounds, each timing one iteration from the
 same state (both clusters stay up, idle, meanwhile), so that a change in the machine's
 load hits all of them alike. The overhead is reported from the minima and from the
-medians.
+medians; the 1-minute load average before each run is recorded (on a shared machine
+only the minima mean much).
 
 Traffic per iteration of a cluster run:
 
@@ -153,10 +154,12 @@ def main(argv=None):
                 one(ex)
             times = [[] for _ in configs]
             sent = [[] for _ in configs]
+            load = [[] for _ in configs]          # 1-minute load average before each timed run
             recs = [None] * len(configs)
             for _ in range(args.repeats):         # round robin, so that a change of load hits all alike
                 for i, (client, ex) in enumerate(zip(clients, execs)):
                     s0 = _worker_sent(client) if client else 0
+                    load[i].append(os.getloadavg()[0])
                     t0 = time.perf_counter()
                     recs[i] = one(ex)
                     times[i].append(time.perf_counter() - t0)
@@ -167,7 +170,7 @@ def main(argv=None):
         base = min(times[0])
         for i, cfg in enumerate(configs):
             rec, t = recs[i], min(times[i])
-            cfg.update(seconds=times[i], seconds_min=t, seconds_median=statistics.median(times[i]),
+            cfg.update(seconds=times[i], loadavg_before=load[i], seconds_min=t, seconds_median=statistics.median(times[i]),
                        seconds_estep=rec["seconds_estep"], overhead=t / base - 1.0,
                        overhead_median=statistics.median(times[i]) / statistics.median(times[0]) - 1.0,
                        loglik=rec["loglik"], loglik_rel_diff=abs(rec["loglik"] / recs[0]["loglik"] - 1.0))

@@ -55,6 +55,8 @@ _SOURCES = collections.OrderedDict()
 _SOURCES_LOCK = threading.Lock()
 _MAX_SOURCES = 2
 
+_BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
 _INSTALL = "install it with: pip install 'dask[distributed]' (or pip install 'numbaem[distributed]')"
 
 
@@ -398,9 +400,10 @@ def start_local_cluster(n_workers, threads_per_worker=None, memory_limit="auto",
     """A Dask ``LocalCluster`` of worker processes sized for numbaem, and its client.
 
     Each worker process runs one task at a time (Dask ``nthreads=1``) with
-    ``threads_per_worker`` numba / pyFFTW threads (``NUMBAEM_THREADS`` and
-    ``NUMBA_NUM_THREADS`` are set in the workers' environment), so ``n_workers *
-    threads_per_worker`` should not exceed the cores.
+    ``threads_per_worker`` numba / pyFFTW threads (``NUMBAEM_THREADS``,
+    ``NUMBA_NUM_THREADS`` and the BLAS thread variables are set in the workers'
+    environment only; this process's environment is left as it was), so
+    ``n_workers * threads_per_worker`` should not exceed the cores.
 
     Parameters
     ----------
@@ -434,15 +437,26 @@ def start_local_cluster(n_workers, threads_per_worker=None, memory_limit="auto",
                        n_workers, threads_per_worker, n_workers * threads_per_worker, cores)
     if memory_limit not in (None, "auto"):
         memory_limit = parse_size(memory_limit)
+    import dask
+
     env = dict(kwargs.pop("env", None) or {})
     env.update(NUMBAEM_THREADS=str(threads_per_worker), NUMBA_NUM_THREADS=str(threads_per_worker))
+    # Dask's nanny puts OMP/MKL/OPENBLAS_NUM_THREADS=1 in its "pre-spawn" environment, which it
+    # writes into *this* process's os.environ too: the driver's projections and M-step would then
+    # run on one thread. Give the workers those variables through env= (set in the worker only)
+    # instead; a worker runs one task at a time, so T BLAS threads do not oversubscribe either.
+    pre_spawn = {k: v for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {}).items()
+                 if k not in _BLAS_THREAD_VARS}
+    env.update({k: str(threads_per_worker) for k in _BLAS_THREAD_VARS})
     if dashboard_address is None:
         # no dashboard; the scheduler's small HTTP server (health checks) on a free port, not 8787
         kwargs["scheduler_kwargs"] = {"dashboard": False, "dashboard_address": ":0",
                                       **(kwargs.get("scheduler_kwargs") or {})}
     # the client creates the cluster, so closing the client closes the workers too
-    client = distributed.Client(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                memory_limit=memory_limit, dashboard_address=dashboard_address, env=env, **kwargs)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
+        client = distributed.Client(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                    memory_limit=memory_limit, dashboard_address=dashboard_address, env=env,
+                                    **kwargs)
     logger.info("started a local Dask cluster: %d worker(s) x %d thread(s), memory limit %s each, scheduler %s",
                 n_workers, threads_per_worker,
                 "auto" if memory_limit in (None, "auto") else format_size(memory_limit), client.scheduler.address)

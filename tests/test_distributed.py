@@ -58,9 +58,15 @@ def micrographs(tmp_path_factory):
     return _micrographs(tmp_path_factory.mktemp("mics"), rng)
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBAEM_THREADS",
+               "NUMBA_NUM_THREADS")
+
+
 @pytest.fixture(scope="module")
 def client():
+    before = {k: os.environ.get(k) for k in THREAD_VARS}
     c = start_local_cluster(2, 1, "auto")
+    c.driver_env_before = before
     try:
         c.wait_for_workers(2, timeout=60)
         yield c
@@ -109,11 +115,14 @@ def test_workers_use_their_numba_threads(client):
     def probe(dask_worker):
         import numba
         return os.environ.get("NUMBAEM_THREADS"), worker_threads(), dask_worker.state.nthreads, \
-            numba.config.NUMBA_NUM_THREADS
+            numba.config.NUMBA_NUM_THREADS, os.environ.get("OMP_NUM_THREADS")
 
     seen = client.run(probe)
     assert len(seen) == 2
-    assert all(v == ("1", 1, 1, 1) for v in seen.values()), seen
+    assert all(v == ("1", 1, 1, 1, "1") for v in seen.values()), seen
+    # Dask's nanny must not have lowered the driver's own threads (it writes OMP_NUM_THREADS=1
+    # into the parent's environment unless told otherwise)
+    assert {k: os.environ.get(k) for k in THREAD_VARS} == client.driver_env_before
 
 
 def test_cluster_matches_in_process(micrographs, reference, client):
