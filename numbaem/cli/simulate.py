@@ -62,8 +62,6 @@ def main(args):
         sim = simulate_micrographs(vol, L, micrograph_size=N, method=args.method, density=args.density,
                                    snr=args.snr, spacing=args.spacing, count=args.count, lmax=args.lmax, rng=rng)
     paths = write_simulation(sim, args.output, force=args.force, command=command, pixel_size=voxel)
-    logger.info("wrote %d micrograph(s) of %dx%d: sigma2 %.4g, SNR %.4g (after downsampling %.4g)",
-                args.count, N, N, sim.sigma2, sim.snr, sim.snr_downsampled)
     if args.json:
         emit_json(dict(outputs=[str(p) for p in paths] if paths else None, sigma2=sim.sigma2, snr=sim.snr,
                        snr_downsampled=sim.snr_downsampled, L=L, method=args.method,
