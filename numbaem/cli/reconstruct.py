@@ -165,9 +165,8 @@ def main(args):
                    upsilon=state.upsilon, sigma2=state.sigma2, patches=source.n_patches,
                    seconds=time.perf_counter() - t_start, history=state.history)
     if truth is not None:
-        from ..fsc import fsc, relative_error, resolution
-        f, c = fsc(vol, truth)
-        summary.update(fsc_resolution=resolution(f, c), relative_error=relative_error(vol, truth))
+        from ..em import compare_to_truth
+        summary.update(compare_to_truth(state.theta, basis, truth))
     logger.info("wrote %s after %d iterations", args.output, state.total_iterations)
     if args.json:
         emit_json(summary)
@@ -205,7 +204,7 @@ def _plot(history, path, force):
         ax = axes[0, 1]
         ax.plot(it, [r.get("fsc_resolution", np.nan) for r in history], "o-")
         ax.set_xlabel("iteration")
-        ax.set_ylabel("FSC 0.5 resolution (1/pixel)")
+        ax.set_ylabel("FSC 0.5 after alignment (1/pixel)")
         ax.set_title("resolution against the truth")
     fig.tight_layout()
     with atomic_path(path, force=force) as tmp:
