@@ -189,6 +189,16 @@ def test_in_memory_source_is_refused(client, rng):
                     executor=DaskExecutor(client))
 
 
+def test_joining_a_running_cluster(client):
+    ex, close = executor_from_options(scheduler=client.scheduler.address, threads=1)
+    try:
+        assert isinstance(ex, DaskExecutor) and ex.threads == 1
+        assert len(ex.client.scheduler_info(n_workers=-1)["workers"]) == 2
+    finally:
+        close()
+    assert client.submit(int, 3).result() == 3      # closing the joined client left the cluster alone
+
+
 def test_options():
     ex, close = executor_from_options()
     assert ex is None
