@@ -8,6 +8,7 @@ because the posterior kernel skips exponentials far below the best state) and wr
 their record through :mod:`bench.main`.
 """
 import dataclasses
+import hashlib
 import math
 import os
 import platform
@@ -149,7 +150,14 @@ def git_state():
                                text=True, timeout=10).stdout.split("\n")
     except (OSError, subprocess.SubprocessError):
         return None
-    return dict(commit=commit or None, numbaem_uncommitted=[ln[3:] for ln in dirty if ln.strip()])
+    changed = [ln[3:] for ln in dirty if ln.strip()]
+    digests = {}
+    for rel in changed:
+        try:
+            digests[rel] = hashlib.sha256((root / rel).read_bytes()).hexdigest()[:16]
+        except OSError:
+            digests[rel] = None
+    return dict(commit=commit or None, numbaem_uncommitted=changed, numbaem_uncommitted_sha256=digests)
 
 
 def _blas_name():
