@@ -143,14 +143,14 @@ def patch_spectra(patches):
 def _products(Yh, Pc, n_valid, Q):
     """``Q[j, k] = Yh[j] * Pc[k]`` for ``j < n_valid``; zero for the padding rows."""
     n, K, n0, n1 = Q.shape
-    for j in prange(n):
-        if j < n_valid:
-            for k in range(K):
+    for k in prange(K):  # over rotations: a chunk of few patches still uses every thread
+        for j in range(n):
+            if j < n_valid:
                 for a in range(n0):
                     for b in range(n1):
                         Q[j, k, a, b] = Yh[j, a, b] * Pc[k, a, b]
-        else:
-            Q[j] = 0.0
+            else:
+                Q[j, k] = 0.0
 
 
 # exp(-50) = 2e-22: a state scoring 50 below the best adds less than round-off to the
@@ -231,52 +231,71 @@ def _row_sum(row, n):
 
 
 @pjit
-def _posteriors(C, e, n_valid, L, cscale, log_shift_prior, log_upsilon, inv2s2, w_empty, lse, norm):
-    """Scores -> unnormalised posteriors in place of ``C`` (n, K, 2L, 2L).
+def _scores(C, e, n_valid, L, c2, log_shift_prior, inv2s2, mxk):
+    """Scores in place of ``C`` (n, K, 2L, 2L) and their maximum per (patch, rotation).
 
-    ``C`` holds ``c_jk`` times ``1 / cscale`` (the raw backward FFT). On return
-    ``C[j] * norm[j]`` are the posteriors of patch ``j`` (the normalisation is folded into
-    the accumulation, saving a pass), ``w_empty[j]`` the empty-state posterior and
-    ``lse[j]`` the log-sum-exp of its scores. Dropped shifts (l1 == L or l2 == L, which
-    includes the empty (L, L)) get 0; padding rows (j >= n_valid) are zeroed. The inner
-    loops run over whole rows without branches or reductions so that they vectorise.
+    ``C`` holds ``c_jk / cscale`` (the raw backward FFT) and ``c2 = 2 cscale / (2 sigma^2)``.
+    Each (patch, rotation) block is one flat loop (it vectorises); the dropped shifts
+    (row and column ``L``, the empty shift among them) are then set to ``-inf``. Parallel
+    over rotations, so a chunk of even one patch keeps every thread busy. Padding
+    patches (``j >= n_valid``) are skipped.
     """
     n, K, n2 = C.shape[0], C.shape[1], C.shape[2]
-    c2 = 2.0 * cscale * inv2s2
-    for j in prange(n):
-        if j >= n_valid:
-            C[j] = 0.0
-            w_empty[j] = 0.0
-            lse[j] = 0.0
-            norm[j] = 0.0
-            continue
-        mx = log_upsilon
-        for k in range(K):
-            for a in range(n2):
-                if a == L:
-                    continue
-                row = C[j, k, a]
-                er = e[k, a]
-                for b in range(n2):
-                    row[b] = log_shift_prior + c2 * row[b] - er[b] * inv2s2
-                mx = _row_max(row, 0, L, mx)
-                mx = _row_max(row, L + 1, n2, mx)
-        tot = math.exp(log_upsilon - mx)
-        for k in range(K):
-            for a in range(n2):
-                row = C[j, k, a]
-                if a == L:
-                    row[:] = 0.0
-                    continue
-                for b in range(n2):
-                    d = row[b] - mx
-                    v = _exp_neg(max(d, _LOG_NEGLIGIBLE))
-                    row[b] = v if d > _LOG_NEGLIGIBLE else 0.0
-                row[L] = 0.0
-                tot += _row_sum(row, n2)
-        norm[j] = 1.0 / tot
-        lse[j] = mx + math.log(tot)
-        w_empty[j] = math.exp(log_upsilon - lse[j])
+    for k in prange(K):
+        ef = e[k].reshape(n2 * n2)
+        for j in range(n_valid):
+            blk = C[j, k].reshape(n2 * n2)
+            for q in range(n2 * n2):
+                blk[q] = log_shift_prior + c2 * blk[q] - ef[q] * inv2s2
+            for t in range(n2):
+                C[j, k, L, t] = -np.inf
+                C[j, k, t, L] = -np.inf
+            mxk[j, k] = _row_max(blk, 0, n2 * n2, -np.inf)
+
+
+@pjit
+def _exponentiate(C, n_valid, mx, sumk):
+    """``C = exp(scores - mx_j)`` (0 below ``exp(-50)``, so 0 at the ``-inf`` dropped shifts), sums per (j, k).
+
+    Parallel over rotations; each (j, k) block is summed in a fixed order, so the result
+    does not depend on the thread count.
+    """
+    n, K, n2 = C.shape[0], C.shape[1], C.shape[2]
+    for k in prange(K):
+        for j in range(n_valid):
+            m = mx[j]
+            blk = C[j, k].reshape(n2 * n2)
+            for q in range(n2 * n2):
+                d = blk[q] - m
+                v = _exp_neg(max(d, _LOG_NEGLIGIBLE))
+                blk[q] = v if d > _LOG_NEGLIGIBLE else 0.0
+            sumk[j, k] = _row_sum(blk, n2 * n2)
+
+
+def _posteriors(C, e, n_valid, L, cscale, log_shift_prior, log_upsilon, inv2s2):
+    """Scores -> unnormalised posteriors in place of ``C`` (n, K, 2L, 2L).
+
+    On return ``C[j] * norm[j]`` are the posteriors of patch ``j`` (the normalisation is
+    folded into the accumulation, saving a pass over ``C``). Returns ``(w_empty, lse,
+    norm)`` per patch: the empty-state posterior, the log-sum-exp of the scores (empty
+    state counted once) and ``1 / sum``. The per-rotation maxima and sums are combined
+    in NumPy in a fixed order.
+    """
+    n, K = C.shape[0], C.shape[1]
+    mxk = np.full((n, K), -np.inf)
+    _scores(C, e, n_valid, L, 2.0 * cscale * inv2s2, log_shift_prior, inv2s2, mxk)
+    mx = np.maximum(mxk.max(axis=1), log_upsilon)
+    mx[n_valid:] = 0.0
+    sumk = np.zeros((n, K))
+    _exponentiate(C, n_valid, mx, sumk)
+    tot = np.exp(log_upsilon - mx) + sumk.sum(axis=1)
+    lse = mx + np.log(tot)
+    norm = 1.0 / tot
+    w_empty = np.exp(log_upsilon - lse)
+    lse[n_valid:] = 0.0
+    norm[n_valid:] = 0.0
+    w_empty[n_valid:] = 0.0
+    return w_empty, lse, norm
 
 
 @pjit
@@ -364,13 +383,10 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
         _products(Yh, spectra.Pc, n, ws.spec)
     with timer("fft_backward"):
         C = ws.backward(normalise=False)
-    w_empty = np.zeros(n_chunk)
-    lse = np.zeros(n_chunk)
-    norm = np.zeros(n_chunk)
     log_shift_prior = math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * K)
     with timer("posteriors"):
-        _posteriors(C, spectra.e, n, L, 1.0 / (2 * L) ** 2, log_shift_prior, math.log(upsilon),
-                    1.0 / (2.0 * sigma2), w_empty, lse, norm)
+        w_empty, lse, norm = _posteriors(C, spectra.e, n, L, 1.0 / (2 * L) ** 2, log_shift_prior,
+                                         math.log(upsilon), 1.0 / (2.0 * sigma2))
     post = C[:n] * norm[:n, None, None, None] if keep_posteriors else None
     with timer("fft_forward"):
         Q = ws.forward()
