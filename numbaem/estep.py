@@ -254,17 +254,24 @@ def _scores(C, e, n_valid, L, c2, log_shift_prior, inv2s2, mxk):
 
 
 @pjit
-def _exponentiate(C, n_valid, mx, sumk):
+def _exponentiate(C, n_valid, mx, mxk, sumk):
     """``C = exp(scores - mx_j)`` (0 below ``exp(-50)``, so 0 at the ``-inf`` dropped shifts), sums per (j, k).
 
-    Parallel over rotations; each (j, k) block is summed in a fixed order, so the result
-    does not depend on the thread count.
+    A (patch, rotation) block whose best score ``mxk[j, k]`` is already 50 below the
+    patch's best is all zeros and skips its exponentials (the same numbers, less work:
+    at useful SNR most rotations of a patch are such blocks). Parallel over rotations;
+    each (j, k) block is summed in a fixed order, so the result does not depend on the
+    thread count.
     """
     n, K, n2 = C.shape[0], C.shape[1], C.shape[2]
     for k in prange(K):
         for j in range(n_valid):
             m = mx[j]
             blk = C[j, k].reshape(n2 * n2)
+            if mxk[j, k] - m <= _LOG_NEGLIGIBLE:
+                blk[:] = 0.0
+                sumk[j, k] = 0.0
+                continue
             for q in range(n2 * n2):
                 d = blk[q] - m
                 v = _exp_neg(max(d, _LOG_NEGLIGIBLE))
@@ -287,7 +294,7 @@ def _posteriors(C, e, n_valid, L, cscale, log_shift_prior, log_upsilon, inv2s2):
     mx = np.maximum(mxk.max(axis=1), log_upsilon)
     mx[n_valid:] = 0.0
     sumk = np.zeros((n, K))
-    _exponentiate(C, n_valid, mx, sumk)
+    _exponentiate(C, n_valid, mx, mxk, sumk)
     tot = np.exp(log_upsilon - mx) + sumk.sum(axis=1)
     lse = mx + np.log(tot)
     norm = 1.0 / tot

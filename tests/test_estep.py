@@ -104,3 +104,17 @@ def test_vectorisable_exp_matches_libm(rng):
     got = np.array([_exp_neg(x) for x in d])
     ref = np.array([math.exp(x) for x in d])
     assert np.max(np.abs(got - ref) / ref) < 4e-16
+
+
+def test_estep_high_snr_matches_brute_force(rng):
+    """At high SNR most (patch, rotation) blocks lie 50 below the best state and are
+    skipped whole; the posteriors still equal the brute-force ones."""
+    basis, A, theta, proj, patches, sigma2 = _case(rng, sigma2=0.02)
+    L, K = basis.L, len(A)
+    stats = SufficientStats.zeros(K, L)
+    loglik, w, w_empty = e_step_chunk(patches, projection_spectra(proj), 0.3, sigma2, stats, keep_posteriors=True)
+    logp_empty, logp, ll_ref = naive.brute_log_posteriors(patches, A, theta, 0.3, sigma2)
+    np.testing.assert_allclose(loglik, ll_ref, rtol=1e-13)
+    w_ref = np.exp(logp - ll_ref[:, None, None, None])
+    assert np.sum(w_ref.max(axis=(2, 3)) < np.exp(-50)) > 0  # some blocks are skipped
+    np.testing.assert_allclose(w, w_ref, rtol=1e-11, atol=1e-21)
