@@ -16,9 +16,14 @@ import os
 import threading
 
 import numpy as np
-import pyfftw
 
-from .threads import fft_threads
+from .threads import fft_threads, prefer_passive_openmp
+
+# pyFFTW's wheel carries its own OpenMP runtime, which reads OMP_WAIT_POLICY once, when
+# it is loaded by ``import pyfftw``: the one import-time action of the package, taken
+# because spinning FFTW threads halve the E-step's speed on few cores (numbaem.threads).
+prefer_passive_openmp()
+import pyfftw  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

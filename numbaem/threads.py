@@ -10,8 +10,9 @@ Idle OpenMP threads must sleep, not spin: numba's kernels and FFTW's transforms 
 turns many times a second, and a pool that spins after its turn steals the cores the
 other one needs (measured: 2.2 us per (patch, rotation) with spinning, 0.88 with
 ``OMP_WAIT_POLICY=PASSIVE`` at L=7, K=300 on 2 cores). :func:`prefer_passive_openmp`
-sets that variable when the user has not; it acts only before the OpenMP runtime
-starts, so the command line calls it first thing.
+sets that variable when the user has not. An OpenMP runtime reads it when it is
+loaded, so ``numbaem.fft`` calls it just before ``import pyfftw`` (whose wheel brings its
+own runtime); numba's runtime loads later, at the first parallel kernel.
 """
 import contextlib
 import logging

@@ -1,10 +1,6 @@
 """Shared fixtures."""
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI runs (numbaem.threads); before any kernel
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 
 @pytest.fixture

@@ -66,8 +66,6 @@ def _setup_logging(args):
 
 def main(argv=None):
     """Run the command line; returns the exit status."""
-    from ..threads import prefer_passive_openmp
-    prefer_passive_openmp()  # before any kernel starts the OpenMP runtime
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
