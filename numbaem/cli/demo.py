@@ -49,7 +49,7 @@ def settings(quick):
 
 
 def main(args):
-    from ..fsc import fsc, plot_fsc, relative_error, resolution
+    from ..fsc import fsc, plot_fsc
     from ..simulate import simulate_micrographs, write_simulation
 
     t0 = time.perf_counter()
@@ -77,9 +77,9 @@ def main(args):
         write_volume(os.path.join(out, "truth.mrc"), truth, force=True)
         write_volume(os.path.join(out, "init.mrc"), init, force=True)
         from ..em import compare_to_truth
-        start = compare_to_truth(expand(init, basis), basis, truth)
-        f0, c0 = fsc(init, truth)
-        res0 = resolution(f0, c0)
+        start, init_aligned = compare_to_truth(expand(init, basis), basis, truth, return_aligned=True)
+        res0 = start["fsc_resolution_unaligned"]
+        f0, c0 = fsc(init_aligned, truth)
         print(f"truth: synthetic molecule {L0}^3 -> L={L}; {sum(len(p) for p in sim.positions)} projections in "
               f"{cfg['count']} micrograph(s) of {cfg['N']}x{cfg['N']}, SNR {args.snr:g}, sigma^2 {sim.sigma2:.4g}")
         print(f"initial guess (homolog):      aligned FSC 0.5 at {start['fsc_resolution']:.4f} 1/pixel "
@@ -104,7 +104,7 @@ def main(args):
     res1, err = final["fsc_resolution"], final["relative_error"]
     write_volume(os.path.join(out, "estimate.mrc"), est, force=True)
     atomic_write_text(os.path.join(out, "run.jsonl"), "\n".join(lines) + "\n", force=True)
-    plot_fsc({"initial guess (homolog)": (f0, c0), "EM estimate (aligned)": (f1, c1)}, os.path.join(out, "fsc.png"), force=True,
+    plot_fsc({"initial guess (homolog, aligned)": (f0, c0), "EM estimate (aligned)": (f1, c1)}, os.path.join(out, "fsc.png"), force=True,
              title="numbaem demo: FSC against the truth")
     from .reconstruct import _plot
     _plot(state.history, os.path.join(out, "convergence.png"), force=True)
