@@ -122,6 +122,8 @@ def main(args):
         inputs = run_inputs(args.micrographs, L=L, sigma2=sigma2, estimate_noise=bool(args.estimate_noise),
                             schedule=schedule, seed=args.seed, tikhonov=args.tikhonov, upsilon0=args.upsilon0,
                             init=init if args.init else None, memory=budget, threads=args.threads)
+        # the split of an iteration into Dask tasks depends on the cluster: part of the inputs
+        inputs["distributed"] = dict(workers=args.workers, scheduler=args.scheduler)
         ckpt = Checkpointer(args.checkpoint, inputs, force=args.force and not args.resume)
         state = ckpt.begin(resume=args.resume)
         if args.resume and state is None:
