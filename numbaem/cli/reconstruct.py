@@ -193,7 +193,9 @@ def _plot(history, path, force):
 
     it = [r["iteration"] for r in history]
     has_fsc = any("fsc_resolution" in r for r in history)
-    fig, axes = plt.subplots(1, 2 if has_fsc else 1, figsize=(10 if has_fsc else 5, 3.6), squeeze=False)
+    has_err = any("relative_error" in r for r in history)
+    n = 1 + has_fsc + has_err
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6), squeeze=False)
     ax = axes[0, 0]
     ax.plot(it, [r["loglik_per_patch"] for r in history], "o-")
     ax.set_xlabel("iteration")
@@ -208,6 +210,12 @@ def _plot(history, path, force):
         ax.set_xlabel("iteration")
         ax.set_ylabel("FSC 0.5 after alignment (1/pixel)")
         ax.set_title("resolution against the truth")
+    if has_err:
+        ax = axes[0, n - 1]
+        ax.plot(it, [r.get("relative_error", np.nan) for r in history], "o-")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("relative error after alignment")
+        ax.set_title("error against the truth")
     fig.tight_layout()
     with atomic_path(path, force=force) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
