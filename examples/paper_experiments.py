@@ -55,7 +55,9 @@ def run_one(vol, method, spacing, args, out):
     fig.savefig(os.path.join(out, f"{tag}-fsc.png"), dpi=110)
     plt.close(fig)
     summary = dict(method=method, spacing=spacing, snr=args.snr, snr_downsampled=sim.snr_downsampled, L=args.L,
-                   resolution_per_iteration=res, seconds=[r["seconds"] for r in state.history])
+                   resolution_per_iteration=res,
+                   relative_error_per_iteration=[r["relative_error"] for r in state.history],
+                   seconds=[r["seconds"] for r in state.history])
     with open(os.path.join(out, f"{tag}.summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary
