@@ -240,7 +240,7 @@ def _scores(C, e, n_valid, L, c2, log_shift_prior, inv2s2, mxk):
     over rotations, so a chunk of even one patch keeps every thread busy. Padding
     patches (``j >= n_valid``) are skipped.
     """
-    n, K, n2 = C.shape[0], C.shape[1], C.shape[2]
+    K, n2 = C.shape[1], C.shape[2]
     for k in prange(K):
         ef = e[k].reshape(n2 * n2)
         for j in range(n_valid):
@@ -263,7 +263,7 @@ def _exponentiate(C, n_valid, mx, mxk, sumk):
     each (j, k) block is summed in a fixed order, so the result does not depend on the
     thread count.
     """
-    n, K, n2 = C.shape[0], C.shape[1], C.shape[2]
+    K, n2 = C.shape[1], C.shape[2]
     for k in prange(K):
         for j in range(n_valid):
             m = mx[j]

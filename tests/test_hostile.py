@@ -7,7 +7,6 @@ import os
 
 import mrcfile
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from numbaem.cli.main import main

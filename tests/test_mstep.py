@@ -1,6 +1,5 @@
 """M-step (MODEL section 6): H, b from sufficient statistics against brute-force sums."""
 import numpy as np
-import pytest
 
 from numbaem.basis import FBBasis
 from numbaem.estep import SufficientStats, e_step_chunk, projection_spectra

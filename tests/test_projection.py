@@ -52,7 +52,7 @@ def test_in_plane_rotation_is_a_phase(rng):
     b = FBBasis(9, 4)
     theta = rng.standard_normal(b.M)
     w = random_rotations(1, rng)[0]
-    a = np.pi / 2  # a quarter turn maps the pixel grid onto itself
+    # a quarter turn (alpha = pi/2) maps the pixel grid onto itself
     Rz = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])
     p0, p1 = project(theta, b, np.stack([w, Rz @ w]))
     # image turned by +90 degrees: value at x comes from Rz(-a) x

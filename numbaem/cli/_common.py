@@ -4,7 +4,6 @@ import json
 import math
 import sys
 
-from ..errors import NumbaemError
 
 
 def positive_int(text):
@@ -69,11 +68,3 @@ def check_outputs(paths, force):
     from ..io import check_output
     for p in paths:
         check_output(p, force)
-
-
-def ensure_odd_L(L, option="--patch-size"):
-    from ..basis import check_L
-    try:
-        return check_L(L, option)
-    except NumbaemError:
-        raise

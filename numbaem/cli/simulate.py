@@ -8,7 +8,6 @@ sigma^2, SNR before and after downsampling, L, method, the command) and MIC.trut
 (the band-limited truth at side L).
 """
 import logging
-import os
 import shlex
 import sys
 
