@@ -66,17 +66,15 @@ from pathlib import Path
 
 import numpy as np
 from numba import prange
-import scipy.fft as sfft
 from scipy import ndimage
 
 from . import io as nio
 from ._jit import jit, pjit
 from .basis import FBBasis, check_L, expand, synthesize
 from .errors import NumbaemError
-from .fourier import downsample
+from .fourier import downsample, downsample_image
 from .projection import project
 from .rotations import random_rotations
-from .threads import resolve_threads
 
 logger = logging.getLogger(__name__)
 
@@ -543,43 +541,6 @@ def _full_positions(pos, N, Nf, L, L0):
     return full
 
 
-def _downsample_micrograph(img, shape_new, workers=None):
-    """Fourier-crop a real micrograph to ``shape_new``, values preserved.
-
-    The same result as :func:`numbaem.fourier.downsample_image` (to round-off; the
-    tests check it) at a fraction of the cost and memory for a large real image: a
-    real FFT along axis 1, the crop of axis 1, a complex FFT of the cropped array
-    along axis 0, the crop of axis 0, and the inverses on the small grid, with
-    ``scipy.fft`` threads. The centring (``ifftshift`` of the input) is applied as a
-    phase ``e^{2 pi i k (N//2) / N}`` on the kept frequencies instead of a copy of
-    the input; an even target size folds the ``+M/2`` bin onto ``-M/2`` as
-    :mod:`numbaem.fourier` does (for real rows ``X[-M/2] + X[M/2] = 2 Re X[M/2]``).
-    """
-    N0, N1 = img.shape
-    M0, M1 = shape_new
-    if workers is None:
-        workers = resolve_threads()
-    h1 = M1 // 2 + 1
-    X = sfft.rfft(img, axis=1, workers=workers)
-    X = np.ascontiguousarray(X[:, :h1])
-    X *= np.exp(2j * np.pi * np.arange(h1) * (N1 // 2) / N1)
-    if M1 % 2 == 0 and M1 < N1:
-        X[:, -1] = 2.0 * X[:, -1].real
-    X = sfft.fft(X, axis=0, workers=workers, overwrite_x=True)
-    k0 = np.arange(N0)
-    f0 = np.where(k0 < (N0 + 1) // 2, k0, k0 - N0)
-    X *= np.exp(2j * np.pi * f0 * (N0 // 2) / N0)[:, None]
-    if M0 < N0:
-        Y = np.concatenate([X[:(M0 + 1) // 2], X[N0 - M0 // 2:]])
-        if M0 % 2 == 0:
-            Y[M0 // 2] += X[M0 // 2]
-        X = Y
-    X = sfft.ifft(X, axis=0, workers=workers, overwrite_x=True)
-    y = sfft.irfft(X, n=M1, axis=1, workers=workers)
-    y *= (M0 * M1) / (N0 * N1)
-    return np.ascontiguousarray(np.roll(y, (M0 // 2, M1 // 2), axis=(0, 1)))
-
-
 def _add_clipped(img, proj, s0, s1):
     """Add ``proj`` into ``img`` with its top-left pixel at ``(s0, s1)``, clipped to ``img``."""
     n0, n1 = proj.shape
@@ -726,7 +687,7 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
                 energy += float(np.sum(proj**2))
                 for (s0, s1), p in zip(full[c0:c0 + _CHUNK], proj):
                     _add_clipped(img, p, int(s0), int(s1))
-            clean.append(_downsample_micrograph(img, N) * scale if Nf != N else img)
+            clean.append(downsample_image(img, N) * scale if Nf != N else img)
             del img
         sigma2_gen = energy / (count * T) / (L_gen**2 * snr)
         sigma2 = sigma2_gen * _crop_gain(N[0], Nf[0]) * _crop_gain(N[1], Nf[1]) * scale**2
@@ -734,7 +695,7 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
         for c in clean:
             noise = rng.normal(0.0, math.sqrt(sigma2_gen), Nf)
             if Nf != N:
-                noise = _downsample_micrograph(noise, N) * scale
+                noise = downsample_image(noise, N) * scale
             micrographs.append(c + noise)
             del noise
 

@@ -156,3 +156,14 @@ def test_downsample_validation():
         downsample_image(np.zeros((10, 20)), (11, 5))
     with pytest.raises(NumbaemError, match="two entries"):
         downsample_image(np.zeros((10, 20)), (5,))
+
+
+@pytest.mark.parametrize("N, M", [((63, 60), (21, 20)), ((60, 63), (20, 21)), ((64, 64), (64, 21)),
+                                  ((61, 66), (61, 66)), ((30, 33), (12, 10))])
+def test_real_image_crop_matches_generic_twin(rng, N, M):
+    """downsample_image's fast real path against the generic n-D Fourier crop."""
+    from numbaem.fourier import _crop_real_image, _fourier_crop
+    x = rng.standard_normal(N)
+    got = _crop_real_image(x, M, workers=1)
+    np.testing.assert_allclose(got, _fourier_crop(x, M).real, atol=1e-13)
+    np.testing.assert_array_equal(downsample_image(x, M), got)

@@ -10,7 +10,6 @@ import numbaem.simulate as simulate_module
 from numbaem import io as nio
 from numbaem.basis import FBBasis
 from numbaem.errors import NumbaemError
-from numbaem.fourier import downsample_image
 from numbaem.projection import project
 from numbaem.rotations import random_rotations
 from numbaem.simulate import (
@@ -151,14 +150,6 @@ def test_project_real_space_axes():
     img = project_real_space(v, rz[None])[0]
     assert np.unravel_index(np.argmax(img), img.shape) == (7, 11)
     assert img.sum() == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("N, M", [((63, 60), (21, 20)), ((60, 63), (20, 21)), ((64, 64), (64, 21)),
-                                  ((61, 66), (61, 66)), ((30, 33), (12, 10))])
-def test_downsample_micrograph_matches_fourier_downsample_image(rng, N, M):
-    x = rng.standard_normal(N)
-    got = simulate_module._downsample_micrograph(x, M, workers=1)
-    np.testing.assert_allclose(got, downsample_image(x, M), atol=1e-13)
 
 
 # --------------------------------------------------------------------------- simulation
