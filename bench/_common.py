@@ -17,11 +17,11 @@ import time
 
 import numpy as np
 
-from numbaem.basis import FBBasis
-from numbaem.memory import current_rss, peak_rss, reset_peak_rss, total_memory
-from numbaem.patches import PatchSource
-from numbaem.projection import project
-from numbaem.rotations import random_rotations
+from numbaem.model.basis import FBBasis
+from numbaem.runtime.memory import current_rss, peak_rss, reset_peak_rss, total_memory
+from numbaem.data.patches import PatchSource
+from numbaem.model.projection import project
+from numbaem.model.rotations import random_rotations
 
 
 @dataclasses.dataclass
@@ -33,7 +33,7 @@ class Config:
     quick : bool
         Shrink every size for a smoke test (seconds, not minutes).
     threads : int
-        Threads for numba and FFTW (already applied by :func:`numbaem.threads.use_threads`).
+        Threads for numba and FFTW (already applied by :func:`numbaem.runtime.threads.use_threads`).
     memory : int or None
         Memory budget in bytes for the EM iteration; ``None``: each suite's default.
     seed : int
@@ -169,7 +169,7 @@ def _blas_name():
 def thread_info():
     import numba
 
-    from numbaem.threads import fft_threads
+    from numbaem.runtime.threads import fft_threads
 
     try:
         layer = numba.threading_layer()
@@ -302,7 +302,7 @@ def synthetic_source(L, lmax, n_patches, rng, *, n_micrographs=1, snr=1.0, sigma
 
     Returns
     -------
-    source : numbaem.patches.PatchSource
+    source : numbaem.data.patches.PatchSource
     theta : ndarray, shape (M,)
         The coefficients the projections came from.
     """

@@ -1,8 +1,8 @@
-"""One numbaem EM iteration set up the way ``numbaem.em.reconstruct`` sets it up, for timing.
+"""One numbaem EM iteration set up the way ``numbaem.em.run.reconstruct`` sets it up, for timing.
 
-:class:`IterationSetup` holds the patch source, the :class:`numbaem.em.Operator`
+:class:`IterationSetup` holds the patch source, the :class:`numbaem.em.run.Operator`
 (``A_k`` kept when it fits a quarter of the budget, as ``reconstruct`` does), the
-current estimate and the chunk size that :func:`numbaem.em.plan_chunk` picks for the
+current estimate and the chunk size that :func:`numbaem.em.run.plan_chunk` picks for the
 budget. :meth:`IterationSetup.warm_up` compiles every kernel and builds every FFTW plan
 and buffer on exactly the shapes that are timed afterwards (the E-step plan is keyed
 by the chunk size, so the warm-up runs one full chunk).
@@ -12,13 +12,13 @@ import time
 
 import numpy as np
 
-from numbaem import fft
-from numbaem.basis import FBBasis
-from numbaem.em import EMState, Operator, Stage, em_iteration, plan_chunk, stream_stats
-from numbaem.estep import SufficientStats, e_step_chunk, projection_spectra
-from numbaem.mstep import normal_equations, solve
-from numbaem.projection import projection_matrices
-from numbaem.rotations import rotation_grid
+from numbaem.runtime import fft
+from numbaem.model.basis import FBBasis
+from numbaem.em.run import EMState, Operator, Stage, em_iteration, plan_chunk, stream_stats
+from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra
+from numbaem.em.mstep import normal_equations, solve
+from numbaem.model.projection import projection_matrices
+from numbaem.model.rotations import rotation_grid
 
 from ._common import PeakMemory, time_call
 
@@ -28,7 +28,7 @@ class IterationSetup:
 
     Parameters
     ----------
-    source : numbaem.patches.PatchSource
+    source : numbaem.data.patches.PatchSource
     lmax, K : int
     theta : ndarray, shape (M,)
         The current estimate (the E-step's projections come from it).
@@ -37,7 +37,7 @@ class IterationSetup:
     frac : float
         Stochastic factor: ``ceil(frac Nd)`` patches per iteration.
     n_chunk : int, optional
-        Force a chunk size (default: :func:`numbaem.em.plan_chunk`).
+        Force a chunk size (default: :func:`numbaem.em.run.plan_chunk`).
     sigma2, upsilon : float
     """
 

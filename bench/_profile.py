@@ -1,6 +1,6 @@
-"""The E-step taken apart: each step of :func:`numbaem.estep.e_step_chunk` timed on its own.
+"""The E-step taken apart: each step of :func:`numbaem.em.estep.e_step_chunk` timed on its own.
 
-``numbaem.em.stream_stats`` and ``e_step_chunk`` accept a ``timer(name)`` that wraps
+``numbaem.em.run.stream_stats`` and ``e_step_chunk`` accept a ``timer(name)`` that wraps
 each of their steps in a context manager, so the profile times the library's very code
 path, not a copy of it. The step names are the library's (at the time of writing:
 ``read_patches``, ``patch_spectra``, ``products``, ``fft_backward``, ``posteriors``,
@@ -32,11 +32,11 @@ def profiled_stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk):
 
     Returns
     -------
-    stats : numbaem.estep.SufficientStats
+    stats : numbaem.em.estep.SufficientStats
     phases : Phases
         Seconds and calls per step.
     """
-    from numbaem.em import stream_stats
+    from numbaem.em.run import stream_stats
 
     ph = Phases()
     stats = stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, timer=ph)
@@ -64,9 +64,9 @@ def profile_estep(source, idx, spectra, upsilon, sigma2, n_chunk, reference=None
         stats, ph = profiled_stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk)
         total = time.perf_counter() - t0
     except TypeError as exc:
-        return dict(available=False, reason=f"numbaem.em.stream_stats has no timer hook ({exc})")
+        return dict(available=False, reason=f"numbaem.em.run.stream_stats has no timer hook ({exc})")
     if not ph.seconds:
-        return dict(available=False, reason="numbaem.em.stream_stats accepted a timer but timed no step")
+        return dict(available=False, reason="numbaem.em.run.stream_stats accepted a timer but timed no step")
     steps = ordered_steps(ph.seconds)
     seconds = {k: ph.seconds[k] for k in steps}
     out = dict(available=True, seconds=seconds, calls={k: ph.calls[k] for k in steps}, total=total,

@@ -33,14 +33,14 @@ import numpy as np
 import scipy.fft
 from scipy import linalg
 
-from numbaem import fft
-from numbaem.basis import FBBasis
-from numbaem.em import stream_stats
-from numbaem.estep import SufficientStats, e_step_chunk, projection_spectra
-from numbaem.memory import default_budget
-from numbaem.mstep import normal_equations, solve
-from numbaem.projection import projection_matrices
-from numbaem.rotations import rotation_grid
+from numbaem.runtime import fft
+from numbaem.model.basis import FBBasis
+from numbaem.em.run import stream_stats
+from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra
+from numbaem.runtime.memory import default_budget
+from numbaem.em.mstep import normal_equations, solve
+from numbaem.model.projection import projection_matrices
+from numbaem.model.rotations import rotation_grid
 
 from ._common import Phases, PeakMemory, synthetic_source
 from ._iteration import IterationSetup

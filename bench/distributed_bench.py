@@ -47,10 +47,10 @@ import numpy as np
 
 def _micrographs(directory, L, lmax, n_patches, rng, sigma2):
     """Micrographs of 50 x 100 patches each, holding projections of one random volume."""
-    from numbaem.basis import FBBasis
-    from numbaem.io import write_image
-    from numbaem.projection import project
-    from numbaem.rotations import random_rotations
+    from numbaem.model.basis import FBBasis
+    from numbaem.data.io import write_image
+    from numbaem.model.projection import project
+    from numbaem.model.rotations import random_rotations
 
     basis = FBBasis(L, lmax)
     theta = rng.standard_normal(basis.M)
@@ -113,13 +113,13 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "distributed_small.json"))
     args = ap.parse_args(argv)
 
-    from numbaem.basis import FBBasis
-    from numbaem.distributed import DaskExecutor, start_local_cluster
-    from numbaem.em import EMState, Operator, Stage, em_iteration, initial_theta
-    from numbaem.estep import chunk_bytes
-    from numbaem.patches import PatchSource
-    from numbaem.rotations import rotation_grid
-    from numbaem.threads import use_threads
+    from numbaem.model.basis import FBBasis
+    from numbaem.em.distributed import DaskExecutor, start_local_cluster
+    from numbaem.em.run import EMState, Operator, Stage, em_iteration, initial_theta
+    from numbaem.em.estep import chunk_bytes
+    from numbaem.data.patches import PatchSource
+    from numbaem.model.rotations import rotation_grid
+    from numbaem.runtime.threads import use_threads
 
     L, lmax, K, T = args.L, args.lmax, args.K, args.threads
     sigma2 = 1.0

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from numbaem.errors import NumbaemError
-from numbaem import fft
-from numbaem.fft import planner_effort
-from numbaem.memory import format_size, parse_size
-from numbaem.threads import use_threads
+from numbaem.runtime.errors import NumbaemError
+from numbaem.runtime import fft
+from numbaem.runtime.fft import planner_effort
+from numbaem.runtime.memory import format_size, parse_size
+from numbaem.runtime.threads import use_threads
 
 from . import baseline, paper, peak, small, sweep
 from ._common import Config, CpuShare, machine_info, thread_info, versions

@@ -11,11 +11,11 @@ few chunks, and the peak resident memory against the budget.
 """
 import numpy as np
 
-from numbaem.em import stream_stats
-from numbaem.estep import chunk_bytes
-from numbaem.memory import format_size
-from numbaem.mstep import normal_equations, solve
-from numbaem.projection import projection_matrices
+from numbaem.em.run import stream_stats
+from numbaem.em.estep import chunk_bytes
+from numbaem.runtime.memory import format_size
+from numbaem.em.mstep import normal_equations, solve
+from numbaem.model.projection import projection_matrices
 
 from ._common import synthetic_source, time_call
 from ._iteration import IterationSetup

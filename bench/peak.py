@@ -21,8 +21,8 @@ import time
 import numpy as np
 import pyfftw
 
-from numbaem import fft
-from numbaem.memory import default_budget
+from numbaem.runtime import fft
+from numbaem.runtime.memory import default_budget
 
 from ._common import synthetic_source, time_call
 from ._iteration import IterationSetup

@@ -5,15 +5,15 @@ Phases (MODEL section 10), each timed on its own after the warm-up:
 - ``build_A``               ``projection_matrices`` for the K grid rotations (once per stage)
 - ``projections_spectra``   ``A_k theta`` and ``projection_spectra`` (once per iteration)
 - ``estep``                 ``stream_stats``: E-step and data sums over all patches, in chunks
-- ``normal_equations``      ``H`` and ``b`` (``numbaem.mstep.normal_equations``)
-- ``solve``                 Cholesky (``numbaem.mstep.solve``)
+- ``normal_equations``      ``H`` and ``b`` (``numbaem.em.mstep.normal_equations``)
+- ``solve``                 Cholesky (``numbaem.em.mstep.solve``)
 - ``iteration``             one whole ``em_iteration`` (the sum of the above but ``build_A``)
 
 and the E-step split into its kernels (:mod:`bench._profile`).
 """
-from numbaem.memory import default_budget
-from numbaem.mstep import normal_equations, solve
-from numbaem.projection import projection_matrices
+from numbaem.runtime.memory import default_budget
+from numbaem.em.mstep import normal_equations, solve
+from numbaem.model.projection import projection_matrices
 
 from ._common import PeakMemory, synthetic_source, time_call
 from ._iteration import IterationSetup
@@ -71,7 +71,7 @@ def run(cfg):
                   budget_bytes=st.budget)
     return dict(params=st.params, results=results, memory=memory, peak_memory=it["peak_memory"],
                 notes=["times in seconds; 'best' is the minimum over 'reps' runs after the warm-up",
-                       "estep = numbaem.em.stream_stats over all patches (E-step and the data sums W, G)",
+                       "estep = numbaem.em.run.stream_stats over all patches (E-step and the data sums W, G)",
                        "estep_profile splits the same work into its kernels (bench/_profile.py); "
                        "its 'check' compares its statistics with stream_stats'",
                        "data: Gaussian noise (sigma2 = 1) plus projections of a random volume at SNR 1; "

@@ -4,7 +4,7 @@
   be linear in the patch count (fitted slope, intercept, R^2, and the spread of the time
   per patch);
 - rotations: K = 100 / 200 / 400 at 5,000 patches: linear in K;
-- threads: 1 against all threads (``numbaem.threads.use_threads``) at 5,000 patches and
+- threads: 1 against all threads (``numbaem.runtime.threads.use_threads``) at 5,000 patches and
   K = 300, for the whole iteration and for each E-step kernel (speed-up and parallel
   efficiency);
 - chunk size: the E-step at 5,000 patches with chunks of 64, 256, 1,024 patches and the
@@ -13,8 +13,8 @@
 import numba
 import numpy as np
 
-from numbaem.memory import default_budget
-from numbaem.threads import use_threads
+from numbaem.runtime.memory import default_budget
+from numbaem.runtime.threads import use_threads
 
 from ._common import PeakMemory, linear_fit, synthetic_source
 from ._iteration import IterationSetup

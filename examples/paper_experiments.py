@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 import numbaem
-from numbaem.simulate import simulate_micrographs, write_simulation
+from numbaem.sim.simulate import simulate_micrographs, write_simulation
 
 
 def perturbed_init(truth, rng, strength):
@@ -41,7 +41,7 @@ def run_one(vol, method, spacing, args, out):
     source = numbaem.PatchSource.from_files([str(p) for p in paths], args.L)
     state = numbaem.reconstruct(source, init, sigma2=sim.sigma2, schedule=schedule, rng=rng, truth=truth,
                                 progress=False)
-    f0, c0 = numbaem.fsc(init, truth)
+    f0, c0 = numbaem.analysis.fsc(init, truth)
     res = [numbaem.resolution(f0, c0)] + [r["fsc_resolution"] for r in state.history]
     import matplotlib
     matplotlib.use("Agg")

@@ -16,12 +16,12 @@ import os
 import numpy as np
 
 import numbaem
-from numbaem.simulate import simulate_micrographs, write_simulation
+from numbaem.sim.simulate import simulate_micrographs, write_simulation
 
 
 def scrambled(truth, rng, start=0.18, strength=1.0):
     """The truth with random phases mixed in above ``start`` cycles/pixel (a homolog stand-in)."""
-    from numbaem.fourier import centered_fft, centered_ifft, frequency_grid
+    from numbaem.runtime.fourier import centered_fft, centered_ifft, frequency_grid
     L = truth.shape[0]
     F = centered_fft(truth)
     k = np.sqrt(sum(g ** 2 for g in frequency_grid(L, 3)))
@@ -51,7 +51,7 @@ def main():
     paths = write_simulation(sim, os.path.join(args.out, "mic.mrc"), force=True, pixel_size=voxel)[:-2]
     truth = sim.truth_volume
     init = scrambled(truth, rng)
-    f0, c0 = numbaem.fsc(init, truth)
+    f0, c0 = numbaem.analysis.fsc(init, truth)
     source = numbaem.PatchSource.from_files([str(q) for q in paths], 11)
     state = numbaem.reconstruct(source, init, sigma2=sim.sigma2, schedule=numbaem.parse_schedule(args.schedule),
                                 rng=rng, truth=truth, progress=False)

@@ -44,11 +44,11 @@ import logging
 
 import numpy as np
 
-from numbaem.distributed import DaskExecutor
-from numbaem.em import parse_schedule, reconstruct
-from numbaem.errors import NumbaemError
-from numbaem.io import write_volume
-from numbaem.patches import PatchSource
+from numbaem.em.distributed import DaskExecutor
+from numbaem.em.run import parse_schedule, reconstruct
+from numbaem.runtime.errors import NumbaemError
+from numbaem.data.io import write_volume
+from numbaem.data.patches import PatchSource
 
 try:
     from dask_jobqueue import SLURMCluster
@@ -67,7 +67,7 @@ ACCOUNT = None           # SLURM account (#SBATCH -A)
 def make_cluster(jobs):
     if SLURMCluster is None:
         raise SystemExit("this example needs dask-jobqueue, which is not installed: pip install dask-jobqueue "
-                         "(or, without SLURM, use numbaem.distributed.start_local_cluster / connect)")
+                         "(or, without SLURM, use numbaem.em.distributed.start_local_cluster / connect)")
     cluster = SLURMCluster(
         cores=PROCESSES,                      # -> one Dask thread per worker process
         processes=PROCESSES,
@@ -119,7 +119,7 @@ def main():
         client.close()
         cluster.close()
 
-    from numbaem.basis import FBBasis, synthesize
+    from numbaem.model.basis import FBBasis, synthesize
     write_volume(args.out, synthesize(state.theta, FBBasis(args.L, state.lmax)), source.pixel_size, force=True)
     print(f"wrote {args.out}: {state.total_iterations} iterations, "
           f"log-likelihood per patch {state.history[-1]['loglik_per_patch']:.6g}")

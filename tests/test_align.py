@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from numbaem.align import (
+from numbaem.analysis.align import (
     AlignResult,
     _generators,
     _highest_l,
@@ -12,9 +12,9 @@ from numbaem.align import (
     reflect_coefficients,
     rotate_coefficients,
 )
-from numbaem.basis import FBBasis, synthesize
-from numbaem.errors import NumbaemError
-from numbaem.rotations import random_rotations, wigner_D
+from numbaem.model.basis import FBBasis, synthesize
+from numbaem.runtime.errors import NumbaemError
+from numbaem.model.rotations import random_rotations, wigner_D
 
 # Coefficient maps are exact: 1e-12 relative leaves room for the Wigner-D round-off.
 TOL = 1e-12

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import integrate, special
 
-from numbaem.basis import FBBasis, expand, fourier_grid, resize_theta, synthesize
-from numbaem.errors import NumbaemError
+from numbaem.model.basis import FBBasis, expand, fourier_grid, resize_theta, synthesize
+from numbaem.runtime.errors import NumbaemError
 
 
 def test_nyquist_counts_test_vectors():

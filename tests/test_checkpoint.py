@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from numbaem.basis import FBBasis
-from numbaem.checkpoint import Checkpointer, GracefulStop, file_fingerprint, run_hash, run_inputs
-from numbaem.em import EMState, Stage, reconstruct
-from numbaem.errors import InterruptedRun, NumbaemError
-from numbaem.io import write_image
-from numbaem.patches import PatchSource
-from numbaem.projection import project
-from numbaem.rotations import random_rotations
-from numbaem.threads import use_threads
+from numbaem.model.basis import FBBasis
+from numbaem.em.checkpoint import Checkpointer, GracefulStop, file_fingerprint, run_hash, run_inputs
+from numbaem.em.run import EMState, Stage, reconstruct
+from numbaem.runtime.errors import InterruptedRun, NumbaemError
+from numbaem.data.io import write_image
+from numbaem.data.patches import PatchSource
+from numbaem.model.projection import project
+from numbaem.model.rotations import random_rotations
+from numbaem.runtime.threads import use_threads
 
 L = 7
 SIGMA2 = 1.0
@@ -406,7 +406,7 @@ def test_should_stop_then_resume_is_bit_exact(problem, tmp_path, m):
 
 def test_crash_between_the_two_writes_keeps_the_previous_checkpoint(problem, tmp_path, monkeypatch):
     """Dying after the new .npz but before the state.json that names it leaves iteration k - 1 whole."""
-    import numbaem.checkpoint as C
+    import numbaem.em.checkpoint as C
 
     real, saves = C.atomic_write_text, []
 

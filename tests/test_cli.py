@@ -5,12 +5,12 @@ import mrcfile
 import numpy as np
 import pytest
 
-from numbaem.basis import FBBasis, expand
+from numbaem.model.basis import FBBasis, expand
 from numbaem.cli.main import main
-from numbaem.fourier import downsample
-from numbaem.io import read_image, read_stack, read_volume
-from numbaem.projection import project
-from numbaem.rotations import rotation_grid
+from numbaem.runtime.fourier import downsample
+from numbaem.data.io import read_image, read_stack, read_volume
+from numbaem.model.projection import project
+from numbaem.model.rotations import rotation_grid
 
 
 def run(argv, capsys):
@@ -109,7 +109,7 @@ def test_bad_inputs_one_sentence(tmp_path, molecule, capsys):
     assert out.read_bytes() == b"keep"
     # a schedule that makes no sense
     mic = tmp_path / "m.mrc"
-    from numbaem.io import write_image
+    from numbaem.data.io import write_image
     write_image(mic, np.random.default_rng(0).standard_normal((70, 70)))
     code, _, err = run(["reconstruct", str(mic), "--patch-size", "7", "-o", str(tmp_path / "e.mrc"), "--init",
                         "random", "--noise-var", "1", "--schedule", "lmax=2,iters=2,speed=fast"], capsys)

@@ -14,15 +14,15 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from numbaem.basis import FBBasis  # noqa: E402
-from numbaem.distributed import (DaskExecutor, executor_from_options, split_tasks,  # noqa: E402
+from numbaem.model.basis import FBBasis  # noqa: E402
+from numbaem.em.distributed import (DaskExecutor, executor_from_options, split_tasks,  # noqa: E402
                                  start_local_cluster, tree_pairs)
-from numbaem.em import Stage, reconstruct  # noqa: E402
-from numbaem.errors import NumbaemError  # noqa: E402
-from numbaem.io import write_image  # noqa: E402
-from numbaem.patches import PatchSource  # noqa: E402
-from numbaem.projection import project  # noqa: E402
-from numbaem.rotations import random_rotations  # noqa: E402
+from numbaem.em.run import Stage, reconstruct  # noqa: E402
+from numbaem.runtime.errors import NumbaemError  # noqa: E402
+from numbaem.data.io import write_image  # noqa: E402
+from numbaem.data.patches import PatchSource  # noqa: E402
+from numbaem.model.projection import project  # noqa: E402
+from numbaem.model.rotations import random_rotations  # noqa: E402
 
 L, LMAX, K = 7, 2, 30
 SIGMA2 = 0.25
@@ -110,7 +110,7 @@ def test_split_and_tree_are_fixed():
 
 
 def test_workers_use_their_numba_threads(client):
-    from numbaem.distributed import worker_threads
+    from numbaem.em.distributed import worker_threads
 
     def probe(dask_worker):
         import numba

@@ -5,15 +5,15 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from numbaem import em
-from numbaem.basis import FBBasis, synthesize
-from numbaem.errors import NumbaemError
-from numbaem.estep import SufficientStats, e_step_chunk, projection_spectra
-from numbaem.fsc import fsc, relative_error, resolution
-from numbaem.patches import PatchSource
-from numbaem.projection import project
-from numbaem.rotations import rotation_grid
-from numbaem.threads import use_threads
+from numbaem.em import run as em
+from numbaem.model.basis import FBBasis, synthesize
+from numbaem.runtime.errors import NumbaemError
+from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra
+from numbaem.analysis.fsc import fsc, relative_error, resolution
+from numbaem.data.patches import PatchSource
+from numbaem.model.projection import project
+from numbaem.model.rotations import rotation_grid
+from numbaem.runtime.threads import use_threads
 
 
 def make_micrograph(rng, theta, basis, rots, N, n_proj, snr):
@@ -58,7 +58,7 @@ def test_full_batch_loglik_never_decreases(rng, estimate_noise):
 def test_recovery_on_grid(rng):
     """Rotations from the EM's own grid, SNR 100, Method 2, L=7, lmax=4, from an initial guess
     with FSC 0.5 near half the band: FSC 0.5 at the last shell and < 5% error after alignment."""
-    from numbaem.align import align
+    from numbaem.analysis.align import align
     L, lmax, K = 7, 4, 100
     basis = FBBasis(L, lmax)
     theta = rng.standard_normal(basis.M) * np.repeat(np.exp(-0.3 * np.arange(lmax + 1)),
@@ -104,7 +104,7 @@ def test_frequency_marching_copies_coefficients(rng):
     L = 7
     b2, b4 = FBBasis(L, 2), FBBasis(L, 4)
     th = rng.standard_normal(b2.M)
-    from numbaem.basis import resize_theta
+    from numbaem.model.basis import resize_theta
     big = resize_theta(th, b2, b4)
     assert np.array_equal(big[:b2.M], th) and np.all(big[b2.M:] == 0)
     # the volume is unchanged by the copy (the new coefficients are zero)

@@ -4,11 +4,11 @@ import math
 import numpy as np
 import pytest
 
-from numbaem.basis import FBBasis
-from numbaem.errors import NumbaemError
-from numbaem.estep import SufficientStats, e_step_chunk, projection_spectra
-from numbaem.projection import projection_matrices
-from numbaem.rotations import random_rotations
+from numbaem.model.basis import FBBasis
+from numbaem.runtime.errors import NumbaemError
+from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra
+from numbaem.model.projection import projection_matrices
+from numbaem.model.rotations import random_rotations
 
 import naive
 
@@ -99,7 +99,7 @@ def test_estep_rejects_bad_parameters(rng, kw, match):
 
 def test_vectorisable_exp_matches_libm(rng):
     """The E-step's own exp (no libm call, so its loops vectorise) against math.exp on [-50, 0]."""
-    from numbaem.estep import _exp_neg
+    from numbaem.em.estep import _exp_neg
     d = np.concatenate([-50 * rng.random(20000), [0.0, -50.0, -1e-300, -math.log(2) / 2, -math.log(2) * 72]])
     got = np.array([_exp_neg(x) for x in d])
     ref = np.array([math.exp(x) for x in d])

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from numbaem.errors import NumbaemError
-from numbaem.fourier import (
+from numbaem.runtime.errors import NumbaemError
+from numbaem.runtime.fourier import (
     centered_fft,
     centered_ifft,
     downsample,
@@ -162,7 +162,7 @@ def test_downsample_validation():
                                   ((61, 66), (61, 66)), ((30, 33), (12, 10))])
 def test_real_image_crop_matches_generic_twin(rng, N, M):
     """downsample_image's fast real path against the generic n-D Fourier crop."""
-    from numbaem.fourier import _crop_real_image, _fourier_crop
+    from numbaem.runtime.fourier import _crop_real_image, _fourier_crop
     x = rng.standard_normal(N)
     got = _crop_real_image(x, M, workers=1)
     np.testing.assert_allclose(got, _fourier_crop(x, M).real, atol=1e-13)

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from numbaem.errors import NumbaemError
-from numbaem.fsc import fsc, plot_fsc, relative_error, resolution, resolution_angstrom, shell_indices
+from numbaem.runtime.errors import NumbaemError
+from numbaem.analysis.fsc import fsc, plot_fsc, relative_error, resolution, resolution_angstrom, shell_indices
 
 # float64 FFTs of O(1) volumes at these sizes: round-off ~1e-15 relative per shell.
 TOL = 1e-12

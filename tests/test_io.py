@@ -7,8 +7,8 @@ import mrcfile
 import numpy as np
 import pytest
 
-from numbaem.errors import NumbaemError
-from numbaem.io import (
+from numbaem.runtime.errors import NumbaemError
+from numbaem.data.io import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_text,
@@ -119,7 +119,7 @@ def test_image_mmap_equals_normal_read(tmp_path, rng):
 
 
 def test_image_mmap_finds_nan_in_blocks(tmp_path, monkeypatch):
-    import numbaem.io as io_module
+    import numbaem.data.io as io_module
 
     monkeypatch.setattr(io_module, "_FINITE_BLOCK", 5)  # one row per block
     data = np.zeros((6, 5), dtype=np.float32)
@@ -190,7 +190,7 @@ def test_atomic_path_keeps_suffix_for_savez_and_json(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "arrays.npz")["a"], np.arange(3))
     assert json.loads((tmp_path / "meta.json").read_text()) == {"L": 7}
     # A new file gets the usual permissions, not the temporary file's 0600.
-    from numbaem.io import _current_umask
+    from numbaem.data.io import _current_umask
 
     assert os.stat(tmp_path / "meta.json").st_mode & 0o777 == 0o666 & ~_current_umask()
 

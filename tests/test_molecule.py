@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from numbaem.errors import NumbaemError
-from numbaem.fourier import downsample
-from numbaem.molecule import synthetic_molecule
+from numbaem.runtime.errors import NumbaemError
+from numbaem.runtime.fourier import downsample
+from numbaem.sim.molecule import synthetic_molecule
 
 L = 41
 

@@ -1,11 +1,11 @@
 """M-step (MODEL section 6): H, b from sufficient statistics against brute-force sums."""
 import numpy as np
 
-from numbaem.basis import FBBasis
-from numbaem.estep import SufficientStats, e_step_chunk, projection_spectra
-from numbaem.mstep import normal_equations, solve, update_sigma2, update_upsilon
-from numbaem.projection import projection_matrices
-from numbaem.rotations import random_rotations
+from numbaem.model.basis import FBBasis
+from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra
+from numbaem.em.mstep import normal_equations, solve, update_sigma2, update_upsilon
+from numbaem.model.projection import projection_matrices
+from numbaem.model.rotations import random_rotations
 
 import naive
 

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from numbaem.basis import FBBasis
-from numbaem.fourier import centered_ifft
-from numbaem.projection import phi_images, projection_matrices, project
-from numbaem.rotations import random_rotations
-from numbaem.threads import use_threads
+from numbaem.model.basis import FBBasis
+from numbaem.runtime.fourier import centered_ifft
+from numbaem.model.projection import phi_images, projection_matrices, project
+from numbaem.model.rotations import random_rotations
+from numbaem.runtime.threads import use_threads
 
 import naive
 
@@ -71,7 +71,7 @@ def test_kernel_threads_identical(rng):
 
 def test_kernel_against_numpy_twin(rng):
     """The numba assembly against a NumPy evaluation of sum_N D^l_{N,m} Phi_{l,s,N}, then U."""
-    from numbaem.rotations import wigner_D
+    from numbaem.model.rotations import wigner_D
     b = FBBasis(7, 3)
     rots = random_rotations(3, rng)
     A = projection_matrices(b, rots)

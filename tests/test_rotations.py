@@ -6,8 +6,8 @@ import pytest
 from scipy import special
 from scipy.spatial.transform import Rotation
 
-from numbaem.errors import NumbaemError
-from numbaem.rotations import (covering_radius, euler_zyz, geodesic_distance, random_rotations, rotation_grid,
+from numbaem.runtime.errors import NumbaemError
+from numbaem.model.rotations import (covering_radius, euler_zyz, geodesic_distance, random_rotations, rotation_grid,
                                wigner_D, wigner_d)
 
 import naive

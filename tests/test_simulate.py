@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import numbaem.simulate as simulate_module
-from numbaem import io as nio
-from numbaem.basis import FBBasis
-from numbaem.errors import NumbaemError
-from numbaem.projection import project
-from numbaem.rotations import random_rotations
-from numbaem.simulate import (
+import numbaem.sim.simulate as simulate_module
+from numbaem.data import io as nio
+from numbaem.model.basis import FBBasis
+from numbaem.runtime.errors import NumbaemError
+from numbaem.model.projection import project
+from numbaem.model.rotations import random_rotations
+from numbaem.sim.simulate import (
     Simulation,
     default_lmax,
     place_positions,
@@ -186,8 +186,8 @@ def test_method2_projections_sit_at_the_recorded_positions(vol):
 
 
 def test_truth_is_the_band_limited_downsampled_volume(vol):
-    from numbaem.basis import expand, synthesize
-    from numbaem.fourier import downsample
+    from numbaem.model.basis import expand, synthesize
+    from numbaem.runtime.fourier import downsample
 
     for method in (1, 2):
         sim = simulate_micrographs(vol, L, micrograph_size=40, method=method, density=0.05,

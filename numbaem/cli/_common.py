@@ -65,6 +65,6 @@ def _jsonable(o):
 
 def check_outputs(paths, force):
     """Refuse existing outputs (without --force) before anything is written."""
-    from ..io import check_output
+    from ..data.io import check_output
     for p in paths:
         check_output(p, force)

@@ -15,14 +15,14 @@ import time
 
 import numpy as np
 
-from ..basis import FBBasis, expand, synthesize
-from ..em import Stage, reconstruct
-from ..errors import NumbaemError
-from ..fourier import downsample
-from ..io import atomic_write_text, write_volume
-from ..molecule import synthetic_molecule
-from ..patches import PatchSource
-from ..threads import use_threads
+from ..model.basis import FBBasis, expand, synthesize
+from ..em.run import Stage, reconstruct
+from ..runtime.errors import NumbaemError
+from ..runtime.fourier import downsample
+from ..data.io import atomic_write_text, write_volume
+from ..sim.molecule import synthetic_molecule
+from ..data.patches import PatchSource
+from ..runtime.threads import use_threads
 from ._common import add_threads, emit_json, positive_float
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ def settings(quick):
 
 
 def main(args):
-    from ..fsc import fsc, plot_fsc
-    from ..simulate import simulate_micrographs, write_simulation
+    from ..analysis.fsc import fsc, plot_fsc
+    from ..sim.simulate import simulate_micrographs, write_simulation
 
     t0 = time.perf_counter()
     cfg = settings(args.quick)
@@ -76,7 +76,7 @@ def main(args):
         init = synthesize(expand(downsample(homolog_full, L), basis), basis)
         write_volume(os.path.join(out, "truth.mrc"), truth, force=True)
         write_volume(os.path.join(out, "init.mrc"), init, force=True)
-        from ..em import compare_to_truth
+        from ..em.run import compare_to_truth
         start, init_aligned = compare_to_truth(expand(init, basis), basis, truth, return_aligned=True)
         res0 = start["fsc_resolution_unaligned"]
         f0, c0 = fsc(init_aligned, truth)

@@ -7,8 +7,8 @@ Fourier-Bessel coefficients before the comparison.
 """
 import logging
 
-from ..errors import NumbaemError
-from ..io import read_volume
+from ..runtime.errors import NumbaemError
+from ..data.io import read_volume
 from ._common import emit_json
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def add_args(p):
 
 
 def main(args):
-    from ..fsc import fsc, plot_fsc, relative_error, resolution, resolution_angstrom
+    from ..analysis.fsc import fsc, plot_fsc, relative_error, resolution, resolution_angstrom
 
     a, pa = read_volume(args.volume_a)
     b, pb = read_volume(args.volume_b)
@@ -34,11 +34,11 @@ def main(args):
         raise NumbaemError(f"the volumes have different sizes ({a.shape[0]}^3 and {b.shape[0]}^3); "
                            "downsample the larger one to the other's size first")
     if args.plot:
-        from ..io import check_output
+        from ..data.io import check_output
         check_output(args.plot, args.force)
     out = {}
     if args.align:
-        from ..align import align_volumes
+        from ..analysis.align import align_volumes
         a, res = align_volumes(a, b, lmax=args.lmax)
         out.update(aligned=True, reflected=bool(res.reflected), correlation=float(res.correlation),
                    rotation=res.rotation.tolist())

@@ -8,8 +8,13 @@ import argparse
 import logging
 import sys
 
-from ..errors import InterruptedRun, NumbaemError
-from . import demo, fsc, molecule, project, reconstruct, simulate
+from ..runtime.errors import InterruptedRun, NumbaemError
+from . import demo
+from . import fsc
+from . import molecule
+from . import project
+from . import reconstruct
+from . import simulate
 
 COMMANDS = {
     "simulate": simulate,

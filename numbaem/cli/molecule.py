@@ -5,9 +5,9 @@ Example: numbaem molecule -o truth.mrc --size 41 --seed 0
 """
 import logging
 
-from ..basis import check_L
-from ..io import write_volume
-from ..molecule import synthetic_molecule
+from ..model.basis import check_L
+from ..data.io import write_volume
+from ..sim.molecule import synthetic_molecule
 from ._common import emit_json, nonneg_float, positive_float, positive_int
 
 logger = logging.getLogger(__name__)

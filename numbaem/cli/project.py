@@ -10,13 +10,13 @@ import os
 
 import numpy as np
 
-from ..basis import FBBasis, check_L, expand
-from ..errors import NumbaemError
-from ..fourier import downsample
-from ..io import read_volume, write_stack, atomic_path
-from ..projection import project
-from ..rotations import rotation_grid
-from ..threads import use_threads
+from ..model.basis import FBBasis, check_L, expand
+from ..runtime.errors import NumbaemError
+from ..runtime.fourier import downsample
+from ..data.io import read_volume, write_stack, atomic_path
+from ..model.projection import project
+from ..model.rotations import rotation_grid
+from ..runtime.threads import use_threads
 from ._common import add_threads, check_outputs, emit_json, positive_int
 
 logger = logging.getLogger(__name__)

@@ -17,14 +17,14 @@ import time
 
 import numpy as np
 
-from ..basis import FBBasis, check_L, synthesize
-from ..em import load_schedule, parse_schedule, reconstruct
-from ..errors import InterruptedRun, NumbaemError
-from ..fourier import downsample
-from ..io import atomic_write_text, read_volume, write_volume
-from ..memory import default_budget, format_size, parse_size
-from ..patches import PatchSource
-from ..threads import use_threads
+from ..model.basis import FBBasis, check_L, synthesize
+from ..em.run import load_schedule, parse_schedule, reconstruct
+from ..runtime.errors import InterruptedRun, NumbaemError
+from ..runtime.fourier import downsample
+from ..data.io import atomic_write_text, read_volume, write_volume
+from ..runtime.memory import default_budget, format_size, parse_size
+from ..data.patches import PatchSource
+from ..runtime.threads import use_threads
 from ._common import add_threads, check_outputs, emit_json, fraction, nonneg_float, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def main(args):
     state = None
     rng = np.random.default_rng(args.seed)
     if args.checkpoint:
-        from ..checkpoint import Checkpointer, run_inputs
+        from ..em.checkpoint import Checkpointer, run_inputs
         inputs = run_inputs(args.micrographs, L=L, sigma2=sigma2, estimate_noise=bool(args.estimate_noise),
                             schedule=schedule, seed=args.seed, tikhonov=args.tikhonov, upsilon0=args.upsilon0,
                             init=init if args.init else None, memory=budget, threads=args.threads)
@@ -143,7 +143,7 @@ def main(args):
         if ckpt is not None:
             ckpt.save(st, rec)
 
-    from ..checkpoint import GracefulStop
+    from ..em.checkpoint import GracefulStop
     executor, close = _executor(args)
     try:
         with use_threads(args.threads), GracefulStop() as stop:
@@ -167,7 +167,7 @@ def main(args):
                    upsilon=state.upsilon, sigma2=state.sigma2, patches=source.n_patches,
                    seconds=time.perf_counter() - t_start, history=state.history)
     if truth is not None:
-        from ..em import compare_to_truth
+        from ..em.run import compare_to_truth
         summary.update(compare_to_truth(state.theta, basis, truth))
     logger.info("wrote %s after %d iterations", args.output, state.total_iterations)
     if args.json:
@@ -178,7 +178,7 @@ def _executor(args):
     if args.workers is None and args.scheduler is None:
         return None, lambda: None
     try:
-        from ..distributed import executor_from_options
+        from ..em.distributed import executor_from_options
     except ImportError:
         raise NumbaemError("--workers and --scheduler need Dask: pip install 'numbaem[distributed]'") from None
     return executor_from_options(workers=args.workers, scheduler=args.scheduler, threads=args.threads)
@@ -189,7 +189,7 @@ def _plot(history, path, force):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
+    from ..data.io import atomic_path
 
     it = [r["iteration"] for r in history]
     has_fsc = any("fsc_resolution" in r for r in history)

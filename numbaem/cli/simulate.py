@@ -13,10 +13,10 @@ import sys
 
 import numpy as np
 
-from ..basis import check_L
-from ..errors import NumbaemError
-from ..io import read_volume
-from ..threads import use_threads
+from ..model.basis import check_L
+from ..runtime.errors import NumbaemError
+from ..data.io import read_volume
+from ..runtime.threads import use_threads
 from ._common import add_threads, emit_json, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def add_args(p):
 
 
 def main(args):
-    from ..simulate import simulate_micrographs, write_simulation
+    from ..sim.simulate import simulate_micrographs, write_simulation
 
     L = check_L(args.patch_size, "--patch-size")
     vol, voxel = read_volume(args.volume)

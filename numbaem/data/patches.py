@@ -10,8 +10,8 @@ import logging
 
 import numpy as np
 
-from .basis import check_L
-from .errors import NumbaemError
+from ..model.basis import check_L
+from ..runtime.errors import NumbaemError
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import numbers
 
 import numpy as np
 
-from .errors import NumbaemError
-from .fourier import centered_fft
+from ..runtime.errors import NumbaemError
+from ..runtime.fourier import centered_fft
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def relative_error(est, truth):
     Parameters
     ----------
     est, truth : ndarray, same shape
-        Volumes (aligned first, see :func:`numbaem.align.align_volumes`) or coefficients.
+        Volumes (aligned first, see :func:`numbaem.analysis.align.align_volumes`) or coefficients.
 
     Returns
     -------
@@ -220,7 +220,7 @@ def relative_error(est, truth):
 
 
 def plot_fsc(curves, path, pixel_size=None, threshold=0.5, force=False, title=None):
-    """Plot FSC curves to a PNG file, written atomically (:func:`numbaem.io.atomic_path`).
+    """Plot FSC curves to a PNG file, written atomically (:func:`numbaem.data.io.atomic_path`).
 
     Draws every curve, the threshold line, and puts each curve's resolution
     (:func:`resolution`) in the legend. Uses matplotlib's object API with the Agg canvas,
@@ -243,7 +243,7 @@ def plot_fsc(curves, path, pixel_size=None, threshold=0.5, force=False, title=No
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .io import atomic_path
+    from ..data.io import atomic_path
 
     if not isinstance(curves, dict) or not curves:
         raise NumbaemError(f"curves is {type(curves).__name__} {curves!r:.60}; pass a non-empty dict label -> (freq, curve)")

@@ -9,9 +9,9 @@ sequential addition (:func:`place_positions`), and ``sigma2`` set from the SNR,
 Two methods (MODEL.md section 1)
 --------------------------------
 Method 2 downsamples the volume (side ``L0``) to side ``L`` by Fourier cropping
-(:func:`numbaem.fourier.downsample`, values preserved), expands it in the
+(:func:`numbaem.runtime.fourier.downsample`, values preserved), expands it in the
 Fourier-Bessel basis ``FBBasis(L, lmax)`` and uses the package's own band-limited
-operator :func:`numbaem.projection.project`. Every pixel of a projection lies in its
+operator :func:`numbaem.model.projection.project`. Every pixel of a projection lies in its
 ``L x L`` box, so a crop of the clean micrograph at ``s_i`` is exactly ``A_{w_i}
 theta``.
 
@@ -22,7 +22,7 @@ B-spline interpolation (exactly ``scipy.ndimage.map_coordinates(order=3,
 mode='constant')`` about the centre voxel ``L0 // 2``, a numba kernel checked against
 it in the tests) and summed along axis 2 (z). Noise of variance ``sigma2_gen`` (SNR
 with ``L0^2`` in the denominator) is added at that size, and the whole micrograph is
-Fourier-cropped to ``(N0, N1)`` (the crop of :func:`numbaem.fourier.downsample_image`,
+Fourier-cropped to ``(N0, N1)`` (the crop of :func:`numbaem.runtime.fourier.downsample_image`,
 computed by a cheaper real-FFT route for these large images) and multiplied by
 ``L / L0``. The factor makes projections line integrals in units of the
 final pixel: a Method 2 projection of the downsampled volume sums ``L`` voxels where
@@ -34,7 +34,7 @@ Noise variance after downsampling. A Fourier crop of one axis from ``Nf`` to ``M
 samples maps white noise ``x`` to ``y_m = (1/Nf) sum_{k in K} X_k e^{2 pi i k m / M}``,
 ``K`` the kept frequencies; by Parseval ``Var y_m = sigma2 |K| / Nf`` for every ``m``.
 ``|K| = M`` for odd ``M`` (and then ``y`` is white again); for even ``M < Nf`` the
-``+M/2`` bin is folded onto ``-M/2`` (:mod:`numbaem.fourier`), so ``|K| = M + 1``.
+``+M/2`` bin is folded onto ``-M/2`` (:mod:`numbaem.runtime.fourier`), so ``|K| = M + 1``.
 Hence the returned ::
 
     sigma2 = sigma2_gen * g(N0, Nf0) * g(N1, Nf1) * (L / L0)^2,
@@ -68,13 +68,13 @@ import numpy as np
 from numba import prange
 from scipy import ndimage
 
-from . import io as nio
-from ._jit import jit, pjit
-from .basis import FBBasis, check_L, expand, synthesize
-from .errors import NumbaemError
-from .fourier import downsample, downsample_image
-from .projection import project
-from .rotations import random_rotations
+from ..data import io as nio
+from ..runtime.jit import jit, pjit
+from ..model.basis import FBBasis, check_L, expand, synthesize
+from ..runtime.errors import NumbaemError
+from ..runtime.fourier import downsample, downsample_image
+from ..model.projection import project
+from ..model.rotations import random_rotations
 
 logger = logging.getLogger(__name__)
 

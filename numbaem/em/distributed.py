@@ -1,7 +1,7 @@
 """Scale-out: the E-step of the EM (MODEL sections 5-6) as a map-reduce on a Dask cluster.
 
 The sufficient statistics are sums over patches, so one iteration splits into tasks of
-whole chunks of patches. Each task runs :func:`numbaem.em.stream_stats` on a worker,
+whole chunks of patches. Each task runs :func:`numbaem.em.run.stream_stats` on a worker,
 which opens the micrographs itself, memory-mapped, from their paths on a file system
 shared by the workers (opened once per worker process and cached). Patch data never
 pass through the scheduler. Per iteration the driver:
@@ -14,7 +14,7 @@ pass through the scheduler. Per iteration the driver:
 3. sums the partial statistics in a binary tree of reduction tasks on the workers,
    always pairing the same partial results, so that the sum, and the iteration, is the
    same to the bit for a given split of the patches into tasks;
-4. receives one :class:`~numbaem.estep.SufficientStats`.
+4. receives one :class:`~numbaem.em.estep.SufficientStats`.
 
 Tasks are pure functions of their inputs and have explicit, per-iteration unique keys:
 when a worker dies, the scheduler recomputes the tasks it was running and the results
@@ -43,9 +43,9 @@ import uuid
 
 import numpy as np
 
-from .errors import NumbaemError
+from ..runtime.errors import NumbaemError
 from .estep import SufficientStats, chunk_bytes
-from .memory import format_size, parse_size
+from ..runtime.memory import format_size, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class _Job:
         Their sizes in bytes as the driver sees them (a worker that sees other sizes
         is not on the same file system).
     L : int
-    spectra : numbaem.estep.ProjectionSpectra
+    spectra : numbaem.em.estep.ProjectionSpectra
     upsilon, sigma2 : float
     n_chunk : int
         Patches per chunk (and FFT plan size) on the workers.
@@ -100,8 +100,8 @@ class _Job:
 
 
 def _open_source(paths, sizes, L):
-    """The worker process's cached :class:`~numbaem.patches.PatchSource` for these files."""
-    from .patches import PatchSource
+    """The worker process's cached :class:`~numbaem.data.patches.PatchSource` for these files."""
+    from ..data.patches import PatchSource
 
     key = (paths, L, sizes)
     with _SOURCES_LOCK:
@@ -164,8 +164,8 @@ def _estep_task(job, indices):
     Returned as the plain dict of :meth:`SufficientStats.to_arrays`, whose size Dask
     measures correctly (for memory accounting and transfer costs).
     """
-    from .em import stream_stats
-    from .threads import use_threads
+    from .run import stream_stats
+    from ..runtime.threads import use_threads
 
     source = _open_source(job.paths, job.sizes, job.L)
     idx = np.arange(*indices) if isinstance(indices, tuple) else indices
@@ -224,7 +224,7 @@ def _file_paths(source):
             raise NumbaemError(
                 f"the distributed E-step needs micrograph files on a shared path, but {name} was given as an array "
                 "in memory; write the micrographs to MRC files on a file system the workers mount "
-                "(numbaem.io.write_image) and open them with PatchSource.from_files, or run without a cluster")
+                "(numbaem.data.io.write_image) and open them with PatchSource.from_files, or run without a cluster")
         paths.append(os.path.abspath(name))
     return paths
 
@@ -245,8 +245,8 @@ def _nbytes_pickled(obj):
 class DaskExecutor:
     """Computes the sufficient statistics of an iteration on a Dask cluster (map-reduce).
 
-    Pass it as ``executor=`` to :func:`numbaem.em.reconstruct` or
-    :func:`numbaem.em.em_iteration`.
+    Pass it as ``executor=`` to :func:`numbaem.em.run.reconstruct` or
+    :func:`numbaem.em.run.em_iteration`.
 
     Parameters
     ----------
@@ -337,7 +337,7 @@ class DaskExecutor:
         return math.ceil(per_task / cpt), cpt
 
     def sufficient_stats(self, source, idx, spectra, upsilon, sigma2, n_chunk, progress=None):
-        """The sufficient statistics of the patches ``idx`` of ``source`` (see :func:`numbaem.em.stream_stats`)."""
+        """The sufficient statistics of the patches ``idx`` of ``source`` (see :func:`numbaem.em.run.stream_stats`)."""
         distributed = _import_distributed()
         t0 = time.perf_counter()
         paths = _file_paths(source)

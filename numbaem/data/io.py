@@ -16,7 +16,7 @@ them reads here with x on axis 0.
 Readers
 -------
 :func:`read_volume`, :func:`read_image` and :func:`read_stack` open files with
-``permissive=False`` and turn every failure into a :class:`~numbaem.errors.NumbaemError`
+``permissive=False`` and turn every failure into a :class:`~numbaem.runtime.errors.NumbaemError`
 whose message names the file: unreadable or garbage files, headers that describe
 more data than the file holds (a truncated file) or less (trailing bytes that
 ``mrcfile`` only warns about; numbaem refuses them because a header whose sizes do
@@ -42,7 +42,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from .errors import NumbaemError
+from ..runtime.errors import NumbaemError
 
 logger = logging.getLogger(__name__)
 

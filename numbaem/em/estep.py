@@ -29,9 +29,9 @@ import math
 import numpy as np
 from numba import prange
 
-from . import fft
-from ._jit import jit, pjit
-from .errors import NumbaemError
+from ..runtime import fft
+from ..runtime.jit import jit, pjit
+from ..runtime.errors import NumbaemError
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import math
 import numpy as np
 from scipy import linalg
 
-from . import fft
-from .errors import NumbaemError
+from ..runtime import fft
+from ..runtime.errors import NumbaemError
 
 logger = logging.getLogger(__name__)
 

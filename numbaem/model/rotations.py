@@ -23,8 +23,8 @@ import numpy as np
 from numba import prange
 from scipy.spatial.transform import Rotation
 
-from ._jit import jit, pjit
-from .errors import NumbaemError
+from ..runtime.jit import jit, pjit
+from ..runtime.errors import NumbaemError
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import numbers
 
 import numpy as np
 
-from .errors import NumbaemError
+from ..runtime.errors import NumbaemError
 
 logger = logging.getLogger(__name__)
 

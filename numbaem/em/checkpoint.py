@@ -19,7 +19,7 @@ Files in the checkpoint directory
     Held (``flock``) by the process that writes the directory, so two runs never
     write one checkpoint; the kernel releases it when the process dies.
 
-Every file is written atomically (:func:`numbaem.io.atomic_path`: temporary file in the
+Every file is written atomically (:func:`numbaem.data.io.atomic_path`: temporary file in the
 same directory, flush, ``fsync``, :func:`os.replace`, ``fsync`` of the directory). The
 ``.npz`` is written first, then the ``state.json`` that names it, and only then are
 older ``.npz`` files removed, so at every instant ``state.json`` points at a complete
@@ -39,7 +39,7 @@ checkpoint made with other inputs and names each input that differs.
 Stopping between iterations
 ---------------------------
 :class:`GracefulStop` turns the first SIGINT or SIGTERM into a request that
-:func:`numbaem.em.reconstruct` polls between iterations (``should_stop``); the run
+:func:`numbaem.em.run.reconstruct` polls between iterations (``should_stop``); the run
 then ends with only finished iterations, all already checkpointed. A second signal
 raises :class:`KeyboardInterrupt` at once; the checkpoint on disk still holds the last
 finished iteration.
@@ -59,8 +59,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NumbaemError
-from .io import atomic_write_bytes, atomic_write_text
+from ..runtime.errors import NumbaemError
+from ..data.io import atomic_write_bytes, atomic_write_text
 
 try:  # POSIX; elsewhere the directory is not locked
     import fcntl
@@ -101,7 +101,7 @@ def _canonical(obj, where="inputs"):
     """``obj`` as plain JSON types: dicts with str keys, lists, str, int, float, bool, None.
 
     numpy scalars become Python numbers, tuples lists, paths strings, dataclasses
-    (a :class:`numbaem.em.Stage`) dicts, and arrays their :func:`array_fingerprint`.
+    (a :class:`numbaem.em.run.Stage`) dicts, and arrays their :func:`array_fingerprint`.
     """
     if obj is None or isinstance(obj, (bool, str)):
         return obj
@@ -215,7 +215,7 @@ def run_inputs(micrographs, *, L, sigma2, estimate_noise, schedule, seed, tikhon
         the patch indices that the minibatches draw).
     L : int
     sigma2 : float
-        The noise variance given to :func:`numbaem.em.reconstruct` (the starting value
+        The noise variance given to :func:`numbaem.em.run.reconstruct` (the starting value
         with ``estimate_noise``).
     estimate_noise : bool
     schedule : list of Stage or None
@@ -226,19 +226,19 @@ def run_inputs(micrographs, *, L, sigma2, estimate_noise, schedule, seed, tikhon
         The initial volume as passed to ``reconstruct`` (after any downsampling);
         ``None`` when resuming without it (the checkpoint's record is then used).
     memory : int or None
-        The budget in bytes (``None``: :func:`numbaem.memory.default_budget`, resolved
+        The budget in bytes (``None``: :func:`numbaem.runtime.memory.default_budget`, resolved
         here because it sets the chunk size and so the order of the sums).
     threads : int or None
-        ``None``: :func:`numbaem.threads.resolve_threads` (resolved here).
+        ``None``: :func:`numbaem.runtime.threads.resolve_threads` (resolved here).
 
     Returns
     -------
     dict
     """
-    from .em import default_schedule
-    from .fft import planner_effort
-    from .memory import default_budget
-    from .threads import resolve_threads
+    from .run import default_schedule
+    from ..runtime.fft import planner_effort
+    from ..runtime.memory import default_budget
+    from ..runtime.threads import resolve_threads
 
     inputs = dict(
         micrographs=[file_fingerprint(m) for m in micrographs],
@@ -458,7 +458,7 @@ class Checkpointer:
 
         Parameters
         ----------
-        state : numbaem.em.EMState
+        state : numbaem.em.run.EMState
             With a ``numpy.random.Generator`` on a PCG64 bit generator.
         record : dict, optional
             The iteration's record (already in ``state.history``; unused).
@@ -518,7 +518,7 @@ class Checkpointer:
             input that differs), or a file is missing, unreadable, damaged, or the
             ``.npz`` does not match the sha256 that ``state.json`` records.
         """
-        from .em import EMState
+        from .run import EMState
 
         if not self.directory.is_dir():
             self._owned = True
@@ -592,7 +592,7 @@ class Checkpointer:
             raise NumbaemError(f"{str(npz_path)!r} holds theta of shape {theta.shape} and dtype {theta.dtype}, not "
                                f"{M} finite float64 coefficients; {fix}")
         if "L" in stored:
-            from .basis import FBBasis
+            from ..model.basis import FBBasis
             expected = FBBasis(int(stored["L"]), lmax).M
             if M != expected:
                 raise NumbaemError(f"{where} has {M} coefficients, but lmax={lmax} at L={stored['L']} has "

@@ -38,9 +38,9 @@ import numbers
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from .basis import FBBasis, check_L, expand, synthesize
-from .errors import NumbaemError
-from .rotations import euler_zyz, geodesic_distance, random_rotations, rotation_grid, wigner_D, wigner_d
+from ..model.basis import FBBasis, check_L, expand, synthesize
+from ..runtime.errors import NumbaemError
+from ..model.rotations import euler_zyz, geodesic_distance, random_rotations, rotation_grid, wigner_D, wigner_d
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def align(theta_est, theta_ref, basis, n_coarse=3000, n_refine=5, reflections=Tr
     basis : FBBasis
     n_coarse : int, optional
         Size of the coarse grid. 3000 super-Fibonacci rotations have a covering
-        radius of about 0.28 rad (:func:`numbaem.rotations.covering_radius`), inside
+        radius of about 0.28 rad (:func:`numbaem.model.rotations.covering_radius`), inside
         the basin of the true maximum up to ``lmax`` of about 12.
     n_refine : int, optional
         Number of candidates refined.
@@ -368,7 +368,7 @@ def _highest_l(L):
 def align_volumes(est_vol, ref_vol, lmax=None, n_coarse=3000, n_refine=5, reflections=True, rng=None):
     """Align a volume to a reference through their Fourier-Bessel coefficients.
 
-    Both volumes are expanded (:func:`numbaem.basis.expand`) in ``FBBasis(L, lmax)``,
+    Both volumes are expanded (:func:`numbaem.model.basis.expand`) in ``FBBasis(L, lmax)``,
     aligned with :func:`align`, and the aligned coefficients are synthesised. The part of
     ``est_vol`` outside the basis's span is not carried over.
 

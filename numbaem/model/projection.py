@@ -18,9 +18,9 @@ import numpy as np
 from numba import prange
 from scipy import special
 
-from ._jit import jit, pjit
+from ..runtime.jit import jit, pjit
 from .basis import C_BAND, FBBasis
-from .errors import NumbaemError
+from ..runtime.errors import NumbaemError
 from .rotations import _wigner_d_all, euler_zyz
 
 logger = logging.getLogger(__name__)

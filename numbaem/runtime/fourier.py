@@ -14,7 +14,7 @@ frequencies are symmetric, ``-R .. R``; for even ``L`` they run ``-L/2 .. L/2 - 
 the Nyquist frequency ``-1/2`` has no positive twin.
 
 These helpers use :mod:`numpy.fft`; they are not on a hot path (the plan-cached pyFFTW
-transforms of the E-step live in ``numbaem.fft``).
+transforms of the E-step live in ``numbaem.runtime.fft``).
 
 Downsampling by Fourier cropping
 --------------------------------
@@ -205,7 +205,7 @@ def _fourier_crop(x, shape_new):
     if imag > _IMAG_TOL * max(ref, np.finfo(np.float64).tiny):
         raise RuntimeError(
             f"Fourier crop of a real array left an imaginary part {imag:.3g} against "
-            f"{ref:.3g}; this is a bug in numbaem.fourier"
+            f"{ref:.3g}; this is a bug in numbaem.runtime.fourier"
         )
     return np.ascontiguousarray(y.real)
 
@@ -264,7 +264,7 @@ def _crop_real_image(img, shape_new, workers=None):
     ``scipy.fft`` threads. The centring (``ifftshift`` of the input) is applied as a
     phase ``e^{2 pi i k (N//2) / N}`` on the kept frequencies instead of a copy of
     the input; an even target size folds the ``+M/2`` bin onto ``-M/2`` as
-    :mod:`numbaem.fourier` does (for real rows ``X[-M/2] + X[M/2] = 2 Re X[M/2]``).
+    :mod:`numbaem.runtime.fourier` does (for real rows ``X[-M/2] + X[M/2] = 2 Re X[M/2]``).
     """
     N0, N1 = img.shape
     M0, M1 = shape_new

@@ -20,14 +20,14 @@ import time
 
 import numpy as np
 
-from . import fft
-from .basis import FBBasis, expand, resize_theta, synthesize
-from .errors import NumbaemError
+from ..runtime import fft
+from ..model.basis import FBBasis, expand, resize_theta, synthesize
+from ..runtime.errors import NumbaemError
 from .estep import SufficientStats, chunk_bytes, e_step_chunk, projection_spectra
-from .memory import default_budget, format_size, peak_rss, reset_peak_rss
+from ..runtime.memory import default_budget, format_size, peak_rss, reset_peak_rss
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
-from .projection import projection_matrices
-from .rotations import rotation_grid
+from ..model.projection import projection_matrices
+from ..model.rotations import rotation_grid
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def plan_chunk(budget, K, L, M, n_selected, operator_bytes, target=None):
     """Patches per chunk so that the iteration's arrays stay inside ``budget`` bytes.
 
     Counts the operator (or one block of it), the spectra and statistics (size K),
-    ``H``, and per patch the chunk's work arrays (:func:`numbaem.estep.chunk_bytes`).
+    ``H``, and per patch the chunk's work arrays (:func:`numbaem.em.estep.chunk_bytes`).
     Raises if not even one patch fits. Within the budget, a chunk is also kept near
     ``target`` bytes (default :data:`CHUNK_TARGET_BYTES`); the E-step kernels are
     parallel over rotations, so even a one-patch chunk keeps every thread busy.
@@ -239,7 +239,7 @@ def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, 
     """E-step over the patches ``idx`` of ``source``, chunk by chunk; their sufficient statistics.
 
     Memory: one chunk of ``n_chunk`` patches at a time (the FFT plans are sized for it).
-    ``timer`` (see :func:`numbaem.estep.e_step_chunk`) also wraps the patch reads
+    ``timer`` (see :func:`numbaem.em.estep.e_step_chunk`) also wraps the patch reads
     (``read_patches``).
     """
     from contextlib import nullcontext
@@ -258,7 +258,7 @@ def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, 
 
 
 class LocalExecutor:
-    """Runs the E-step in this process (the default; ``numbaem.distributed`` has a Dask one)."""
+    """Runs the E-step in this process (the default; ``numbaem.em.distributed`` has a Dask one)."""
 
     def sufficient_stats(self, source, idx, spectra, upsilon, sigma2, n_chunk, progress=None):
         return stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress)
@@ -318,7 +318,7 @@ def initial_theta(init, L, lmax, rng=None, source=None, sigma2=None):
             idx = np.arange(min(source.n_patches, 2000))
             y = source.get(idx)
             excess = max(float(np.mean(np.sum(y ** 2, axis=(1, 2)))) - L * L * sigma2, 1e-3 * L * L * sigma2)
-            from .projection import project
+            from ..model.projection import project
             p = project(theta, basis, rotation_grid(20))
             theta *= math.sqrt(excess / max(np.mean(np.sum(p ** 2, axis=(1, 2))), 1e-300))
         return theta
@@ -336,7 +336,7 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
 
     Parameters
     ----------
-    source : numbaem.patches.PatchSource
+    source : numbaem.data.patches.PatchSource
     init : ndarray (L, L, L) or 'random'
     sigma2 : float
         Noise variance (required; with ``estimate_noise`` it is the starting value).
@@ -364,7 +364,7 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         Polled between iterations; a true value ends the run early (the state is
         consistent: it holds only finished iterations).
     executor : object with ``sufficient_stats(...)``, optional
-        Where the E-step runs (default in-process; see ``numbaem.distributed``).
+        Where the E-step runs (default in-process; see ``numbaem.em.distributed``).
 
     Returns
     -------
@@ -437,8 +437,8 @@ def compare_to_truth(theta, basis, truth, n_coarse=1000, return_aligned=False):
     refinement). Returns a dict with ``fsc_resolution`` and ``relative_error`` (aligned)
     and ``fsc_resolution_unaligned``; with ``return_aligned`` also the aligned volume.
     """
-    from .align import align
-    from .fsc import fsc as fsc_curve, relative_error, resolution
+    from ..analysis.align import align
+    from ..analysis.fsc import fsc as fsc_curve, relative_error, resolution
 
     est = synthesize(theta, basis)
     f, c = fsc_curve(est, truth)

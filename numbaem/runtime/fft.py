@@ -21,7 +21,7 @@ from .threads import fft_threads, prefer_passive_openmp
 
 # pyFFTW's wheel carries its own OpenMP runtime, which reads OMP_WAIT_POLICY once, when
 # it is loaded by ``import pyfftw``: the one import-time action of the package, taken
-# because spinning FFTW threads halve the E-step's speed on few cores (numbaem.threads).
+# because spinning FFTW threads halve the E-step's speed on few cores (numbaem.runtime.threads).
 prefer_passive_openmp()
 import pyfftw  # noqa: E402
 

@@ -11,7 +11,7 @@ turns many times a second, and a pool that spins after its turn steals the cores
 other one needs (measured: 2.2 us per (patch, rotation) with spinning, 0.88 with
 ``OMP_WAIT_POLICY=PASSIVE`` at L=7, K=300 on 2 cores). :func:`prefer_passive_openmp`
 sets that variable when the user has not. An OpenMP runtime reads it when it is
-loaded, so ``numbaem.fft`` calls it just before ``import pyfftw`` (whose wheel brings its
+loaded, so ``numbaem.runtime.fft`` calls it just before ``import pyfftw`` (whose wheel brings its
 own runtime); numba's runtime loads later, at the first parallel kernel.
 """
 import contextlib

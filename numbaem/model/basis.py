@@ -28,8 +28,8 @@ import numpy as np
 from scipy import special
 from scipy.optimize import brentq
 
-from .errors import NumbaemError
-from .fourier import centered_fft, centered_ifft
+from ..runtime.errors import NumbaemError
+from ..runtime.fourier import centered_fft, centered_ifft
 
 logger = logging.getLogger(__name__)
 
