@@ -6,7 +6,6 @@ from scipy.spatial.transform import Rotation
 from numbaem.analysis.align import (
     AlignResult,
     _generators,
-    _highest_l,
     align,
     align_volumes,
     reflect_coefficients,
@@ -126,7 +125,7 @@ def test_align_volumes(rng, basis11):
 
 def test_highest_l_and_default_lmax(rng):
     for L in (7, 11):
-        top = _highest_l(L)
+        top = FBBasis.max_lmax(L)
         FBBasis(L, top)
         with pytest.raises(NumbaemError, match="too high"):
             FBBasis(L, top + 1)

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from numbaem.model.basis import FBBasis
-from numbaem.em.checkpoint import Checkpointer, GracefulStop, file_fingerprint, run_hash, run_inputs
+from numbaem.cli.signals import GracefulStop
+from numbaem.em.checkpoint import Checkpointer, file_fingerprint, run_hash, run_inputs
 from numbaem.em.run import EMState, Stage, reconstruct
 from numbaem.runtime.errors import InterruptedRun, NumbaemError
 from numbaem.data.io import write_image

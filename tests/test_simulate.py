@@ -12,14 +12,9 @@ from numbaem.model.basis import FBBasis
 from numbaem.runtime.errors import NumbaemError
 from numbaem.model.projection import project
 from numbaem.model.rotations import random_rotations
-from numbaem.sim.simulate import (
-    Simulation,
-    default_lmax,
-    place_positions,
-    project_real_space,
-    simulate_micrographs,
-    write_simulation,
-)
+from numbaem.sim.placement import place_positions
+from numbaem.sim.projectors import project_real_space
+from numbaem.sim.simulate import Simulation, simulate_micrographs, write_simulation
 
 L0, L = 21, 7
 
@@ -102,7 +97,7 @@ def test_place_positions_max_tries_and_zero(rng):
     (dict(N=5), "does not fit"),
     (dict(L=0), "L=0"),
     (dict(spacing="loose"), "spacing='loose'"),
-    (dict(rng=1), "numpy.random.Generator"),
+    (dict(rng=-1), "numpy.random.Generator"),
     (dict(max_tries=0), "max_tries"),
 ])
 def test_place_positions_bad_input(rng, kwargs, match):
@@ -117,7 +112,7 @@ def test_place_positions_bad_input(rng, kwargs, match):
 
 def test_default_lmax_is_the_highest_order_below_nyquist():
     for n in (7, 11):
-        top = default_lmax(n)
+        top = FBBasis.max_lmax(n)
         assert FBBasis(n, top).S[-1] > 0
         with pytest.raises(NumbaemError):
             FBBasis(n, top + 1)

@@ -38,9 +38,11 @@ import numbers
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from ..model.basis import FBBasis, check_L, expand, synthesize
+from ..model.basis import FBBasis, expand, synthesize
+from ..runtime.validate import check_L
 from ..runtime.errors import NumbaemError
 from ..model.rotations import euler_zyz, geodesic_distance, random_rotations, rotation_grid, wigner_D, wigner_d
+from ..runtime.validate import whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +109,6 @@ def _check_rotation(rot):
             "rot is not a rotation (it must satisfy rot.T @ rot = I and det = +1 to 1e-8); "
             "orthonormalise it, e.g. with scipy Rotation.from_matrix")
     return rot
-
-
-def _check_count(name, n, minimum=1):
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or n < minimum:
-        raise NumbaemError(f"{name}={n!r} is not a whole number >= {minimum}; pass e.g. {name}={max(minimum, 5)}")
-    return int(n)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -326,8 +322,8 @@ def align(theta_est, theta_ref, basis, n_coarse=3000, n_refine=5, reflections=Tr
     _check_basis(basis)
     theta_est = _check_theta("theta_est", theta_est, basis)
     theta_ref = _check_theta("theta_ref", theta_ref, basis)
-    n_coarse = _check_count("n_coarse", n_coarse)
-    n_refine = _check_count("n_refine", n_refine)
+    n_coarse = whole_number("n_coarse", n_coarse)
+    n_refine = whole_number("n_refine", n_refine)
     if rng is not None and not isinstance(rng, np.random.Generator):
         raise NumbaemError(f"rng is a {type(rng).__name__}; pass numpy.random.default_rng(seed) or None")
     norm = np.linalg.norm(theta_est) * np.linalg.norm(theta_ref)
@@ -358,11 +354,6 @@ def align(theta_est, theta_ref, basis, n_coarse=3000, n_refine=5, reflections=Tr
     aligned = rotate_coefficients(theta, basis, rot)
     return AlignResult(theta_aligned=aligned, rotation=rot, reflected=reflected,
                        correlation=float(np.clip(aligned @ theta_ref / norm, -1.0, 1.0)))
-
-
-def _highest_l(L):
-    """The highest ``l`` with ``S_l > 0`` for side ``L`` (``u_{l,1} < 2 pi c R``)."""
-    return FBBasis.max_lmax(L)
 
 
 def align_volumes(est_vol, ref_vol, lmax=None, n_coarse=3000, n_refine=5, reflections=True, rng=None):
@@ -396,11 +387,11 @@ def align_volumes(est_vol, ref_vol, lmax=None, n_coarse=3000, n_refine=5, reflec
         raise NumbaemError(
             f"ref_vol has shape {ref_vol.shape} but est_vol has shape {est_vol.shape}; resample them to the same grid")
     L = check_L(est_vol.shape[0], "L (the side of est_vol)")
-    top = _highest_l(L)
+    top = FBBasis.max_lmax(L)
     if lmax is None:
         lmax = min(top, LMAX_ALIGN_DEFAULT)
     else:
-        lmax = _check_count("lmax", lmax, minimum=0)
+        lmax = whole_number("lmax", lmax, minimum=0)
         if lmax > top:
             raise NumbaemError(f"lmax={lmax} is too high for L={L}: no radial function of that order; use lmax <= {top}")
     basis = FBBasis(L, lmax)

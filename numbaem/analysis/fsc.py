@@ -28,6 +28,7 @@ import numpy as np
 
 from ..runtime.errors import NumbaemError
 from ..runtime.fourier import centered_fft
+from ..runtime.validate import cubic_volume, pixel_size as check_pixel_size
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +57,6 @@ def shell_indices(L):
     return np.rint(np.sqrt(r2)).astype(np.int64)
 
 
-def _check_volume(name, vol):
-    vol = np.asarray(vol)
-    if np.iscomplexobj(vol):
-        raise NumbaemError(f"{name} is complex; pass a real volume (take .real if the imaginary part is round-off)")
-    if vol.ndim != 3 or len(set(vol.shape)) != 1:
-        raise NumbaemError(f"{name} has shape {vol.shape}; pass a cubic volume of shape (L, L, L)")
-    vol = vol.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(vol)):
-        raise NumbaemError(f"{name} has NaN or infinite voxels; replace them before comparing volumes")
-    return vol
-
-
 def fsc(vol1, vol2):
     """Fourier shell correlation of two volumes (MODEL section 9).
 
@@ -84,8 +73,8 @@ def fsc(vol1, vol2):
         The correlation per shell, in ``[-1, 1]``; NaN for a shell where either volume
         has no energy. It is invariant to positive scaling of either volume.
     """
-    vol1 = _check_volume("vol1", vol1)
-    vol2 = _check_volume("vol2", vol2)
+    vol1 = cubic_volume("vol1", vol1, "compare")
+    vol2 = cubic_volume("vol2", vol2, "compare")
     if vol1.shape != vol2.shape:
         raise NumbaemError(
             f"vol1 has shape {vol1.shape} but vol2 has shape {vol2.shape}; resample them to the same grid")
@@ -167,13 +156,6 @@ def resolution(freq, curve, threshold=0.5):
     return float(f[i - 1] + t * (f[i] - f[i - 1]))
 
 
-def _check_pixel_size(pixel_size):
-    if isinstance(pixel_size, (bool, np.bool_)) or not isinstance(pixel_size, numbers.Real) \
-            or not math.isfinite(pixel_size) or pixel_size <= 0:
-        raise NumbaemError(f"pixel_size={pixel_size!r} is not a positive number; give it in Angstrom, e.g. 1.06")
-    return float(pixel_size)
-
-
 def resolution_angstrom(freq_res, pixel_size):
     """Resolution in Angstrom: ``pixel_size / freq_res``.
 
@@ -188,7 +170,7 @@ def resolution_angstrom(freq_res, pixel_size):
     -------
     float
     """
-    pixel_size = _check_pixel_size(pixel_size)
+    pixel_size = check_pixel_size("pixel_size", pixel_size, allow_none=False)
     if isinstance(freq_res, (bool, np.bool_)) or not isinstance(freq_res, numbers.Real) \
             or not math.isfinite(freq_res) or freq_res < 0:
         raise NumbaemError(f"freq_res={freq_res!r} is not a frequency >= 0; pass the value resolution returns")
@@ -248,7 +230,7 @@ def plot_fsc(curves, path, pixel_size=None, threshold=0.5, force=False, title=No
     if not isinstance(curves, dict) or not curves:
         raise NumbaemError(f"curves is {type(curves).__name__} {curves!r:.60}; pass a non-empty dict label -> (freq, curve)")
     if pixel_size is not None:
-        pixel_size = _check_pixel_size(pixel_size)
+        pixel_size = check_pixel_size("pixel_size", pixel_size, allow_none=False)
     checked = {}
     for label, pair in curves.items():
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:

@@ -76,7 +76,7 @@ def main(args):
         init = synthesize(expand(downsample(homolog_full, L), basis), basis)
         write_volume(os.path.join(out, "truth.mrc"), truth, force=True)
         write_volume(os.path.join(out, "init.mrc"), init, force=True)
-        from ..em.run import compare_to_truth
+        from ..analysis.compare import compare_to_truth
         start, init_aligned = compare_to_truth(expand(init, basis), basis, truth, return_aligned=True)
         res0 = start["fsc_resolution_unaligned"]
         f0, c0 = fsc(init_aligned, truth)

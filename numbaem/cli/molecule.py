@@ -5,7 +5,7 @@ Example: numbaem molecule -o truth.mrc --size 41 --seed 0
 """
 import logging
 
-from ..model.basis import check_L
+from ..runtime.validate import check_L
 from ..data.io import write_volume
 from ..sim.molecule import synthetic_molecule
 from ._common import emit_json, nonneg_float, positive_float, positive_int

@@ -10,7 +10,8 @@ import os
 
 import numpy as np
 
-from ..model.basis import FBBasis, check_L, expand
+from ..model.basis import FBBasis, expand
+from ..runtime.validate import check_L
 from ..runtime.errors import NumbaemError
 from ..runtime.fourier import downsample
 from ..data.io import read_volume, write_stack, atomic_path

@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from ..model.basis import FBBasis, check_L, synthesize
+from ..model.basis import FBBasis, synthesize
+from ..runtime.validate import check_L
 from ..em.run import load_schedule, parse_schedule, reconstruct
 from ..runtime.errors import InterruptedRun, NumbaemError
 from ..runtime.fourier import downsample
@@ -143,7 +144,7 @@ def main(args):
         if ckpt is not None:
             ckpt.save(st, rec)
 
-    from ..em.checkpoint import GracefulStop
+    from .signals import GracefulStop
     executor, close = _executor(args)
     try:
         with use_threads(args.threads), GracefulStop() as stop:
@@ -167,7 +168,7 @@ def main(args):
                    upsilon=state.upsilon, sigma2=state.sigma2, patches=source.n_patches,
                    seconds=time.perf_counter() - t_start, history=state.history)
     if truth is not None:
-        from ..em.run import compare_to_truth
+        from ..analysis.compare import compare_to_truth
         summary.update(compare_to_truth(state.theta, basis, truth))
     logger.info("wrote %s after %d iterations", args.output, state.total_iterations)
     if args.json:

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from ..model.basis import check_L
+from ..runtime.validate import check_L
 from ..runtime.errors import NumbaemError
 from ..data.io import read_volume
 from ..runtime.threads import use_threads

@@ -43,6 +43,7 @@ import mrcfile
 import numpy as np
 
 from ..runtime.errors import NumbaemError
+from ..runtime.validate import pixel_size as check_pixel_size
 
 logger = logging.getLogger(__name__)
 
@@ -261,22 +262,6 @@ def atomic_write_text(path, text, force=False, encoding="utf-8"):
 # --------------------------------------------------------------------------- writers
 
 
-def _check_pixel_size(name, value):
-    """Return ``value`` as a positive float, or None."""
-    if value is None:
-        return None
-    try:
-        size = float(value)
-    except (TypeError, ValueError):
-        size = float("nan")
-    if not np.isfinite(size) or size <= 0:
-        raise NumbaemError(
-            f"{name}={value!r} is not a positive number; pass the size in Angstrom "
-            "per pixel, or None if unknown"
-        )
-    return size
-
-
 def _float32_data(name, array, ndim, square_from):
     """Validate ``array`` for writing and return it as float32 in [x, y, ...] order.
 
@@ -334,7 +319,7 @@ def write_volume(path, vol, voxel_size=None, force=False):
     force : bool, optional
         Whether an existing file may be overwritten.
     """
-    size = _check_pixel_size("voxel_size", voxel_size)
+    size = check_pixel_size("voxel_size", voxel_size)
     data = _float32_data("vol", vol, 3, 0)
     _write_mrc(path, data.transpose(2, 1, 0), size, force, image_stack=False)
 
@@ -353,7 +338,7 @@ def write_image(path, img, pixel_size=None, force=False):
     force : bool, optional
         Whether an existing file may be overwritten.
     """
-    size = _check_pixel_size("pixel_size", pixel_size)
+    size = check_pixel_size("pixel_size", pixel_size)
     data = _float32_data("img", img, 2, None)
     _write_mrc(path, data.T, size, force, image_stack=False)
 
@@ -372,7 +357,7 @@ def write_stack(path, stack, pixel_size=None, force=False):
     force : bool, optional
         Whether an existing file may be overwritten.
     """
-    size = _check_pixel_size("pixel_size", pixel_size)
+    size = check_pixel_size("pixel_size", pixel_size)
     data = _float32_data("stack", stack, 3, 1)
     _write_mrc(path, data.transpose(0, 2, 1), size, force, image_stack=True)
 

@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from ..model.basis import check_L
+from ..runtime.validate import check_L
 from ..runtime.errors import NumbaemError
 
 logger = logging.getLogger(__name__)

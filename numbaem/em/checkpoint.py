@@ -38,7 +38,7 @@ checkpoint made with other inputs and names each input that differs.
 
 Stopping between iterations
 ---------------------------
-:class:`GracefulStop` turns the first SIGINT or SIGTERM into a request that
+:class:`numbaem.cli.signals.GracefulStop` (the command line) turns the first SIGINT or SIGTERM into a request that
 :func:`numbaem.em.run.reconstruct` polls between iterations (``should_stop``); the run
 then ends with only finished iterations, all already checkpointed. A second signal
 raises :class:`KeyboardInterrupt` at once; the checkpoint on disk still holds the last
@@ -53,8 +53,6 @@ import logging
 import math
 import os
 import re
-import signal
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +74,6 @@ __all__ = [
     "file_fingerprint",
     "array_fingerprint",
     "Checkpointer",
-    "GracefulStop",
 ]
 
 #: Version of the checkpoint layout; a reader refuses a newer one.
@@ -654,67 +651,4 @@ def _restore_rng(doc, where, fix):
     return rng
 
 
-# --------------------------------------------------------------------------- signals
 
-
-class GracefulStop:
-    """Turn SIGINT / SIGTERM into a stop request polled between iterations.
-
-    Inside the ``with`` block the first SIGINT or SIGTERM sets a flag that
-    :meth:`should_stop` returns (pass it as ``reconstruct(..., should_stop=stop.should_stop)``),
-    so the run ends after the iteration in progress, with every finished iteration
-    checkpointed. A second signal raises :class:`KeyboardInterrupt` as soon as Python
-    runs again (a numba kernel in progress finishes first); the checkpoint on disk still
-    holds the last finished iteration. The previous handlers are restored on exit.
-
-    Handlers can only be installed from the main thread; elsewhere the block runs
-    without them (logged) and :meth:`should_stop` stays false.
-
-    Parameters
-    ----------
-    signals : tuple of signal numbers
-        Default ``(SIGINT, SIGTERM)``.
-
-    Attributes
-    ----------
-    signum : int or None
-        The first signal received.
-    """
-
-    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
-        self.signals = tuple(signals)
-        self.signum = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-            logger.warning("%s received: stopping after the iteration in progress (its checkpoint keeps every "
-                           "finished iteration); send it again to stop at once", signal.Signals(signum).name)
-            return
-        raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): stopping at once")
-
-    def should_stop(self):
-        """True once a signal was received."""
-        return self.signum is not None
-
-    __call__ = should_stop
-
-    @property
-    def signal_name(self):
-        """Name of the first signal received (``'SIGTERM'``), or None."""
-        return None if self.signum is None else signal.Signals(self.signum).name
-
-    def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
-            logger.info("not in the main thread: SIGINT and SIGTERM keep their usual handlers")
-            return self
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, prev in self._previous.items():
-            signal.signal(s, signal.SIG_DFL if prev is None else prev)
-        self._previous.clear()
-        return False

@@ -409,3 +409,24 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
     if keep_posteriors:
         return loglik, post, w_empty[:n].copy()
     return loglik
+
+
+def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, timer=None):
+    """E-step over the patches ``idx`` of ``source``, chunk by chunk; their sufficient statistics.
+
+    Memory: one chunk of ``n_chunk`` patches at a time (the FFT plans are sized for it).
+    ``timer`` (see :func:`numbaem.em.estep.e_step_chunk`) also wraps the patch reads
+    (``read_patches``).
+    """
+    clock = timer or _no_timer
+    L, K = source.L, spectra.K
+    stats = SufficientStats.zeros(K, L)
+    buf = np.empty((n_chunk, L, L))
+    for i in range(0, len(idx), n_chunk):
+        sel = idx[i:i + n_chunk]
+        with clock("read_patches"):
+            patches = source.get(sel, out=buf[:len(sel)])
+        e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=n_chunk, timer=timer)
+        if progress is not None:
+            progress(len(sel))
+    return stats

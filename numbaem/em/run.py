@@ -1,4 +1,4 @@
-"""Orchestration of the approximate EM (MODEL sections 4-7): schedules, iterations, the run loop.
+"""Orchestration of the approximate EM (MODEL sections 4-7): iterations and the run loop.
 
 No numba here: the kernels live in ``projection``, ``estep`` and ``mstep``. One
 iteration:
@@ -10,8 +10,7 @@ iteration:
    outlives a chunk);
 4. M-step: ``upsilon``, ``H``, ``b``, Cholesky, optional ``sigma^2``.
 
-A schedule is a list of stages ``(lmax, iters, frac, rotations)`` (frequency marching);
-each stage starts from the previous estimate with the new coefficients zero.
+The schedule of stages (frequency marching) is in :mod:`numbaem.em.schedule`.
 """
 import dataclasses
 import logging
@@ -20,164 +19,18 @@ import time
 
 import numpy as np
 
-from ..runtime import fft
-from ..model.basis import FBBasis, expand, resize_theta, synthesize
-from ..runtime.errors import NumbaemError
-from .estep import SufficientStats, chunk_bytes, e_step_chunk, projection_spectra
-from ..runtime.memory import default_budget, format_size, peak_rss, reset_peak_rss
-from .mstep import normal_equations, solve, update_sigma2, update_upsilon
-from ..model.projection import projection_matrices
+from ..analysis.compare import compare_to_truth
+from ..model.basis import FBBasis, expand, resize_theta
+from ..model.projection import Operator
 from ..model.rotations import rotation_grid
+from ..runtime import fft
+from ..runtime.errors import NumbaemError
+from ..runtime.memory import default_budget, format_size, peak_rss, reset_peak_rss
+from .estep import chunk_bytes, projection_spectra, stream_stats
+from .mstep import normal_equations, solve, update_sigma2, update_upsilon
+from .schedule import Stage, default_schedule, load_schedule, parse_schedule, validate_schedule  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-STAGE_KEYS = ("lmax", "iters", "frac", "rotations")
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One stage of frequency marching (section 7).
-
-    Attributes
-    ----------
-    lmax : int
-        Angular band limit of the stage.
-    iters : int
-        EM iterations.
-    frac : float
-        Stochastic factor in (0, 1]: fraction of patches drawn per iteration.
-    rotations : int
-        ``K``, size of the rotation grid.
-    """
-
-    lmax: int
-    iters: int
-    frac: float = 1.0
-    rotations: int = 300
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-
-def _stage_from_mapping(d, where):
-    unknown = set(d) - set(STAGE_KEYS)
-    if unknown:
-        raise NumbaemError(f"schedule {where} has unknown key(s) {', '.join(sorted(unknown))}; "
-                           f"the keys are {', '.join(STAGE_KEYS)}")
-    if "lmax" not in d or "iters" not in d:
-        raise NumbaemError(f"schedule {where} needs at least lmax and iters, e.g. 'lmax=4,iters=5,frac=0.1,rotations=300'")
-    try:
-        lmax, iters = int(d["lmax"]), int(d["iters"])
-        frac = float(d.get("frac", 1.0))
-        K = int(d.get("rotations", 300))
-        if float(d["lmax"]) != lmax or float(d["iters"]) != iters or float(d.get("rotations", K)) != K:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise NumbaemError(f"schedule {where} has a value that is not a number of the right kind: {d}; "
-                           "lmax, iters and rotations are whole numbers, frac a fraction") from None
-    if lmax < 0:
-        raise NumbaemError(f"schedule {where}: lmax={lmax} must be >= 0")
-    if iters < 1:
-        raise NumbaemError(f"schedule {where}: iters={iters} must be >= 1")
-    if not (0 < frac <= 1) or not math.isfinite(frac):
-        raise NumbaemError(f"schedule {where}: frac={frac} must lie in (0, 1]")
-    if K < 1:
-        raise NumbaemError(f"schedule {where}: rotations={K} must be >= 1")
-    return Stage(lmax, iters, frac, K)
-
-
-def parse_schedule(text):
-    """Parse ``"lmax=2,iters=5,frac=0.1,rotations=300;lmax=4,iters=5,..."`` into stages."""
-    stages = []
-    parts = [p for p in str(text).split(";") if p.strip()]
-    if not parts:
-        raise NumbaemError("the schedule is empty; give stages like 'lmax=2,iters=5,frac=0.1,rotations=300'")
-    for i, part in enumerate(parts):
-        d = {}
-        for item in part.split(","):
-            if not item.strip():
-                continue
-            if "=" not in item:
-                raise NumbaemError(f"schedule stage {i + 1}: '{item.strip()}' is not key=value; "
-                                   "write stages like 'lmax=2,iters=5,frac=0.1,rotations=300'")
-            k, v = item.split("=", 1)
-            d[k.strip()] = v.strip()
-        stages.append(_stage_from_mapping(d, f"stage {i + 1}"))
-    return stages
-
-
-def load_schedule(path):
-    """Read a schedule from a TOML file with a ``[[stage]]`` array of tables."""
-    import tomllib
-
-    try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except OSError as exc:
-        raise NumbaemError(f"cannot read schedule file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise NumbaemError(f"schedule file {path} is not valid TOML ({exc}); see the README for the format") from None
-    stages = doc.get("stage")
-    if not isinstance(stages, list) or not stages:
-        raise NumbaemError(f"schedule file {path} has no [[stage]] tables; see the README for the format")
-    return [_stage_from_mapping(s, f"stage {i + 1} of {path}") for i, s in enumerate(stages)]
-
-
-def default_schedule(L):
-    """The documented default: three stages marching to the highest ``lmax`` the patch size allows.
-
-    ``lmax`` at about a third, two thirds and all of the top order; ``K`` = 100, 300,
-    1000; 4, 4 and 6 full-batch iterations. Large data sets should pass ``frac < 1``.
-    """
-    top = FBBasis.max_lmax(L)
-    l1, l2 = max(1, round(top / 3)), max(1, round(2 * top / 3))
-    return [Stage(l1, 4, 1.0, 100), Stage(l2, 4, 1.0, 300), Stage(top, 6, 1.0, 1000)]
-
-
-def validate_schedule(stages, L):
-    top = FBBasis.max_lmax(L)
-    for i, st in enumerate(stages):
-        if st.lmax > top:
-            raise NumbaemError(f"schedule stage {i + 1}: lmax={st.lmax} is above the highest order {top} that "
-                               f"patches of side L={L} resolve; use lmax <= {top}")
-    return stages
-
-
-class Operator:
-    """The projection operators of one stage: basis, rotation grid and (if it fits) ``A``.
-
-    ``A`` (K x L^2 x M) is kept when it takes at most ``max_bytes``; otherwise it is
-    rebuilt in blocks of rotations whenever needed (twice an iteration).
-    """
-
-    def __init__(self, basis, rots, max_bytes):
-        self.basis = basis
-        self.rots = rots
-        self.K = len(rots)
-        per_rot = basis.L ** 2 * basis.M * 8
-        self.block = max(1, min(self.K, int(max_bytes // per_rot)))
-        self.A = projection_matrices(basis, rots) if self.block >= self.K else None
-
-    @property
-    def nbytes(self):
-        return 0 if self.A is None else self.A.nbytes
-
-    def blocks(self):
-        """Yield ``(slice, A_block)`` over all rotations."""
-        if self.A is not None:
-            yield slice(0, self.K), self.A
-            return
-        for i in range(0, self.K, self.block):
-            sl = slice(i, min(i + self.block, self.K))
-            yield sl, projection_matrices(self.basis, self.rots[sl])
-
-    def project(self, theta):
-        L = self.basis.L
-        out = np.empty((self.K, L, L))
-        for sl, A in self.blocks():
-            out[sl] = (A @ theta).reshape(-1, L, L)
-        return out
-
 
 # Work arrays of one chunk are kept near this size when the budget allows more: the
 # E-step passes over them several times, and a chunk that stays in cache runs faster
@@ -233,28 +86,6 @@ class EMState:
     total_iterations: int = 0
     rng: np.random.Generator = None
     history: list = dataclasses.field(default_factory=list)
-
-
-def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, timer=None):
-    """E-step over the patches ``idx`` of ``source``, chunk by chunk; their sufficient statistics.
-
-    Memory: one chunk of ``n_chunk`` patches at a time (the FFT plans are sized for it).
-    ``timer`` (see :func:`numbaem.em.estep.e_step_chunk`) also wraps the patch reads
-    (``read_patches``).
-    """
-    from contextlib import nullcontext
-    clock = timer or (lambda name: nullcontext())
-    L, K = source.L, spectra.K
-    stats = SufficientStats.zeros(K, L)
-    buf = np.empty((n_chunk, L, L))
-    for i in range(0, len(idx), n_chunk):
-        sel = idx[i:i + n_chunk]
-        with clock("read_patches"):
-            patches = source.get(sel, out=buf[:len(sel)])
-        e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=n_chunk, timer=timer)
-        if progress is not None:
-            progress(len(sel))
-    return stats
 
 
 class LocalExecutor:
@@ -427,27 +258,6 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         if bar:
             bar.close()
     return state
-
-
-def compare_to_truth(theta, basis, truth, n_coarse=1000, return_aligned=False):
-    """FSC resolution and relative error of an estimate against a true volume (section 8).
-
-    The estimate is first aligned to the truth's expansion in the same basis over
-    rotations and reflection (coarse grid of ``n_coarse`` rotations, then local
-    refinement). Returns a dict with ``fsc_resolution`` and ``relative_error`` (aligned)
-    and ``fsc_resolution_unaligned``; with ``return_aligned`` also the aligned volume.
-    """
-    from ..analysis.align import align
-    from ..analysis.fsc import fsc as fsc_curve, relative_error, resolution
-
-    est = synthesize(theta, basis)
-    f, c = fsc_curve(est, truth)
-    res = align(theta, expand(truth, basis), basis, n_coarse=n_coarse)
-    aligned = synthesize(res.theta_aligned, basis)
-    fa, ca = fsc_curve(aligned, truth)
-    out = dict(fsc_resolution=float(resolution(fa, ca)), relative_error=float(relative_error(aligned, truth)),
-               fsc_resolution_unaligned=float(resolution(f, c)))
-    return (out, aligned) if return_aligned else out
 
 
 def _progress(total, enabled, desc, initial=0, leave=True):

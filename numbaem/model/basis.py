@@ -30,22 +30,11 @@ from scipy.optimize import brentq
 
 from ..runtime.errors import NumbaemError
 from ..runtime.fourier import centered_fft, centered_ifft
+from ..runtime.validate import check_L
 
 logger = logging.getLogger(__name__)
 
 C_BAND = 0.5  # the band limit c (Nyquist), cycles per pixel
-
-
-def check_L(L, name="L"):
-    """Validate a patch / volume side: an odd whole number >= 3."""
-    if isinstance(L, (bool, np.bool_)) or int(L) != L:
-        raise NumbaemError(f"{name}={L!r} is not a whole number; give an odd size such as 7 or 11")
-    L = int(L)
-    if L % 2 == 0:
-        raise NumbaemError(f"{name}={L} is even; numbaem works with odd sizes, use {name}={L + 1} or {L - 1}")
-    if L < 3:
-        raise NumbaemError(f"{name}={L} is too small; use an odd size of at least 3")
-    return L
 
 
 @functools.lru_cache(maxsize=None)

@@ -186,4 +186,42 @@ def project(theta, basis, rots):
     return out
 
 
-__all__ = ["FBBasis", "phi_images", "pixel_polar", "projection_matrices", "project"]
+
+
+class Operator:
+    """The projection operators of one stage: basis, rotation grid and (if it fits) ``A``.
+
+    ``A`` (K x L^2 x M) is kept when it takes at most ``max_bytes``; otherwise it is
+    rebuilt in blocks of rotations whenever needed (twice an iteration).
+    """
+
+    def __init__(self, basis, rots, max_bytes):
+        self.basis = basis
+        self.rots = rots
+        self.K = len(rots)
+        per_rot = basis.L ** 2 * basis.M * 8
+        self.block = max(1, min(self.K, int(max_bytes // per_rot)))
+        self.A = projection_matrices(basis, rots) if self.block >= self.K else None
+
+    @property
+    def nbytes(self):
+        return 0 if self.A is None else self.A.nbytes
+
+    def blocks(self):
+        """Yield ``(slice, A_block)`` over all rotations."""
+        if self.A is not None:
+            yield slice(0, self.K), self.A
+            return
+        for i in range(0, self.K, self.block):
+            sl = slice(i, min(i + self.block, self.K))
+            yield sl, projection_matrices(self.basis, self.rots[sl])
+
+    def project(self, theta):
+        L = self.basis.L
+        out = np.empty((self.K, L, L))
+        for sl, A in self.blocks():
+            out[sl] = (A @ theta).reshape(-1, L, L)
+        return out
+
+
+__all__ = ["Operator", "phi_images", "pixel_polar", "projection_matrices", "project"]

@@ -25,6 +25,7 @@ from scipy.spatial.transform import Rotation
 
 from ..runtime.jit import jit, pjit
 from ..runtime.errors import NumbaemError
+from ..runtime.validate import whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +34,6 @@ logger = logging.getLogger(__name__)
 # psi^4 = psi + 4.
 _SF_PHI = math.sqrt(2.0)
 _SF_PSI = 1.533751168755204288118041
-
-
-def _check_count(n, name):
-    if int(n) != n or n < 1:
-        raise NumbaemError(f"{name}={n!r} is not a positive whole number; ask for 1 or more rotations")
-    return int(n)
 
 
 def quaternions_to_matrices(q):
@@ -67,7 +62,7 @@ def random_rotations(n, rng):
     -------
     rots : ndarray, shape (n, 3, 3)
     """
-    n = _check_count(n, "n")
+    n = whole_number("n", n, 1)
     q = rng.standard_normal((n, 4))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     return quaternions_to_matrices(q)
@@ -85,7 +80,7 @@ def rotation_grid(K):
     -------
     rots : ndarray, shape (K, 3, 3)
     """
-    K = _check_count(K, "K")
+    K = whole_number("K", K, 1)
     s = np.arange(K) + 0.5
     r = np.sqrt(s / K)
     R = np.sqrt(1.0 - s / K)

@@ -40,6 +40,7 @@ import numpy as np
 import scipy.fft
 
 from .errors import NumbaemError
+from .validate import whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -133,15 +134,6 @@ def centered_ifft(X, axes=None):
     return np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(X, axes=ax), axes=ax), axes=ax)
 
 
-def _check_positive_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise NumbaemError(
-            f"{name}={value!r} is not an integer >= {minimum}; pass an integer of at "
-            f"least {minimum}"
-        )
-    return int(value)
-
-
 def frequency_grid(L, ndim, sparse=False):
     """Frequencies of the centred DFT on an ``L``-per-side grid, per axis.
 
@@ -162,8 +154,8 @@ def frequency_grid(L, ndim, sparse=False):
         ``sparse``); ``k[a][..., n, ...]`` (index ``n`` on axis ``a``) is
         ``(n - L//2) / L`` cycles per pixel.
     """
-    L = _check_positive_int("L", L)
-    ndim = _check_positive_int("ndim", ndim)
+    L = whole_number("L", L)
+    ndim = whole_number("ndim", ndim)
     k1 = (np.arange(L) - L // 2) / L
     return tuple(np.meshgrid(*([k1] * ndim), indexing="ij", sparse=bool(sparse)))
 
@@ -241,7 +233,7 @@ def downsample(x, L_new):
             "(n, n, n), or use downsample_image for non-square images"
         )
     n = x.shape[0]
-    L_new = _check_positive_int("L_new", L_new)
+    L_new = whole_number("L_new", L_new)
     if L_new > n:
         raise NumbaemError(
             f"L_new={L_new} is larger than the input side {n}; Fourier cropping only "
@@ -325,7 +317,7 @@ def downsample_image(img, shape_new):
         raise NumbaemError(
             f"shape_new={shape_new!r} does not have two entries; pass (M0, M1)"
         )
-    M = tuple(_check_positive_int(f"shape_new[{i}]", m) for i, m in enumerate(shape_new))
+    M = tuple(whole_number(f"shape_new[{i}]", m) for i, m in enumerate(shape_new))
     if M[0] > img.shape[0] or M[1] > img.shape[1]:
         raise NumbaemError(
             f"shape_new={M} is larger than the image shape {img.shape} on some axis; "

@@ -31,6 +31,7 @@ import numbers
 import numpy as np
 
 from ..runtime.errors import NumbaemError
+from ..runtime.validate import whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +48,6 @@ _WIDTH_RANGE = (1.0, 1.5)
 _AMP_RANGE = (0.6, 1.4)
 # Backbone step, in units of L (about 1.6 voxels at L = 41).
 _STEP = 0.04
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise NumbaemError(
-            f"{name}={value!r} is not an integer >= {minimum}; pass an integer of at "
-            f"least {minimum}"
-        )
-    return int(value)
 
 
 def _random_unit(rng, n=None):
@@ -227,11 +219,11 @@ def synthetic_molecule(L=41, seed=0, n_atoms=300, homolog_of=None, homolog_stren
         raise NumbaemError(
             f"L={L} is even; numbaem works with odd sizes, use L={L + 1}"
         )
-    L = _check_int("L", L, 5)
-    seed = _check_int("seed", seed, 0)
-    n_atoms = _check_int("n_atoms", n_atoms, 1)
+    L = whole_number("L", L, 5)
+    seed = whole_number("seed", seed, 0)
+    n_atoms = whole_number("n_atoms", n_atoms, 1)
     if homolog_of is not None:
-        homolog_of = _check_int("homolog_of", homolog_of, 0)
+        homolog_of = whole_number("homolog_of", homolog_of, 0)
     try:
         strength = float(homolog_strength)
     except (TypeError, ValueError):

@@ -60,369 +60,36 @@ import dataclasses
 import json
 import logging
 import math
-import numbers
 import os
 from pathlib import Path
 
 import numpy as np
-from numba import prange
-from scipy import ndimage
 
 from ..data import io as nio
-from ..runtime.jit import jit, pjit
-from ..model.basis import FBBasis, check_L, expand, synthesize
-from ..runtime.errors import NumbaemError
-from ..runtime.fourier import downsample, downsample_image
+from ..model.basis import FBBasis, expand, synthesize
 from ..model.projection import project
 from ..model.rotations import random_rotations
+from ..runtime.errors import NumbaemError
+from ..runtime.fourier import downsample, downsample_image
+from ..runtime.validate import as_rng, check_L, cubic_volume, image_shape, is_int, positive_number
+from .placement import place_positions, spacing_distance
+from .projectors import project_real_space, spline_coefficients
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Simulation",
-    "place_positions",
-    "project_real_space",
     "simulate_micrographs",
     "write_simulation",
-    "default_lmax",
 ]
 
-_SPACINGS = ("separated", "arbitrary")
 # Projections per chunk of the Method 1 real-space projector (memory: chunk * L0^2).
 _CHUNK = 256
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _is_int(value):
-    return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_rng(rng):
-    if not isinstance(rng, np.random.Generator):
-        raise NumbaemError(
-            f"rng={rng!r} is not a numpy.random.Generator; pass "
-            "numpy.random.default_rng(seed)"
-        )
-    return rng
-
-
-def _check_shape(N, name="micrograph_size"):
-    """Return ``N`` (an int or a pair of ints) as a tuple ``(N0, N1)``."""
-    if _is_int(N):
-        shape = (int(N), int(N))
-    else:
-        try:
-            shape = tuple(N)
-        except TypeError:
-            shape = ()
-        if len(shape) != 2 or not all(_is_int(n) for n in shape):
-            raise NumbaemError(
-                f"{name}={N!r} is not an integer or a pair of integers; pass e.g. "
-                f"{name}=1024 or {name}=(1024, 768)"
-            )
-        shape = (int(shape[0]), int(shape[1]))
-    return shape
-
-
-def _spacing_distance(spacing, L):
-    """Minimum Chebyshev distance between two positions (MODEL.md section 1)."""
-    if spacing not in _SPACINGS:
-        raise NumbaemError(
-            f"spacing={spacing!r} is not one of {_SPACINGS}; pass 'separated' (the "
-            "paper's well-separated placement) or 'arbitrary' (no overlap only)"
-        )
-    return 2 * L - 1 if spacing == "separated" else L
-
-
-def default_lmax(L):
-    """The highest angular order ``l`` with ``S_l > 0`` for side ``L`` (MODEL.md section 2).
-
-    Parameters
-    ----------
-    L : int
-        Odd side of the volume.
-
-    Returns
-    -------
-    lmax : int
-        The largest ``l`` for which ``j_l`` has a zero below ``2 pi c R`` (Nyquist).
-    """
-    return FBBasis.max_lmax(L)
 
 
 # --------------------------------------------------------------------------- placement
-
-
-@jit
-def _place_batch(blocked, free, draws, d, n_target, count, out):
-    """Random sequential addition over one batch of draws from the free list.
-
-    ``blocked[a, b]`` is nonzero where a position is within Chebyshev distance
-    ``< d`` of a placed one. ``free`` lists flat indices that were free when the
-    batch was drawn; ``draws`` index into it. Each drawn position still free is
-    accepted, written to ``out[count]`` and blocks its ``(2d - 1)^2`` neighbourhood.
-    Returns the new count and the number of draws consumed.
-    """
-    A0, A1 = blocked.shape
-    used = 0
-    for q in range(draws.shape[0]):
-        if count >= n_target:
-            break
-        used += 1
-        idx = free[draws[q]]
-        p0 = idx // A1
-        p1 = idx - p0 * A1
-        if blocked[p0, p1]:
-            continue
-        out[count, 0] = p0
-        out[count, 1] = p1
-        count += 1
-        for a in range(max(0, p0 - d + 1), min(A0, p0 + d)):
-            for b in range(max(0, p1 - d + 1), min(A1, p1 + d)):
-                blocked[a, b] = 1
-    return count, used
-
-
-def place_positions(n_target, N, L, spacing="separated", rng=None, max_tries=None):
-    """Top-left positions of ``n_target`` projections by random sequential addition.
-
-    Positions are drawn one at a time, uniformly among those still allowed, until
-    ``n_target`` are placed: with ``spacing='separated'`` any two positions are at
-    Chebyshev distance ``>= 2L - 1`` (MODEL.md section 1, the paper's eq. 5: every
-    ``L x L`` patch of a regular grid holds at most one projection), with
-    ``'arbitrary'`` at distance ``>= L`` (projections do not overlap).
-
-    The grid of occupied cells is a boolean array over all allowed positions: each
-    accepted position blocks its ``(2d - 1)^2`` neighbourhood, and candidates are
-    drawn from the list of free positions, recompacted in rounds (rejection sampling
-    against the positions blocked since). This is exact random sequential addition
-    at a cost of ``O(N0 N1 + T d^2)`` per round, never ``O(T^2)``, and it ends by
-    itself when no position is free (the jammed state, about 56 % of the plane
-    covered by the ``d x d`` exclusion squares for random sequential addition of
-    squares).
-
-    Parameters
-    ----------
-    n_target : int
-        Number of positions wanted, ``>= 0``.
-    N : int or tuple of int
-        Micrograph shape, ``N`` for ``N x N`` or ``(N0, N1)``.
-    L : int
-        Side of a projection, ``1 <= L <= min(N0, N1)``.
-    spacing : {'separated', 'arbitrary'}, optional
-        The separation rule.
-    rng : numpy.random.Generator
-        Source of randomness.
-    max_tries : int or None, optional
-        Upper bound on the number of candidate draws; None (default) for no bound
-        (placement still ends, at the jammed state at the latest).
-
-    Returns
-    -------
-    positions : ndarray of int64, shape (n_target, 2)
-        Top-left pixels ``(s0, s1)``, ``0 <= s0 <= N0 - L``, ``0 <= s1 <= N1 - L``,
-        in placement order.
-
-    Raises
-    ------
-    NumbaemError
-        If an argument is invalid, or fewer than ``n_target`` positions could be
-        placed (the message gives the count and the density reachable).
-    """
-    if not _is_int(n_target) or n_target < 0:
-        raise NumbaemError(f"n_target={n_target!r} is not a whole number >= 0; pass a count of projections")
-    n_target = int(n_target)
-    N0, N1 = _check_shape(N, "N")
-    if not _is_int(L) or L < 1:
-        raise NumbaemError(f"L={L!r} is not a positive whole number; pass the projection side, e.g. L=7")
-    L = int(L)
-    if L > min(N0, N1):
-        raise NumbaemError(
-            f"L={L} does not fit in a {N0} x {N1} micrograph; use a micrograph of at "
-            f"least {L} x {L} pixels"
-        )
-    d = _spacing_distance(spacing, L)
-    rng = _check_rng(rng)
-    if max_tries is not None and (not _is_int(max_tries) or max_tries < 1):
-        raise NumbaemError(f"max_tries={max_tries!r} is not a positive whole number or None; pass e.g. max_tries=10**7")
-
-    out = np.zeros((n_target, 2), np.int64)
-    if n_target == 0:
-        return out
-    A0, A1 = N0 - L + 1, N1 - L + 1
-    blocked = np.zeros((A0, A1), np.uint8)
-    count, tries, jammed = 0, 0, False
-    while count < n_target:
-        free = np.flatnonzero(blocked.ravel() == 0)
-        if free.size == 0:
-            jammed = True
-            break
-        n_draw = free.size
-        if max_tries is not None:
-            n_draw = min(n_draw, max_tries - tries)
-            if n_draw <= 0:
-                break
-        draws = rng.integers(0, free.size, n_draw)
-        count, used = _place_batch(blocked, free, draws, d, n_target, count, out)
-        tries += used
-    if count < n_target:
-        kind = "well-separated" if spacing == "separated" else "non-overlapping"
-        reached = count * L * L / (N0 * N1)
-        if jammed:
-            why = (
-                f"the micrograph is too crowded for {kind} placement (no free position "
-                f"is left); lower --density or raise --micrograph-size; the highest "
-                f"density reachable is about {reached:.3g}"
-            )
-        else:
-            why = (
-                f"placement gave up after max_tries={max_tries} random draws; raise "
-                f"max_tries, lower --density or raise --micrograph-size"
-            )
-        raise NumbaemError(
-            f"only {count} of {n_target} projections of side L={L} could be placed in a "
-            f"{N0} x {N1} micrograph (density {n_target * L * L / (N0 * N1):.3g} "
-            f"requested): {why}"
-        )
-    logger.debug("placed %d positions in %d draws", count, tries)
-    return out
-
-
-# --------------------------------------------------------------------------- real-space projection
-
-
-@jit
-def _mirror(j, n):
-    """Mirror-reflect index ``j`` into ``0 .. n-1`` (``scipy.ndimage`` 'mirror')."""
-    if j < 0:
-        j = -j
-    if j > n - 1:
-        j = 2 * (n - 1) - j
-    return j
-
-
-@jit
-def _taps(q, n, w, idx):
-    """Cubic B-spline weights ``w[0..3]`` and mirrored tap indices ``idx[0..3]`` at ``q``."""
-    f = math.floor(q)
-    t = q - f
-    fi = int(f)
-    s = 1.0 - t
-    t2 = t * t
-    t3 = t2 * t
-    w[0] = s * s * s / 6.0
-    w[1] = (4.0 - 6.0 * t2 + 3.0 * t3) / 6.0
-    w[2] = (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) / 6.0
-    w[3] = t3 / 6.0
-    if 1 <= fi <= n - 3:
-        for a in range(4):
-            idx[a] = fi - 1 + a
-    else:
-        for a in range(4):
-            idx[a] = _mirror(fi - 1 + a, n)
-
-
-@pjit
-def _project_real(coef, rots, oversample, out):
-    """Real-space projections of a cubic B-spline volume, one ``(rotation, x)`` row per task.
-
-    ``coef`` holds the B-spline coefficients of the ``n^3`` map (``ndimage.spline_filter``,
-    mirror boundary). Output pixel ``(i, j)`` of rotation ``t`` is
-    ``(1/os) sum_k f(w^T r_k)`` over the ray ``r_k = (i - R, j - R, z_k)``,
-    ``z_k = -R + (k + 1/2)/os - 1/2``, ``k = 0 .. n os - 1``; ``f`` at input index
-    coordinates ``q = w^T r + R`` is the spline, and zero where any ``q_a`` is outside
-    ``[0, n - 1]`` (``map_coordinates`` with ``mode='constant'``). Every task costs the
-    same, so the split by rows is a split by cost.
-    """
-    n = coef.shape[0]
-    K = rots.shape[0]
-    R = n // 2
-    top = n - 1.0
-    nz = n * oversample
-    inv = 1.0 / oversample
-    for task in prange(K * n):
-        t = task // n
-        i = task - t * n
-        w = rots[t]
-        wx = np.empty(4)
-        wy = np.empty(4)
-        wz = np.empty(4)
-        ix = np.empty(4, np.int64)
-        iy = np.empty(4, np.int64)
-        iz = np.empty(4, np.int64)
-        x = i - R
-        for j in range(n):
-            y = j - R
-            # q = w^T r + R, r = (x, y, z): q_a = w[0, a] x + w[1, a] y + w[2, a] z + R
-            b0 = w[0, 0] * x + w[1, 0] * y + R
-            b1 = w[0, 1] * x + w[1, 1] * y + R
-            b2 = w[0, 2] * x + w[1, 2] * y + R
-            acc = 0.0
-            for k in range(nz):
-                z = -R + (k + 0.5) * inv - 0.5
-                q0 = b0 + w[2, 0] * z
-                q1 = b1 + w[2, 1] * z
-                q2 = b2 + w[2, 2] * z
-                if q0 < 0.0 or q0 > top or q1 < 0.0 or q1 > top or q2 < 0.0 or q2 > top:
-                    continue
-                _taps(q0, n, wx, ix)
-                _taps(q1, n, wy, iy)
-                _taps(q2, n, wz, iz)
-                z0, z1, z2, z3 = iz[0], iz[1], iz[2], iz[3]
-                e0, e1, e2, e3 = wz[0], wz[1], wz[2], wz[3]
-                v = 0.0
-                for a in range(4):
-                    va = 0.0
-                    for b in range(4):
-                        row = coef[ix[a], iy[b]]
-                        va += wy[b] * (e0 * row[z0] + e1 * row[z1] + e2 * row[z2] + e3 * row[z3])
-                    v += wx[a] * va
-                acc += v
-            out[t, i, j] = acc * inv
-
-
-def _spline_coefficients(vol):
-    """Cubic B-spline coefficients as ``map_coordinates(order=3, mode='constant')`` uses them."""
-    return np.ascontiguousarray(ndimage.spline_filter(vol, order=3, mode="constant"), dtype=np.float64)
-
-
-def project_real_space(vol, rots, oversample=1, coef=None):
-    """Real-space projections of a voxel map: rotate by cubic interpolation, sum along z.
-
-    ``(P R_w f)[i, j] = sum_k f(w^T (i - R, j - R, k - R))`` with ``f`` the cubic
-    B-spline interpolant of the map about the centre voxel ``R = n // 2`` and zero
-    outside the map, i.e. ``scipy.ndimage.map_coordinates(vol, w^T r + R, order=3,
-    mode='constant').sum(axis=2)`` (Method 1 of MODEL.md section 1).
-
-    Parameters
-    ----------
-    vol : ndarray, shape (n, n, n)
-        The map, axes x, y, z.
-    rots : ndarray, shape (K, 3, 3)
-        Rotations ``w``; ``R_w f(r) = f(w^T r)``.
-    oversample : int, optional
-        Samples per voxel along each ray (weighted ``1 / oversample``), default 1.
-    coef : ndarray, shape (n, n, n), optional
-        Precomputed spline coefficients of ``vol`` (internal reuse).
-
-    Returns
-    -------
-    images : ndarray, shape (K, n, n)
-        Image axis 0 is x (volume axis 0), axis 1 is y.
-    """
-    vol = np.asarray(vol, dtype=np.float64)
-    if coef is None:
-        coef = _spline_coefficients(vol)
-    rots = np.ascontiguousarray(np.asarray(rots, dtype=np.float64).reshape(-1, 3, 3))
-    out = np.empty((len(rots), vol.shape[0], vol.shape[0]))
-    if len(rots):
-        _project_real(coef, rots, int(oversample), out)
-    return out
-
-
-# --------------------------------------------------------------------------- simulation
 
 
 @dataclasses.dataclass
@@ -501,30 +168,6 @@ class Simulation:
         return len(self.micrographs)
 
 
-def _check_volume(volume):
-    vol = np.asarray(volume)
-    if vol.ndim != 3 or len(set(vol.shape)) != 1 or vol.size == 0:
-        raise NumbaemError(
-            f"volume has shape {vol.shape}; pass a cubic 3-D map of shape (L0, L0, L0)"
-        )
-    if not (np.issubdtype(vol.dtype, np.floating) or np.issubdtype(vol.dtype, np.integer)):
-        raise NumbaemError(f"volume has dtype {vol.dtype}; pass a real-valued map")
-    vol = vol.astype(np.float64)
-    if not np.all(np.isfinite(vol)):
-        raise NumbaemError("volume holds NaN or inf voxels; replace them before simulating")
-    return vol
-
-
-def _check_positive(name, value, example):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if isinstance(value, (bool, np.bool_)) or not np.isfinite(v) or v <= 0:
-        raise NumbaemError(f"{name}={value!r} is not a positive finite number; pass e.g. {name}={example}")
-    return v
-
-
 def _crop_gain(M, Nf):
     """Variance gain ``|K| / Nf`` of a Fourier crop of white noise from ``Nf`` to ``M``."""
     if M == Nf:
@@ -579,7 +222,7 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
         Number of micrographs.
     lmax : int or None, optional
         Angular order of the truth basis ``FBBasis(L, lmax)``; default
-        :func:`default_lmax`.
+        :meth:`FBBasis.max_lmax`.
     rng : numpy.random.Generator or int
         Source of randomness; an int is used as a seed and recorded.
     oversample : int, optional
@@ -594,12 +237,8 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
     NumbaemError
         On invalid input, or when the projections cannot be placed.
     """
-    seed = None
-    if _is_int(rng) and rng >= 0:
-        seed = int(rng)
-        rng = np.random.default_rng(seed)
-    rng = _check_rng(rng)
-    vol = _check_volume(volume)
+    rng, seed = as_rng(rng)
+    vol = cubic_volume("volume", volume, "simulate")
     L0 = vol.shape[0]
     L = check_L(L)
     if L > L0:
@@ -613,25 +252,25 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
             "downsample the micrograph) or method=2 (downsample the volume first)"
         )
     method = int(method)
-    N = _check_shape(micrograph_size)
+    N = image_shape(micrograph_size)
     if min(N) < 2 * L:
         raise NumbaemError(
             f"micrograph_size={micrograph_size!r} is smaller than 2 L = {2 * L} on some "
             f"axis; pass a micrograph of at least {2 * L} x {2 * L} pixels"
         )
-    gamma = _check_positive("density", density, 0.1)
-    snr = _check_positive("snr", snr, 1.0)
-    if not _is_int(count) or count < 1:
+    gamma = positive_number("density", density, 0.1)
+    snr = positive_number("snr", snr, 1.0)
+    if not is_int(count) or count < 1:
         raise NumbaemError(f"count={count!r} is not a whole number >= 1; ask for 1 or more micrographs")
     count = int(count)
-    _spacing_distance(spacing, L)
-    if not _is_int(oversample) or oversample < 1:
+    spacing_distance(spacing, L)
+    if not is_int(oversample) or oversample < 1:
         raise NumbaemError(f"oversample={oversample!r} is not a whole number >= 1; pass oversample=1")
     oversample = int(oversample)
-    top = default_lmax(L)
+    top = FBBasis.max_lmax(L)
     if lmax is None:
         lmax = top
-    elif not _is_int(lmax) or not 0 <= lmax <= top:
+    elif not is_int(lmax) or not 0 <= lmax <= top:
         raise NumbaemError(
             f"lmax={lmax!r} is not a whole number in 0 .. {top} for L={L}; pass lmax <= "
             f"{top} or leave it out"
@@ -676,7 +315,7 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
     else:
         L_gen = L0
         Nf = tuple(int(round(n * L0 / L)) for n in N)
-        coef = _spline_coefficients(vol)
+        coef = spline_coefficients(vol)
         scale = L / L0
         energy = 0.0
         for pos, rots in zip(positions, rotations):
@@ -790,7 +429,7 @@ def write_simulation(sim, out_path, force=False, command=None, pixel_size=None):
     if not isinstance(sim, Simulation):
         raise NumbaemError(f"sim is a {type(sim).__name__}, not a Simulation; pass the result of simulate_micrographs")
     if pixel_size is not None:
-        pixel_size = _check_positive("pixel_size", pixel_size, 1.0)
+        pixel_size = positive_number("pixel_size", pixel_size, 1.0)
         out_pixel = pixel_size * sim.L0 / sim.L
     else:
         out_pixel = None
