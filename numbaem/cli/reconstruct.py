@@ -107,11 +107,8 @@ def main(args):
     if init != "random":
         init = _load_init(init, L, args.downsample_init)
     sigma2 = args.noise_var
-    if sigma2 is None:
-        if not args.estimate_noise:
-            raise NumbaemError("the noise variance is unknown: pass --noise-var S2 or --estimate-noise")
-        sigma2 = float(np.var(source.get(np.arange(min(source.n_patches, 20000)))))
-        logger.info("starting the noise estimate from the pixel variance %.4g", sigma2)
+    if sigma2 is None and not args.estimate_noise:
+        raise NumbaemError("the noise variance is unknown: pass --noise-var S2 or --estimate-noise")
     logger.info("%d micrograph(s), %d patches of %dx%d, budget %s", len(args.micrographs), source.n_patches,
                 L, L, format_size(budget))
 
@@ -122,7 +119,7 @@ def main(args):
         from ..em.checkpoint import Checkpointer, run_inputs
         inputs = run_inputs(args.micrographs, L=L, sigma2=sigma2, estimate_noise=bool(args.estimate_noise),
                             schedule=schedule, seed=args.seed, tikhonov=args.tikhonov, upsilon0=args.upsilon0,
-                            init=init if args.init else None, memory=budget, threads=args.threads)
+                            init=init if args.init else None, memory=budget)
         # the split of an iteration into Dask tasks depends on the cluster: part of the inputs
         inputs["distributed"] = dict(workers=args.workers, scheduler=args.scheduler)
         ckpt = Checkpointer(args.checkpoint, inputs, force=args.force and not args.resume)
@@ -148,16 +145,15 @@ def main(args):
     executor, close = _executor(args)
     try:
         with use_threads(args.threads), GracefulStop() as stop:
-            state = reconstruct(source, init, sigma2=sigma2, estimate_noise=args.estimate_noise, schedule=schedule,
-                                upsilon0=args.upsilon0, rng=rng, memory=budget, tikhonov=args.tikhonov, truth=truth,
-                                callback=on_iteration, progress=not args.quiet and sys.stderr.isatty(),
-                                state=state, should_stop=stop.should_stop, executor=executor)
+            result = reconstruct(source, init, sigma2=sigma2, estimate_noise=args.estimate_noise, schedule=schedule,
+                                 upsilon0=args.upsilon0, rng=rng, memory=budget, tikhonov=args.tikhonov, truth=truth,
+                                 callback=on_iteration, progress=not args.quiet and sys.stderr.isatty(),
+                                 state=state, should_stop=stop.should_stop, executor=executor)
             interrupted = stop.should_stop()
     finally:
         close()
-    basis = FBBasis(L, state.lmax)
-    vol = synthesize(state.theta, basis)
-    write_volume(args.output, vol, voxel_size=source.pixel_size, force=True if args.resume else args.force)
+    state, basis = result.state, result.basis
+    write_volume(args.output, result.volume, voxel_size=result.pixel_size, force=True if args.resume else args.force)
     if args.plot and state.history:
         _plot(state.history, args.plot, force=True if args.resume else args.force)
     if interrupted:
