@@ -5,7 +5,6 @@ import math
 import sys
 
 
-
 def positive_int(text):
     try:
         v = int(text)

@@ -51,11 +51,8 @@ def build_parser():
 
 
 def _version():
-    try:
-        from importlib.metadata import version
-        return version("numbaem")
-    except Exception:  # pragma: no cover
-        return "unknown"
+    from .._version import __version__
+    return __version__
 
 
 def _setup_logging(args):

@@ -615,11 +615,8 @@ def _float(v):
 
 
 def _version():
-    from importlib import metadata
-    try:
-        return metadata.version("numbaem")
-    except metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
-        return "unknown"
+    from .._version import __version__
+    return __version__
 
 
 def _rng_state(rng):
@@ -649,6 +646,5 @@ def _restore_rng(doc, where, fix):
     if rng.bit_generator.state != doc:
         raise NumbaemError(f"{where} has a random generator state that does not restore exactly; {fix}")
     return rng
-
 
 
