@@ -110,7 +110,7 @@ class IterationPlan:
         return self.parts["peak"]
 
 
-def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None):
+def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None):
     """The :class:`IterationPlan` of an iteration with ``K`` rotations and ``M`` coefficients.
 
     Parameters
@@ -124,6 +124,8 @@ def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None):
         Bytes of the cached ``Phi`` images.
     target : int, optional
         Preferred chunk bytes (default :data:`CHUNK_TARGET_BYTES`).
+    lmax : int, optional
+        Named in the error message.
 
     Raises
     ------
@@ -145,8 +147,9 @@ def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None):
     free = room - resident
     if free < per or room - resident - max(phases.values()) < 0:
         need = INTERPRETER_BYTES + resident + max(per, max(phases.values()))
-        raise NumbaemError(f"the memory budget {format_size(budget)} is too small for K={K} rotations at L={L} "
-                           f"with M={M} coefficients: at least {format_size(need)} is needed (of which "
+        order = f"lmax={lmax} ({M} coefficients)" if lmax is not None else f"{M} coefficients"
+        raise NumbaemError(f"the memory budget {format_size(budget)} is too small for {K} rotations and "
+                           f"{order} at L={L}: at least {format_size(need)} is needed (of which "
                            f"{format_size(INTERPRETER_BYTES)} for the interpreter); raise --memory or lower "
                            "the rotations of the schedule")
     target = chunk_target_bytes() if target is None else int(target)
