@@ -151,7 +151,7 @@ def test_refuses_to_overwrite_without_force(tmp_path, rng):
     path = tmp_path / "vol.mrc"
     first = rng.standard_normal((3, 3, 3))
     write_volume(path, first)
-    with pytest.raises(NumbaemError, match="exists; pass --force"):
+    with pytest.raises(NumbaemError, match="exists; pass force=True"):
         write_volume(path, first + 1.0)
     np.testing.assert_allclose(read_volume(path)[0], first, rtol=F32_RTOL, atol=1e-7)
     write_volume(path, first + 1.0, force=True)
