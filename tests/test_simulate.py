@@ -358,7 +358,7 @@ def test_write_simulation_single_micrograph_name(tmp_path, small_sim):
 
 def test_write_simulation_refuses_existing_outputs_and_writes_nothing(tmp_path, small_sim):
     (tmp_path / "mic.truth.mrc").write_text("keep")
-    with pytest.raises(NumbaemError, match="mic.truth.mrc' exists; pass --force"):
+    with pytest.raises(NumbaemError, match="mic.truth.mrc' exists; pass force=True"):
         write_simulation(small_sim, tmp_path / "mic.mrc")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mic.truth.mrc"]
     assert (tmp_path / "mic.truth.mrc").read_text() == "keep"
