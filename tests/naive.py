@@ -74,18 +74,26 @@ def shift_operator(L, shift):
     return Mtx
 
 
-def brute_log_posteriors(patches, A, theta, upsilon, sigma2):
+def brute_log_posteriors(patches, A, theta, upsilon, sigma2, window=None):
     """Brute-force E-step: unnormalised log-probabilities of every state of every patch.
 
     Returns ``(logp_empty (n,), logp (n, K, 2L, 2L) with -inf at dropped shifts, loglik (n,))``
     where ``loglik`` is the full log-likelihood of each patch (MODEL section 4),
-    computed from explicit residual norms.
+    computed from explicit residual norms. With ``window`` only the shifts whose signed
+    offsets (index ``l`` is ``l`` below ``L`` and ``l - 2L`` above) are at most ``window``
+    in size exist, each with prior ``(1 - upsilon) / ((2 window + 1)^2 K)``.
     """
     n, L, _ = patches.shape
     K = A.shape[0]
     P = L * L
     shifts = nonempty_shifts(L)
     logprior_shift = math.log((1 - upsilon) / ((2 * L - 1) ** 2 * K))
+    if window is not None:
+        def signed(i):
+            return i if i < L else i - 2 * L
+        shifts = [sh for sh in shifts if abs(signed(sh[0])) <= window and abs(signed(sh[1])) <= window]
+        assert len(shifts) == (2 * window + 1) ** 2
+        logprior_shift = math.log((1 - upsilon) / (len(shifts) * K))
     const = -P / 2 * math.log(2 * math.pi * sigma2)
     proj = (A @ theta).reshape(K, L, L)
     logp = np.full((n, K, 2 * L, 2 * L), -np.inf)
@@ -122,3 +130,50 @@ def brute_normal_equations(patches, A, w, L):
             H += wk.sum() * (Akl.T @ Akl)
             b += Akl.T @ (patches.reshape(n, P).T @ wk)
     return H, b
+
+
+def atomic_density(pos, occ, b_iso, a, b, L, pixel_size):
+    """Band-limited density of Gaussian atoms by a direct sum over atoms and frequencies.
+
+    ``F(k) = sum_atoms occ sum_i a_i exp(-(b_i + B) |k|^2 / 4) exp(-2 pi i k . r)`` at the
+    centred grid frequencies ``k = (n - R) / (L pixel_size)`` inside the ball ``|k| <= 1/2``
+    cycles per pixel, then ``vol = (1 / V) sum_k F(k) e^{2 pi i k . x}`` at the voxels
+    ``x = (n - R) pixel_size`` (``V = (L pixel_size)^3``): the Fourier series of the
+    periodic density, truncated to the ball. No FFT, no grid sampling, no blur.
+    ``pos`` (n, 3) in Angstrom from the centre; ``a``, ``b`` (n, 5) the Gaussian
+    coefficients of each atom.
+    """
+    R = L // 2
+    m = np.arange(L) - R
+    f = m / (L * pixel_size)
+    kx, ky, kz = np.meshgrid(f, f, f, indexing="ij")
+    ball = (kx ** 2 + ky ** 2 + kz ** 2) * pixel_size ** 2 <= 0.25 + 1e-12
+    k = np.stack([kx[ball], ky[ball], kz[ball]], axis=1)            # (nk, 3)
+    s2 = np.sum(k ** 2, axis=1)
+    F = np.zeros(len(k), np.complex128)
+    for r, q, B, ai, bi in zip(pos, occ, b_iso, a, b):
+        amp = q * np.sum(ai[None, :] * np.exp(-(bi[None, :] + B) * s2[:, None] / 4.0), axis=1)
+        F += amp * np.exp(-2j * np.pi * (k @ r))
+    x = m * pixel_size
+    X = np.stack(np.meshgrid(x, x, x, indexing="ij"), axis=-1).reshape(-1, 3)
+    vol = np.zeros(L ** 3)
+    for i0 in range(0, len(X), 4096):
+        vol[i0:i0 + 4096] = (np.exp(2j * np.pi * (X[i0:i0 + 4096] @ k.T)) @ F).real
+    return vol.reshape(L, L, L) / (L * pixel_size) ** 3
+
+
+def score_map(image, templates, sigma2):
+    """``max_k sum_u y[s + u] p_k[u] / (sigma ||p_k||)`` for every top-left ``s``, by explicit loops."""
+    N0, N1 = image.shape
+    K, L, _ = templates.shape
+    z = np.full((N0 - L + 1, N1 - L + 1), -np.inf)
+    best = np.zeros(z.shape, dtype=np.int64)
+    for k in range(K):
+        t = templates[k] / np.sqrt(np.sum(templates[k] ** 2))
+        for a in range(N0 - L + 1):
+            for b in range(N1 - L + 1):
+                v = np.sum(image[a:a + L, b:b + L] * t) / math.sqrt(sigma2)
+                if v > z[a, b]:
+                    z[a, b] = v
+                    best[a, b] = k
+    return z, best

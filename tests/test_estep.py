@@ -143,3 +143,46 @@ def test_concurrent_estep_calls_in_threads_are_independent(rng):
         together = list(pool.map(one, chunks))
     for a, b in zip(alone, together):
         assert np.array_equal(a.W, b.W) and np.array_equal(a.G, b.G) and a.loglik == b.loglik
+
+
+@pytest.mark.parametrize("window", [0, 1, 2])
+def test_restricted_shifts_match_brute_force(rng, window):
+    """Boxes around picks (shifts |l| <= w): the E-step equals the brute-force sum over the
+    allowed shifts only, each with prior (1 - upsilon) / ((2w + 1)^2 K)."""
+    from numbaem.em.estep import restrict_shifts
+
+    basis, A, theta, proj, patches, sigma2 = _case(rng)
+    patches[1] += naive.shift_crop(proj[2], (1, 9), 5)     # shift (+1, -1): inside every window >= 1
+    L, K = basis.L, len(A)
+    upsilon = 0.3
+    stats = SufficientStats.zeros(K, L)
+    spectra = restrict_shifts(projection_spectra(proj), window)
+    loglik, w, w_empty = e_step_chunk(patches, spectra, upsilon, sigma2, stats, keep_posteriors=True)
+    logp_empty, logp, ll_ref = naive.brute_log_posteriors(patches, A, theta, upsilon, sigma2, window=window)
+    np.testing.assert_allclose(loglik, ll_ref, rtol=1e-13)
+    np.testing.assert_allclose(w, np.exp(logp - ll_ref[:, None, None, None]), rtol=1e-11, atol=1e-15)
+    np.testing.assert_allclose(w_empty, np.exp(logp_empty - ll_ref), rtol=1e-11)
+    np.testing.assert_allclose(w_empty + w.sum(axis=(1, 2, 3)), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(stats.W, w.sum(axis=0), rtol=1e-11, atol=1e-15)
+
+
+def test_best_states_are_the_posterior_maxima(rng):
+    """best_states: the shift with the largest posterior summed over rotations, the rotation
+    with the largest posterior at it, signed as MODEL section 4 reads the shift index."""
+    from numbaem.em.estep import signed_shifts
+
+    basis, A, theta, proj, patches, sigma2 = _case(rng, n=4)
+    patches[0] = naive.shift_crop(proj[1], (2, 7), 5) + 0.01 * patches[0]    # shift (+2, -3), rotation 1
+    L, K = basis.L, len(A)
+    stats = SufficientStats.zeros(K, L)
+    _, w, w_empty, best = e_step_chunk(patches, projection_spectra(proj), 0.3, sigma2, stats, keep_posteriors=True,
+                                       return_best=True)
+    assert (best["shift0"][0], best["shift1"][0], best["rotation"][0]) == (2, -3, 1)
+    sh = signed_shifts(L)
+    for j in range(len(patches)):
+        per_shift = w[j].sum(axis=0)
+        l0, l1 = np.unravel_index(np.argmax(per_shift), per_shift.shape)
+        assert (best["shift0"][j], best["shift1"][j]) == (sh[l0], sh[l1])
+        assert best["rotation"][j] == np.argmax(w[j][:, l0, l1])
+        assert best["shift_probability"][j] == pytest.approx(per_shift[l0, l1], rel=1e-12)
+        assert best["occupied"][j] == pytest.approx(1 - w_empty[j], rel=1e-12)

@@ -26,6 +26,8 @@ API_FLOORS = {
     "threadpoolctl": ("3.1", "threadpool_limits(...).restore_original_limits() (use_threads)"),
     "tqdm": ("4.66", "tqdm.auto"),
     "matplotlib": ("3.8", "Figure.savefig(format='png') to an open file"),
+    "gemmi": ("0.7", "DensityCalculatorE with blur / cutoff and Model.all() as used (tested with 0.7.5)"),
+    "starfile": ("0.5", "starfile.read / starfile.write of a dict of DataFrames (tested with 0.5.13)"),
 }
 
 

@@ -12,6 +12,7 @@ from ..runtime.errors import InterruptedRun, NumbaemError, OutputExists
 from . import demo
 from . import fsc
 from . import molecule
+from . import pick
 from . import project
 from . import reconstruct
 from . import simulate
@@ -21,6 +22,7 @@ COMMANDS = {
     "project": project,
     "molecule": molecule,
     "reconstruct": reconstruct,
+    "pick": pick,
     "fsc": fsc,
     "demo": demo,
 }

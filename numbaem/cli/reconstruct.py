@@ -8,6 +8,17 @@ stage by stage; the stochastic factor draws a fraction of the patches per iterat
 Schedule: "lmax=2,iters=5,frac=0.1,rotations=300;lmax=4,iters=5,frac=0.05,rotations=600"
 (or a TOML file with [[stage]] tables with the same keys). Default: three stages up to
 the highest lmax of L (about L-1) with K = 100, 300, 1000 and full batches.
+
+Starts: a volume (--init INIT.mrc), an atomic model (--init MODEL.pdb|MODEL.cif, or a
+shipped entry such as 1hvr: its density at the micrographs' pixel size, scaled to the
+data), or ab initio (--init random, with --restarts N seeded starts, the posterior annealed
+early on by --anneal, keeping the run with the highest log-likelihood).
+
+Pick-then-EM: --particles coords.star runs the same EM on L x L boxes around the picks
+(RELION coordinate STAR, as numbaem pick writes), shifts within --shift-window pixels.
+--write-particles coords.star writes the particles the final E-step finds (posterior
+probability of a particle >= --min-probability), with that probability and the most
+likely rotation as extra columns.
 """
 import json
 import logging
@@ -37,8 +48,9 @@ def add_args(p):
     p.add_argument("--patch-size", type=int, required=True, metavar="L", help="particle / patch side in pixels, odd")
     p.add_argument("-o", "--output", required=True, metavar="EST.mrc", help="estimated volume (side L)")
     start = p.add_mutually_exclusive_group(required=True)
-    start.add_argument("--init", metavar="INIT.mrc|random",
-                       help="initial volume of side L (e.g. a homolog or AlphaFold map), or 'random'")
+    start.add_argument("--init", metavar="INIT.mrc|MODEL.cif|random",
+                       help="initial volume of side L (e.g. a homolog or AlphaFold map), an atomic model (PDB / mmCIF "
+                            "file, or a shipped entry: 1hvr, 4e43), or 'random' (ab initio)")
     start.add_argument("--resume", action="store_true",
                        help="continue from the last complete checkpoint in --checkpoint instead")
     n = p.add_mutually_exclusive_group()
@@ -51,6 +63,25 @@ def add_args(p):
                    help="stages 'lmax=..,iters=..,frac=..,rotations=..;...' or a .toml file (default: see above)")
     p.add_argument("--downsample-init", action="store_true",
                    help="Fourier-downsample an initial volume that is larger than L to side L")
+    p.add_argument("--pixel-size", type=positive_float, default=None, metavar="A",
+                   help="the micrographs' pixel size in Angstrom, for an atomic-model start (default: the MRC header)")
+    p.add_argument("--restarts", type=positive_int, default=1, metavar="N",
+                   help="with --init random: run from N seeded random starts and keep the run with the highest "
+                        "log-likelihood (default 1)")
+    p.add_argument("--anneal", default="auto", metavar="T0,N|none",
+                   help="anneal the posterior over the first N iterations from temperature T0 down to 1 (the E-step "
+                        f"sees T sigma^2); 'auto': {AUTO_ANNEAL[0]:g},{AUTO_ANNEAL[1]} for --init random, none otherwise")
+    p.add_argument("--particles", metavar="coords.star", default=None,
+                   help="pick-then-EM: run on L x L boxes around these picks (RELION coordinate STAR) instead of the "
+                        "micrographs' patch grid")
+    p.add_argument("--shift-window", type=nonneg_int, default=None, metavar="W",
+                   help="with --particles: shifts of the particle from its pick considered, |l| <= W pixels per axis "
+                        "(default L // 4)")
+    p.add_argument("--write-particles", metavar="coords.star", default=None,
+                   help="write the particles found by the final E-step as RELION coordinate STAR")
+    p.add_argument("--min-probability", type=fraction, default=0.5, metavar="P",
+                   help="with --write-particles: least posterior probability that a patch holds a particle "
+                        "(default 0.5)")
     p.add_argument("--upsilon0", type=fraction, default=0.5, help="initial probability of an empty patch (default 0.5)")
     p.add_argument("--tikhonov", type=nonneg_float, default=0.0, metavar="LAMBDA",
                    help="Tikhonov term lambda added to H (default 0; raised automatically if H is singular)")
@@ -70,6 +101,36 @@ def add_args(p):
     p.add_argument("--plot", metavar="PNG", help="write a convergence plot (log-likelihood, FSC) as PNG")
     p.add_argument("--json", action="store_true", help="print a final JSON summary on standard output")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+#: ``--anneal auto`` for random starts: (start temperature, iterations).
+AUTO_ANNEAL = (10.0, 8)
+
+
+def _anneal(text, init):
+    text = str(text).strip().lower()
+    if text == "none":
+        return None
+    if text == "auto":
+        return AUTO_ANNEAL if init == "random" else None
+    try:
+        t0, n = text.split(",")
+        return float(t0), int(n)
+    except ValueError:
+        raise NumbaemError(f"--anneal {text!r} is not 'T0,N', 'auto' or 'none'; write e.g. --anneal 10,8") from None
+
+
+def load_init(init, L, downsample_init, source=None, pixel_size=None):
+    """The start as a volume of side L: an MRC map, or an atomic model's density at the micrographs' pixel size."""
+    from ..sim.atomic import is_model_file, model_density
+
+    if is_model_file(init):
+        px = pixel_size or getattr(source, "pixel_size", None)
+        if px is None:
+            raise NumbaemError(f"the micrographs carry no pixel size, which an atomic-model start ({init}) needs; "
+                               "pass --pixel-size A")
+        return model_density(init, L, px)
+    return _load_init(init, L, downsample_init)
 
 
 def _schedule(text):
@@ -100,18 +161,28 @@ def main(args):
     budget = parse_size(args.memory) if args.memory else default_budget()
     if args.resume and not args.checkpoint:
         raise NumbaemError("--resume needs --checkpoint DIR, the directory of the run to continue")
-    outputs = [args.output] + [x for x in (args.log, args.plot) if x]
+    outputs = [args.output] + [x for x in (args.log, args.plot, args.write_particles) if x]
     if not args.resume:
         check_outputs(outputs, args.force)
-    source = PatchSource.from_files(args.micrographs, L)
+    if args.restarts > 1 and (args.init != "random" or args.checkpoint):
+        raise NumbaemError("--restarts needs --init random and no --checkpoint (each restart is a whole run)")
+    if args.particles and args.write_particles:
+        raise NumbaemError("--write-particles needs the micrographs' patch grid; leave out --particles")
+    if args.shift_window is not None and not args.particles:
+        raise NumbaemError("--shift-window belongs to --particles (boxes around picks)")
+    source = _source(args, L)
     truth = None
     if args.truth:
         truth, _ = read_volume(args.truth)
         if truth.shape[0] != L:
             raise NumbaemError(f"the truth volume {args.truth} is {truth.shape[0]}^3; give it at side L={L}")
     init = args.init or "random"
+    model_start = False
     if init != "random":
-        init = _load_init(init, L, args.downsample_init)
+        from ..sim.atomic import is_model_file
+        model_start = is_model_file(init)
+        init = load_init(init, L, args.downsample_init, source, args.pixel_size)
+    anneal = _anneal(args.anneal, "random" if isinstance(init, str) else None)
     sigma2 = args.noise_var
     if sigma2 is None and not args.estimate_noise:
         raise NumbaemError("the noise variance is unknown: pass --noise-var S2 or --estimate-noise")
@@ -154,8 +225,11 @@ def main(args):
             result = reconstruct(source, init, sigma2=sigma2, estimate_noise=args.estimate_noise, schedule=schedule,
                                  upsilon0=args.upsilon0, rng=rng, memory=budget, tikhonov=args.tikhonov, truth=truth,
                                  callback=on_iteration, progress=not args.quiet and sys.stderr.isatty(),
-                                 state=state, should_stop=stop.should_stop, executor=executor)
+                                 state=state, should_stop=stop.should_stop, executor=executor, anneal=anneal,
+                                 restarts=args.restarts, scale_init=model_start)
             interrupted = stop.should_stop()
+            if args.write_particles and not interrupted:
+                picks = _write_particles(args, source, result, schedule, budget)
     finally:
         close()
     state, basis = result.state, result.basis
@@ -169,12 +243,46 @@ def main(args):
     summary = dict(output=args.output, L=L, lmax=state.lmax, M=basis.M, iterations=state.total_iterations,
                    upsilon=state.upsilon, sigma2=state.sigma2, patches=source.n_patches,
                    seconds=time.perf_counter() - t_start, history=state.history)
+    if result.restarts is not None:
+        summary["restarts"] = result.restarts
+    if args.write_particles:
+        summary["particles_written"] = len(picks)
     if truth is not None:
         from ..analysis.compare import compare_to_truth
         summary.update(compare_to_truth(state.theta, basis, truth))
     logger.info("wrote %s after %d iterations", args.output, state.total_iterations)
     if args.json:
         emit_json(summary)
+
+
+def _source(args, L):
+    if not args.particles:
+        return PatchSource.from_files(args.micrographs, L)
+    from ..data.boxes import BoxSource
+    from ..data.coordinates import coordinates_by_micrograph, read_coordinates
+
+    df = read_coordinates(args.particles)
+    centres = coordinates_by_micrograph(df, args.micrographs, where=f"--particles {args.particles}")
+    window = L // 4 if args.shift_window is None else args.shift_window
+    source = BoxSource.from_files(args.micrographs, L, centres, window)
+    logger.info("pick-then-EM: %d boxes around the picks of %s, shifts within %d pixel(s)", source.n_patches,
+                args.particles, window)
+    return source
+
+
+def _write_particles(args, source, result, schedule, budget):
+    from ..data.coordinates import relion_angles, write_coordinates
+    from ..em.particles import posterior_particles
+    from ..em.schedule import default_schedule
+
+    K = (schedule or default_schedule(source.L))[-1].rotations
+    picks = posterior_particles(source, result.theta, result.basis, K, result.upsilon, result.sigma2,
+                                min_probability=args.min_probability, memory=budget)
+    ang = relion_angles(picks.rotation)
+    write_coordinates(args.write_particles, [args.micrographs[m] for m in picks.micrograph], picks.centre,
+                      extra={"rlnAutopickFigureOfMerit": picks.score, "rlnAngleRot": ang[:, 0],
+                             "rlnAngleTilt": ang[:, 1], "rlnAnglePsi": ang[:, 2]}, force=args.force)
+    return picks
 
 
 def _executor(args):

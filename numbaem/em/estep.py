@@ -95,12 +95,18 @@ class ProjectionSpectra:
     ----------
     Pc : ndarray, complex, shape (K, 2L, L + 1)
     e : ndarray, shape (K, 2L, 2L)
+        ``+inf`` at shifts that are ruled out (:func:`restrict_shifts`): their score is
+        ``-inf`` and their posterior 0.
     L : int
+    log_shift_offset : float
+        Added to every non-empty state's log prior: ``log((2L-1)^2 / n_allowed)`` when
+        only ``n_allowed`` shifts are allowed, so that the prior still sums to one.
     """
 
     Pc: np.ndarray
     e: np.ndarray
     L: int
+    log_shift_offset: float = 0.0
 
     @property
     def K(self):
@@ -136,6 +142,73 @@ def projection_spectra(proj):
     spec *= box_spectrum(L)[None]
     e = ws.backward().copy()
     return ProjectionSpectra(Pc, e, L)
+
+
+def signed_shifts(L):
+    """The shift ``l`` of each of the ``2L`` indices per axis as a signed offset (section 4).
+
+    Index ``l < L`` moves the projection by ``+l``; ``l > L`` wraps to ``l - 2L`` (the
+    projection starts above / left of the patch); index ``L`` (dropped) maps to ``L``.
+    """
+    l = np.arange(2 * L)
+    return np.where(l > L, l - 2 * L, l)
+
+
+def restrict_shifts(spectra, window):
+    """Spectra whose E-step only considers shifts ``|l_0|, |l_1| <= window`` (signed).
+
+    For boxes cut around picks (:class:`numbaem.data.boxes.BoxSource`): ``e`` becomes
+    ``+inf`` at the other shifts (their posterior is then exactly 0) and the prior of each
+    allowed shift becomes ``(1 - upsilon) / ((2 window + 1)^2 K)`` through
+    ``log_shift_offset``. The empty state is unchanged.
+
+    Parameters
+    ----------
+    spectra : ProjectionSpectra
+    window : int
+        ``0 <= window < L``.
+
+    Returns
+    -------
+    ProjectionSpectra
+    """
+    L = spectra.L
+    w = int(window)
+    if not 0 <= w < L:
+        raise NumbaemError(f"shift window {window} must lie in 0 .. {L - 1} for L={L}")
+    sl = np.abs(signed_shifts(L)) <= w
+    allowed = sl[:, None] & sl[None, :]
+    e = spectra.e.copy()
+    e[:, ~allowed] = np.inf
+    offset = spectra.log_shift_offset + math.log((2 * L - 1) ** 2 / (2 * w + 1) ** 2)
+    return ProjectionSpectra(spectra.Pc, e, L, offset)
+
+
+def best_states(post, w_empty):
+    """Per patch: the most likely shift (rotations summed out) and, at it, the most likely rotation.
+
+    Parameters
+    ----------
+    post : ndarray, shape (n, K, 2L, 2L)
+        Posteriors of the non-empty states (normalised with the empty one).
+    w_empty : ndarray, shape (n,)
+
+    Returns
+    -------
+    dict of ndarray (n,): ``occupied`` (``1 - w_empty``), ``shift0``, ``shift1`` (signed,
+    :func:`signed_shifts`), ``shift_probability`` (posterior of that shift),
+    ``rotation`` (grid index).
+    """
+    n, K, n2, _ = post.shape
+    L = n2 // 2
+    per_shift = post.sum(axis=1).reshape(n, n2 * n2)
+    flat = np.argmax(per_shift, axis=1)
+    l0, l1 = np.divmod(flat, n2)
+    rows = np.arange(n)
+    rot = np.argmax(post[rows, :, l0, l1], axis=1)
+    sh = signed_shifts(L)
+    return dict(occupied=1.0 - w_empty, shift0=sh[l0], shift1=sh[l1], shift_probability=per_shift[rows, flat],
+                rotation=rot)
 
 
 @functools.lru_cache(maxsize=8)
@@ -365,7 +438,8 @@ def _no_timer(name):
     return contextlib.nullcontext()
 
 
-def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_posteriors=False, timer=None):
+def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_posteriors=False, timer=None,
+                 return_best=False):
     """E-step on one chunk of patches; adds its sufficient statistics into ``stats``.
 
     Parameters
@@ -389,12 +463,15 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
         Wraps each step (``patch_spectra``, ``products``, ``fft_backward``,
         ``posteriors``, ``fft_forward``, ``accumulate``, ``rest``); the bench uses it
         to time the steps of this very code path.
+    return_best : bool
+        Also return :func:`best_states` of the chunk's patches (posterior picks).
 
     Returns
     -------
     loglik : ndarray, shape (n,)
         Log-likelihood of each patch under the model of section 4.
     (w, w_empty) when ``keep_posteriors``.
+    best : dict when ``return_best`` (last).
     """
     patches = np.asarray(patches, dtype=np.float64)
     n, L, _ = patches.shape
@@ -419,11 +496,12 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
         _products(Yh, spectra.Pc, n, ws.spec)
     with timer("fft_backward"):
         C = ws.backward(normalise=False)
-    log_shift_prior = math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * K)
+    log_shift_prior = math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * K) + spectra.log_shift_offset
     with timer("posteriors"):
         w_empty, lse, norm = _posteriors(C, spectra.e, n, L, 1.0 / (2 * L) ** 2, log_shift_prior,
                                          math.log(upsilon), 1.0 / (2.0 * sigma2))
     post = C[:n] * norm[:n, None, None, None] if keep_posteriors else None
+    best = best_states(C[:n] * norm[:n, None, None, None], w_empty[:n]) if return_best else None
     with timer("fft_forward"):
         Q = ws.forward()
     with timer("accumulate"):
@@ -435,9 +513,12 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
         stats.sum_empty += float(w_empty[:n].sum())
         stats.sum_yy += float(yy.sum())
         stats.loglik += float(loglik.sum())
+    out = (loglik,)
     if keep_posteriors:
-        return loglik, post, w_empty[:n].copy()
-    return loglik
+        out += (post, w_empty[:n].copy())
+    if return_best:
+        out += (best,)
+    return out if len(out) > 1 else loglik
 
 
 def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, timer=None):

@@ -28,7 +28,7 @@ from ..runtime.errors import NumbaemError
 from ..runtime.threads import prefer_passive_openmp
 from ..runtime.validate import as_rng
 from ..runtime.memory import default_budget, format_size, peak_rss, reset_peak_rss
-from .estep import projection_spectra, stream_stats
+from .estep import projection_spectra, restrict_shifts, stream_stats
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
 from .plan import phi_bytes, plan_iteration
 from .schedule import Stage, default_schedule, load_schedule, parse_schedule, validate_schedule  # noqa: F401
@@ -69,12 +69,15 @@ def stage_plan(budget, basis, K, n_selected):
 
 
 def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhonov=0.0,
-                 budget=None, progress=None, n_chunk=None, executor=None):
+                 budget=None, progress=None, n_chunk=None, executor=None, temperature=1.0):
     """One EM iteration (in place on ``state``); returns the iteration's record.
 
     ``progress`` is an optional callable ``progress(n_done)`` called after each chunk;
     ``executor`` computes the sufficient statistics (default :class:`LocalExecutor`).
     The FFT plan cache is bounded to the plan's workspaces for the iteration.
+    ``temperature`` ``T >= 1`` anneals the posterior: the E-step sees the noise variance
+    ``T sigma^2``, so every score ``-||y - C T_l Z A_k x||^2 / (2 sigma^2)`` is divided by
+    ``T`` (the priors are not); the record's log-likelihood is then the tempered one.
     """
     t0 = time.perf_counter()
     reset_peak_rss()
@@ -89,8 +92,11 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
         proj = operator.project(state.theta)
         spectra = projection_spectra(proj)
         del proj
+        if getattr(source, "shift_window", None) is not None:   # boxes around picks (numbaem.data.boxes)
+            spectra = restrict_shifts(spectra, source.shift_window)
         executor = executor or LocalExecutor()
-        stats = executor.sufficient_stats(source, idx, spectra, state.upsilon, state.sigma2, n_chunk, progress)
+        stats = executor.sufficient_stats(source, idx, spectra, state.upsilon, state.sigma2 * temperature, n_chunk,
+                                          progress)
         del spectra
         t_e = time.perf_counter()
         H, b = normal_equations(operator.blocks(), stats.W, stats.G, L, M, max_block_bytes=plan.mstep_block_bytes)
@@ -110,7 +116,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
                 loglik=float(loglik), loglik_per_patch=float(loglik / len(idx)),
                 upsilon=state.upsilon, sigma2=state.sigma2, tikhonov=sol.tikhonov,
                 seconds=t1 - t0, seconds_estep=t_e - t0, seconds_mstep=t1 - t_e, peak_memory=peak_rss(),
-                planned_peak_bytes=int(plan.peak))
+                planned_peak_bytes=int(plan.peak), temperature=float(temperature))
 
 
 def sample_patches(source, rng, n=2000):
@@ -155,13 +161,29 @@ def initial_noise_variance(patches, quantile=0.25):
     return val
 
 
-def initial_theta(init, L, lmax, rng=None, source=None, sigma2=None):
+def data_scale(theta, basis, source, sigma2, rng):
+    """The factor that gives ``theta``'s projections the data's energy.
+
+    The mean projection energy over 20 grid rotations is matched to the data's excess
+    energy over the noise, ``mean ||y_j||^2 - L^2 sigma^2`` per patch, over a seeded
+    sample of patches from every micrograph (:func:`sample_patches`).
+    """
+    from ..model.projection import project
+
+    L = basis.L
+    y = sample_patches(source, rng)
+    excess = max(float(np.mean(np.sum(y ** 2, axis=(1, 2)))) - L * L * sigma2, 1e-3 * L * L * sigma2)
+    p = project(theta, basis, rotation_grid(20))
+    return math.sqrt(excess / max(np.mean(np.sum(p ** 2, axis=(1, 2))), 1e-300))
+
+
+def initial_theta(init, L, lmax, rng=None, source=None, sigma2=None, scale=False):
     """Coefficients of the initial guess: a volume (L^3 array) or ``'random'``.
 
-    A random start draws Gaussian coefficients (seeded ``rng``) scaled so that the mean
-    projection energy matches the data's excess energy over the noise,
-    ``mean ||y_j||^2 - L^2 sigma^2`` per patch, over a seeded sample of patches from
-    every micrograph (:func:`sample_patches`), when the data are given.
+    A random start draws Gaussian coefficients (seeded ``rng``) scaled by
+    :func:`data_scale` when the data are given. A volume is expanded as it is, or, with
+    ``scale`` (a start in other units, such as an atomic model's density), scaled the
+    same way.
     """
     basis = FBBasis(L, lmax)
     if isinstance(init, str):
@@ -170,17 +192,17 @@ def initial_theta(init, L, lmax, rng=None, source=None, sigma2=None):
         rng, _ = as_rng(np.random.default_rng() if rng is None else rng)
         theta = rng.standard_normal(basis.M)
         if source is not None and sigma2 is not None:
-            y = sample_patches(source, rng)
-            excess = max(float(np.mean(np.sum(y ** 2, axis=(1, 2)))) - L * L * sigma2, 1e-3 * L * L * sigma2)
-            from ..model.projection import project
-            p = project(theta, basis, rotation_grid(20))
-            theta *= math.sqrt(excess / max(np.mean(np.sum(p ** 2, axis=(1, 2))), 1e-300))
+            theta *= data_scale(theta, basis, source, sigma2, rng)
         return theta
     vol = np.asarray(init, dtype=np.float64)
     if vol.shape != (L, L, L):
         raise NumbaemError(f"the initial volume is {vol.shape[0]}^3 but the patch size is L={L}; "
                            f"downsample it to side {L} first (numbaem reconstruct --downsample-init does this)")
-    return expand(vol, basis)
+    theta = expand(vol, basis)
+    if scale and source is not None and sigma2 is not None:
+        rng, _ = as_rng(np.random.default_rng() if rng is None else rng)
+        theta *= data_scale(theta, basis, source, sigma2, rng)
+    return theta
 
 
 @dataclasses.dataclass
@@ -205,6 +227,9 @@ class Reconstruction:
         Everything needed to continue the run (``reconstruct(..., state=result.state)``).
     stopped : bool
         True when ``should_stop`` ended the run before the schedule did.
+    restarts : list of dict or None
+        With ``restarts > 1``: one record per restart (``restart``, ``loglik`` on the common
+        patches, ``kept``, and the truth comparison when a truth was given).
     """
 
     volume: np.ndarray
@@ -216,11 +241,38 @@ class Reconstruction:
     history: list
     state: "EMState"
     stopped: bool = False
+    restarts: list = None
+
+
+def anneal_temperature(anneal, iteration):
+    """The temperature of iteration ``iteration`` (0-based, counted over the whole run).
+
+    ``anneal = (T0, n)``: ``T = T0^(1 - t/n)`` for ``t < n`` (geometric, from ``T0`` down
+    towards 1), then 1; ``None`` is no annealing.
+    """
+    if anneal is None:
+        return 1.0
+    T0, n = anneal
+    return float(T0) ** (1.0 - iteration / n) if iteration < n else 1.0
+
+
+def _check_anneal(anneal):
+    if anneal is None:
+        return None
+    try:
+        T0, n = anneal
+        T0, n = float(T0), int(n)
+    except (TypeError, ValueError):
+        raise NumbaemError(f"anneal={anneal!r} is not a pair (T0, iterations); pass e.g. anneal=(8, 6)") from None
+    if not (math.isfinite(T0) and T0 >= 1) or n < 1:
+        raise NumbaemError(f"anneal={anneal!r}: the start temperature must be >= 1 and the iterations >= 1; "
+                           "pass e.g. anneal=(8, 6)")
+    return T0, n
 
 
 def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=None, upsilon0=0.5,
                 rng=None, memory=None, tikhonov=0.0, truth=None, callback=None, progress=True,
-                state=None, should_stop=None, executor=None):
+                state=None, should_stop=None, executor=None, anneal=None, restarts=1, scale_init=False):
     """Run the approximate EM with frequency marching.
 
     Parameters
@@ -257,6 +309,17 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         consistent: it holds only finished iterations).
     executor : object with ``sufficient_stats(...)``, optional
         Where the E-step runs (default in-process; see ``numbaem.em.distributed``).
+    anneal : (float, int), optional
+        ``(T0, n)``: anneal the posterior over the first ``n`` iterations, from temperature
+        ``T0`` geometrically down to 1 (:func:`anneal_temperature`; the E-step sees
+        ``T sigma^2``). Ab initio runs use it to keep many poses alive early on.
+    restarts : int
+        With ``init='random'``: run the whole schedule from this many seeded random starts
+        (generators spawned from ``rng``) and keep the run whose final estimate has the
+        highest log-likelihood on one common set of patches (:func:`log_likelihood`).
+    scale_init : bool
+        Scale a volume start by :func:`data_scale` (for starts in other units, e.g. an
+        atomic model's density).
 
     Returns
     -------
@@ -278,9 +341,21 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         raise NumbaemError(f"upsilon0={upsilon0} must lie strictly between 0 and 1")
     schedule = validate_schedule(schedule or default_schedule(L), L)
     budget = default_budget() if memory is None else int(memory)
+    anneal = _check_anneal(anneal)
+    restarts = int(restarts)
+    if restarts < 1:
+        raise NumbaemError(f"restarts={restarts} must be at least 1")
+    if restarts > 1:
+        if not (isinstance(init, str) and init == "random") or state is not None:
+            raise NumbaemError("restarts > 1 needs init='random' and no state to resume; several starts from one "
+                               "volume would be the same run")
+        return _best_of_restarts(source, sigma2=sigma2, estimate_noise=estimate_noise, schedule=schedule,
+                                 upsilon0=upsilon0, rng=rng, memory=budget, tikhonov=tikhonov, truth=truth,
+                                 callback=callback, progress=progress, should_stop=should_stop, executor=executor,
+                                 anneal=anneal, restarts=restarts)
     stopped = False
     if state is None:
-        theta = initial_theta(init, L, schedule[0].lmax, rng=rng, source=source, sigma2=sigma2)
+        theta = initial_theta(init, L, schedule[0].lmax, rng=rng, source=source, sigma2=sigma2, scale=scale_init)
         state = EMState(theta=theta, lmax=schedule[0].lmax, upsilon=upsilon0, sigma2=float(sigma2), rng=rng)
     total = sum(st.iters for st in schedule)
     bar = _progress(total, progress, "EM iterations", state.total_iterations)
@@ -308,7 +383,7 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                 inner = _progress(n_sel, progress, "E-step patches", 0, leave=False)
                 rec = em_iteration(state, source, op, stage, estimate_noise=estimate_noise, tikhonov=tikhonov,
                                    budget=budget, progress=inner.update if inner else None,
-                                   executor=executor)
+                                   executor=executor, temperature=anneal_temperature(anneal, state.total_iterations))
                 if inner:
                     inner.close()
                 if truth is not None:
@@ -333,6 +408,65 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
     return Reconstruction(volume=synthesize(state.theta, basis), pixel_size=getattr(source, "pixel_size", None),
                           theta=state.theta, basis=basis, upsilon=state.upsilon, sigma2=state.sigma2,
                           history=state.history, state=state, stopped=stopped)
+
+
+def log_likelihood(source, theta, basis, K, upsilon, sigma2, idx=None, memory=None):
+    """The approximate log-likelihood (MODEL section 4) of ``theta`` on the patches ``idx``.
+
+    One E-step pass (no M-step) with the ``K``-rotation grid; ``idx`` defaults to every
+    patch. Used to compare runs (restarts) on the same patches.
+    """
+    budget = default_budget() if memory is None else int(memory)
+    idx = np.arange(source.n_patches) if idx is None else np.asarray(idx, dtype=np.int64)
+    plan = stage_plan(budget, basis, K, len(idx))
+    old_limit = fft.set_cache_limit(plan.fft_cache_bytes)
+    try:
+        op = Operator(basis, rotation_grid(K), plan.parts["operator"])
+        spectra = projection_spectra(op.project(theta))
+        if getattr(source, "shift_window", None) is not None:
+            spectra = restrict_shifts(spectra, source.shift_window)
+        stats = LocalExecutor().sufficient_stats(source, idx, spectra, upsilon, sigma2, plan.n_chunk)
+    finally:
+        fft.set_cache_limit(old_limit)
+    return float(stats.loglik)
+
+
+def _best_of_restarts(source, *, restarts, rng, schedule, truth, callback, memory, **kw):
+    """``restarts`` runs from random starts; the one with the highest log-likelihood is returned."""
+    rng, _ = as_rng(np.random.default_rng() if rng is None else rng)
+    last = schedule[-1]
+    # One common set of patches to compare the runs on: all of them, or a seeded sample of
+    # the last stage's minibatch size.
+    idx = source.sample(last.frac, rng)
+    children = rng.spawn(restarts)
+    runs, records = [], []
+    for r, child in enumerate(children):
+        cb = None
+        if callback is not None:
+            def cb(st, rec, r=r):
+                rec["restart"] = r
+                callback(st, rec)
+        res = reconstruct(source, "random", rng=child, schedule=schedule, truth=truth, callback=cb, memory=memory,
+                          restarts=1, **kw)
+        ll = log_likelihood(source, res.theta, res.basis, last.rotations, res.upsilon, res.sigma2, idx, memory)
+        rec = dict(restart=r, loglik=ll, loglik_per_patch=ll / len(idx), upsilon=res.upsilon, stopped=res.stopped)
+        if truth is not None:
+            rec.update(compare_to_truth(res.theta, res.basis, truth))
+        logger.info("restart %d/%d: loglik/patch %.6g%s", r + 1, restarts, rec["loglik_per_patch"],
+                    f", aligned FSC 0.5 at {rec['fsc_resolution']:.4f} 1/px, relative error "
+                    f"{rec['relative_error']:.3f}" if truth is not None else "")
+        runs.append(res)
+        records.append(rec)
+        if res.stopped:
+            break
+    best = int(np.argmax([rec["loglik"] for rec in records]))
+    for rec in records:
+        rec["kept"] = rec["restart"] == best
+    logger.info("kept restart %d of %d (highest log-likelihood)", best + 1, len(records))
+    out = runs[best]
+    out.restarts = records
+    out.stopped = any(res.stopped for res in runs)
+    return out
 
 
 def _progress(total, enabled, desc, initial=0, leave=True):
