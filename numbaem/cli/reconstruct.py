@@ -104,7 +104,7 @@ def add_args(p):
 
 
 #: ``--anneal auto`` for random starts: (start temperature, iterations).
-AUTO_ANNEAL = (10.0, 8)
+AUTO_ANNEAL = (5.0, 8)
 
 
 def _anneal(text, init):
@@ -122,14 +122,15 @@ def _anneal(text, init):
 
 def load_init(init, L, downsample_init, source=None, pixel_size=None):
     """The start as a volume of side L: an MRC map, or an atomic model's density at the micrographs' pixel size."""
-    from ..sim.atomic import is_model_file, model_density
+    from ..sim.atomic import is_model_file, model_density, read_model
 
     if is_model_file(init):
+        structure = read_model(init)
         px = pixel_size or getattr(source, "pixel_size", None)
         if px is None:
             raise NumbaemError(f"the micrographs carry no pixel size, which an atomic-model start ({init}) needs; "
                                "pass --pixel-size A")
-        return model_density(init, L, px)
+        return model_density(structure, L, px)
     return _load_init(init, L, downsample_init)
 
 
@@ -168,6 +169,8 @@ def main(args):
         raise NumbaemError("--restarts needs --init random and no --checkpoint (each restart is a whole run)")
     if args.particles and args.write_particles:
         raise NumbaemError("--write-particles needs the micrographs' patch grid; leave out --particles")
+    if args.particles and (args.workers or args.scheduler):
+        raise NumbaemError("--particles runs in process: leave out --workers / --scheduler")
     if args.shift_window is not None and not args.particles:
         raise NumbaemError("--shift-window belongs to --particles (boxes around picks)")
     source = _source(args, L)

@@ -217,6 +217,9 @@ def tree_pairs(n):
 
 def _file_paths(source):
     """Absolute micrograph paths of ``source``; raises if it was built from in-memory arrays."""
+    if getattr(source, "shift_window", None) is not None:
+        raise NumbaemError("the distributed E-step reads the micrographs' regular patch grid; boxes around picks "
+                           "(--particles) run in process: leave out --workers / --scheduler")
     names = source.names or []
     paths = []
     for img, name in zip(source.images, names):

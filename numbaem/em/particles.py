@@ -8,11 +8,13 @@ whose best shift is the signed ``(l0, l1)`` puts the projection's top-left pixel
 ``(r0 + l0, r1 + l1)`` (MODEL section 4), so the particle's centre is that plus
 ``L // 2``.
 
-A particle that straddles patch borders is seen by up to four patches (each holding a
-part of it); they agree on its position. Picks are therefore merged: in order of
-decreasing probability, a pick is kept unless a kept one of the same micrograph lies
-within Chebyshev distance ``< L`` (two particles that do not overlap are at least ``L``
-apart, MODEL section 1).
+A particle that straddles patch borders is seen by up to four patches, each holding a
+part of it; a patch that holds only a sliver places it poorly. Each particle's centre
+lies in exactly one patch, which holds at least a quarter of it, so a patch's pick is kept
+only when the centre it finds lies inside that patch (``0 <= l_a + L // 2 < L``). What
+remains is merged as a safeguard: in order of decreasing probability, a pick is kept
+unless a kept one of the same micrograph lies within Chebyshev distance ``< L`` (two
+particles that do not overlap are at least ``L`` apart, MODEL section 1).
 """
 import logging
 
@@ -75,7 +77,10 @@ def posterior_particles(source, theta, basis, K, upsilon, sigma2, min_probabilit
             idx = np.arange(i0, min(i0 + n_chunk, source.n_patches))
             patches = source.get(idx, out=buf[:len(idx)])
             _, best = e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=n_chunk, return_best=True)
-            keep = best["occupied"] >= min_probability
+            R = L // 2
+            own = ((best["shift0"] + R >= 0) & (best["shift0"] + R < L) & (best["shift1"] + R >= 0)
+                   & (best["shift1"] + R < L))
+            keep = (best["occupied"] >= min_probability) & own
             if not np.any(keep):
                 continue
             m, r, c = source.locate(idx[keep])
@@ -92,6 +97,6 @@ def posterior_particles(source, theta, basis, K, upsilon, sigma2, min_probabilit
     picks = Picks(np.concatenate(mic), np.concatenate(cen), np.concatenate(sc), np.concatenate(rot))
     n_raw = len(picks)
     picks = merge_duplicates(picks, L)
-    logger.info("posterior picks: %d patches with P(particle) >= %g, %d particles after merging", n_raw,
+    logger.info("posterior picks: %d patches hold a particle's centre with P(particle) >= %g, %d particles after merging", n_raw,
                 min_probability, len(picks))
     return picks

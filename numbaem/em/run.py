@@ -312,7 +312,12 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
     anneal : (float, int), optional
         ``(T0, n)``: anneal the posterior over the first ``n`` iterations, from temperature
         ``T0`` geometrically down to 1 (:func:`anneal_temperature`; the E-step sees
-        ``T sigma^2``). Ab initio runs use it to keep many poses alive early on.
+        ``T sigma^2``). Ab initio runs use it to keep many poses alive early on: the tempered
+        posterior spreads every patch over many rotations and shifts, the M-step's average
+        shrinks the random start to a small, nearly round blob made of the data, and the
+        structure grows back from it as the temperature falls. (Holding the estimate at
+        the data's energy during annealing instead was tried and converged to wrong
+        structures more often.)
     restarts : int
         With ``init='random'``: run the whole schedule from this many seeded random starts
         (generators spawned from ``rng``) and keep the run whose final estimate has the
@@ -381,9 +386,10 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                     stopped = True
                     break
                 inner = _progress(n_sel, progress, "E-step patches", 0, leave=False)
+                temperature = anneal_temperature(anneal, state.total_iterations)
                 rec = em_iteration(state, source, op, stage, estimate_noise=estimate_noise, tikhonov=tikhonov,
                                    budget=budget, progress=inner.update if inner else None,
-                                   executor=executor, temperature=anneal_temperature(anneal, state.total_iterations))
+                                   executor=executor, temperature=temperature)
                 if inner:
                     inner.close()
                 if truth is not None:
