@@ -159,7 +159,7 @@ def test_messages_a_new_user_met(tmp_path, molecule, capsys):
     with pytest.raises(SystemExit):
         main(["reconstruct", "--help"])
     usage = capsys.readouterr().out
-    assert "(--init INIT.mrc|random | --resume)" in " ".join(usage.split())
+    assert "(--init INIT.mrc|MODEL.cif|random | --resume)" in " ".join(usage.split())
 
 
 def test_simulate_records_its_seed(tmp_path, molecule, capsys):

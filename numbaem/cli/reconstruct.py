@@ -202,6 +202,10 @@ def main(args):
                             init=init if args.init else None, memory=budget)
         # the split of an iteration into Dask tasks depends on the cluster: part of the inputs
         inputs["distributed"] = dict(workers=args.workers, scheduler=args.scheduler)
+        # boxes around picks and annealing change the run too
+        inputs["particles"] = dict(file=os.path.abspath(args.particles), shift_window=source.shift_window) \
+            if args.particles else None
+        inputs["anneal"] = list(anneal) if anneal else None
         ckpt = Checkpointer(args.checkpoint, inputs, force=args.force and not args.resume)
         state = ckpt.begin(resume=args.resume)
         if args.resume and state is None:
