@@ -1,11 +1,11 @@
-"""FSC, resolution, relative error and the FSC plot (MODEL section 9)."""
+"""FSC, resolution, relative error (MODEL section 9), and the numbaem fsc command."""
 import math
 
 import numpy as np
 import pytest
 
 from numbaem.runtime.errors import NumbaemError
-from numbaem.analysis.fsc import fsc, plot_fsc, relative_error, resolution, resolution_angstrom, shell_indices
+from numbaem.analysis.fsc import fsc, relative_error, resolution, resolution_angstrom, shell_indices
 
 # float64 FFTs of O(1) volumes at these sizes: round-off ~1e-15 relative per shell.
 TOL = 1e-12
@@ -140,25 +140,3 @@ def test_relative_error(rng):
         relative_error(t, np.zeros_like(t))
     with pytest.raises(NumbaemError, match="shape"):
         relative_error(t, t[0])
-
-
-def test_plot_fsc_writes_png(rng, tmp_path):
-    import matplotlib.image
-
-    v = rng.standard_normal((11, 11, 11))
-    curves = {"self": fsc(v, v), "noisy": fsc(v, v + 2 * rng.standard_normal(v.shape))}
-    path = tmp_path / "fsc.png"
-    plot_fsc(curves, path)
-    img = matplotlib.image.imread(path)
-    assert img.shape == (400, 600, 4)  # 6 x 4 inches at 100 dpi
-    assert img[..., :3].std() > 0.05  # something was drawn
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fsc.png"]  # no temporary left behind
-    with pytest.raises(NumbaemError, match="exists"):
-        plot_fsc(curves, path)
-    plot_fsc(curves, path, pixel_size=1.5, force=True, title="half maps")
-    assert matplotlib.image.imread(path).shape == (400, 600, 4)
-    with pytest.raises(NumbaemError, match="curves"):
-        plot_fsc({}, tmp_path / "empty.png")
-    with pytest.raises(NumbaemError, match="pair"):
-        plot_fsc({"a": np.ones(3)}, tmp_path / "bad.png")
-    assert not (tmp_path / "empty.png").exists() and not (tmp_path / "bad.png").exists()

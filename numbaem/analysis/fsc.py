@@ -1,4 +1,4 @@
-"""Measures of a reconstruction (MODEL section 9): FSC, resolution, relative error, plots.
+"""Measures of a reconstruction (MODEL section 9): FSC, resolution, relative error.
 
 Fourier shell correlation
 -------------------------
@@ -201,63 +201,7 @@ def relative_error(est, truth):
     return float(np.linalg.norm(est - truth) / norm)
 
 
-def plot_fsc(curves, path, pixel_size=None, threshold=0.5, force=False, title=None):
-    """Plot FSC curves to a PNG file, written atomically (:func:`numbaem.data.io.atomic_path`).
-
-    Draws every curve, the threshold line, and puts each curve's resolution
-    (:func:`resolution`) in the legend. Uses matplotlib's object API with the Agg canvas,
-    so it neither needs a display nor changes the global pyplot backend.
-
-    Parameters
-    ----------
-    curves : dict
-        ``label -> (freq, curve)`` as :func:`fsc` returns them.
-    path : str or os.PathLike
-        Output PNG file.
-    pixel_size : float, optional
-        Angstrom per pixel; if given the axis is in 1/Angstrom and resolutions in Angstrom.
-    threshold : float, optional
-        The horizontal line drawn and the level the legend's resolution uses.
-    force : bool, optional
-        Whether an existing file may be overwritten.
-    title : str, optional
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from ..data.io import atomic_path
-
-    if not isinstance(curves, dict) or not curves:
-        raise NumbaemError(f"curves is {type(curves).__name__} {curves!r:.60}; pass a non-empty dict label -> (freq, curve)")
-    if pixel_size is not None:
-        pixel_size = check_pixel_size("pixel_size", pixel_size, allow_none=False)
-    checked = {}
-    for label, pair in curves.items():
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise NumbaemError(f"curves[{label!r}] is not a (freq, curve) pair; pass the tuple that fsc returns")
-        checked[label] = _check_curve(*pair)
-
-    fig = Figure(figsize=(6.0, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    scale = 1.0 if pixel_size is None else 1.0 / pixel_size
-    for label, (freq, curve) in checked.items():
-        res = resolution(freq, curve, threshold)
-        if pixel_size is None:
-            tag = f"{res:.3f} 1/px"
-        else:
-            tag = f"{resolution_angstrom(res, pixel_size):.2f} \u00c5"
-        ax.plot(freq * scale, curve, marker="o", markersize=3, label=f"{label} ({tag})")
-    ax.axhline(threshold, color="0.4", linestyle="--", linewidth=1, label=f"FSC = {threshold:g}")
-    ax.axhline(0.0, color="0.8", linewidth=0.8)
-    ax.set_xlabel("spatial frequency (1/pixel)" if pixel_size is None else "spatial frequency (1/\u00c5)")
-    ax.set_ylabel("FSC")
-    ax.set_ylim(-0.2, 1.05)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small")
-    if title:
-        ax.set_title(str(title))
-    fig.tight_layout()
-    with atomic_path(path, force=force) as tmp:
-        fig.savefig(tmp, format="png")
-    logger.info("wrote FSC plot %s", path)
+def plot_fsc(curves, path, pixel_size=None, threshold=0.5, force=False, title=None, note=None):
+    """Moved to :func:`numbaem.analysis.plots.plot_fsc` (kept here until the callers switch)."""
+    from .plots import plot_fsc as plot
+    return plot(curves, path, pixel_size=pixel_size, threshold=threshold, force=force, title=title, note=note)
