@@ -471,8 +471,8 @@ class VolumeAlignment:
         Highest order of the coarse rotation search.
     held_estimate, held_reference : float
         ``||synthesize(expand(v))|| / ||v||`` for each input map ``v``: the part of its
-        norm that the compared representation holds (1 for a map in the span; NaN
-        where the input was given as coefficients, which lie in the span).
+        norm that the compared representation holds (1 for a map in the span, and for
+        an estimate given as coefficients to :func:`align_to_reference`).
     """
 
     estimate: np.ndarray
@@ -483,8 +483,8 @@ class VolumeAlignment:
     relative_error: float
     basis: FBBasis
     lmax_search: int
-    held_estimate: float = math.nan
-    held_reference: float = math.nan
+    held_estimate: float
+    held_reference: float
 
     def fsc(self):
         """FSC of the compared pair: ``(freq, curve)`` as :func:`numbaem.analysis.fsc.fsc` returns it."""
@@ -493,9 +493,10 @@ class VolumeAlignment:
     def describe(self):
         """One sentence saying what was compared (for logs, JSON and figure notes)."""
         b = self.basis
-        return (f"both maps expanded in the Fourier-Bessel basis (L={b.L}, lmax={b.lmax}, M={b.M}: band-limited to "
-                f"the ball |k| <= {C_BAND:g} cycle/pixel, radial orders of a map inside radius {b.R} pixels) and the "
-                f"first {'reflected and ' if self.reflected else ''}rotated exactly (Wigner D) onto the second")
+        return (f"both maps expanded in the Fourier-Bessel basis L={b.L}, lmax={b.lmax} ({b.M} coefficients: "
+                f"band-limited to the ball |k| <= {C_BAND:g} cycle/pixel, density within {b.R} pixels of the "
+                f"centre), the estimate's expansion {'point-reflected and ' if self.reflected else ''}rotated "
+                "exactly (Wigner D) onto the reference's")
 
 
 # Largest complex design matrix (grid points in the ball x M) that align_volumes builds: at
@@ -536,7 +537,7 @@ def _design_bytes(L):
     return 16 * n_in * basis.M, n_in, basis.M
 
 
-def _synthesize_pair(theta_est, theta_ref, basis, result, lmax_search, held=(math.nan, math.nan)):
+def _synthesize_pair(theta_ref, basis, result, lmax_search, held):
     est = synthesize(result.theta_aligned, basis)
     ref = synthesize(theta_ref, basis)
     return VolumeAlignment(estimate=est, reference=ref, rotation=result.rotation, reflected=result.reflected,
@@ -564,7 +565,7 @@ def align_volumes(estimate, reference, lmax_search=None, n_coarse=3000, n_refine
     Hence a map against itself gives 0, and a map against a copy rotated exactly in the
     basis gives 0, to round-off; a copy rotated by interpolation gives the interpolation
     error as seen in the span. What the span does not hold (frequencies beyond
-    ``|k| = 1/2``, the radial orders of density outside radius ``L // 2``, which no
+    ``|k| = 1/2``, and density farther than ``L // 2`` from the centre, which no
     reconstruction in this basis holds either) is left out of both maps alike; how much
     of each map that is is reported in ``held_estimate`` and ``held_reference``.
 
@@ -595,7 +596,7 @@ def align_volumes(estimate, reference, lmax_search=None, n_coarse=3000, n_refine
     held = [_held(theta, vol, basis) for theta, vol in ((theta_est, estimate), (theta_ref, reference))]
     result = align(theta_est, theta_ref, basis, lmax_search=lmax_search, n_coarse=n_coarse, n_refine=n_refine,
                    reflections=reflections, rng=rng)
-    return _synthesize_pair(theta_est, theta_ref, basis, result, lmax_search, held)
+    return _synthesize_pair(theta_ref, basis, result, lmax_search, held)
 
 
 def align_to_reference(theta, basis, reference, lmax_search=None, n_coarse=3000, n_refine=5, reflections=True,
@@ -636,7 +637,7 @@ def align_to_reference(theta, basis, reference, lmax_search=None, n_coarse=3000,
     held = (1.0, _held(theta_ref, reference, top))
     result = align(theta_est, theta_ref, top, lmax_search=lmax_search, n_coarse=n_coarse, n_refine=n_refine,
                    reflections=reflections, rng=rng)
-    return _synthesize_pair(theta_est, theta_ref, top, result, lmax_search, held)
+    return _synthesize_pair(theta_ref, top, result, lmax_search, held)
 
 
 def _held(theta, vol, basis):
