@@ -629,14 +629,17 @@ def align_to_reference(theta, basis, reference, lmax_search=None, n_coarse=3000,
         raise NumbaemError(f"reference has shape {reference.shape} but the estimate's basis is for L={basis.L}; "
                            f"Fourier-crop the reference to ({basis.L}, {basis.L}, {basis.L})")
     top = comparison_basis(basis.L)
-    if lmax_search is None:
-        lmax_search = min(basis.lmax, LMAX_ALIGN_DEFAULT)
-    lmax_search = _check_lmax_search(lmax_search, top.lmax)
-    theta_est = resize_theta(theta, basis, top)
+    lmax_search = _check_lmax_search(lmax_search, basis.lmax)
     theta_ref = expand(reference, top)
     held = (1.0, _held(theta_ref, reference, top))
-    result = align(theta_est, theta_ref, top, lmax_search=lmax_search, n_coarse=n_coarse, n_refine=n_refine,
-                   reflections=reflections, rng=rng)
+    # The estimate has no orders above basis.lmax, so the correlation involves only the
+    # reference's prefix (C_l = 0 beyond): align in the estimate's basis, then copy.
+    found = align(theta, theta_ref[:basis.M], basis, lmax_search=lmax_search, n_coarse=n_coarse,
+                  n_refine=n_refine, reflections=reflections, rng=rng)
+    aligned = resize_theta(found.theta_aligned, basis, top)
+    norm = np.linalg.norm(theta) * np.linalg.norm(theta_ref)
+    result = dataclasses.replace(found, theta_aligned=aligned,
+                                 correlation=float(np.clip(aligned @ theta_ref / norm, -1.0, 1.0)))
     return _synthesize_pair(theta_ref, top, result, lmax_search, held)
 
 
