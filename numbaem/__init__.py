@@ -3,6 +3,7 @@
 The public names are re-exported here; importing does nothing else (no logging
 set-up, no numba configuration).
 """
+from ._version import __version__
 from .analysis.align import align_volumes
 from .analysis.fsc import fsc, relative_error, resolution
 from .data.io import read_image, read_volume, write_image, write_volume
@@ -17,7 +18,6 @@ from .runtime.errors import InterruptedRun, NumbaemError
 from .runtime.threads import use_threads
 from .sim.molecule import synthetic_molecule
 
-__version__ = "0.1.0"
 
 __all__ = [
     "FBBasis", "expand", "synthesize", "Stage", "default_schedule", "parse_schedule", "reconstruct",

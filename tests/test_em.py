@@ -140,27 +140,56 @@ def test_default_schedule_is_valid():
         assert [x.lmax for x in s] == sorted(x.lmax for x in s) and s[-1].lmax == FBBasis.max_lmax(L)
 
 
-def test_memory_budget_is_honoured(rng):
-    """A small budget forces small chunks; the traced peak of the iteration stays inside it."""
+@pytest.mark.parametrize("arrays_mib, whole_operator", [(8, True), (1.5, False)])
+def test_memory_budget_is_honoured(rng, arrays_mib, whole_operator):
+    """Every array of an iteration counts against the budget: the traced peak (operator and
+    its M-step copy included, built inside the traced region) stays within the budget
+    less the interpreter's allowance. With 1.5 MiB of room the operator is kept only as
+    blocks of rotations rebuilt on demand."""
+    from numbaem.em.plan import INTERPRETER_BYTES
+    from numbaem.runtime import fft
     L, lmax, K = 7, 3, 60
     basis = FBBasis(L, lmax)
     theta = rng.standard_normal(basis.M)
     mic, s2 = make_micrograph(rng, theta, basis, rotation_grid(K), 350, 40, snr=5.0)
     src = PatchSource([mic], L)
-    budget = 8 << 20
-    op = em.Operator(basis, rotation_grid(K), budget // 4)
-    state = em.EMState(theta=theta, lmax=lmax, upsilon=0.5, sigma2=s2, rng=rng)
+    room = int(arrays_mib * 2 ** 20)
+    budget = INTERPRETER_BYTES + room
     stage = em.Stage(lmax, 1, 1.0, K)
-    # budget without the interpreter slack, which plan_chunk keeps for Python itself
+    fft.clear_cache()
     tracemalloc.start()
     tracemalloc.reset_peak()
-    rec = em.em_iteration(state, src, op, stage, budget=budget + (64 << 20))
+    plan = em.stage_plan(budget, basis, K, src.n_patches)
+    op = em.Operator(basis, rotation_grid(K), plan.parts["operator"])
+    state = em.EMState(theta=theta, lmax=lmax, upsilon=0.5, sigma2=s2, rng=rng)
+    rec = em.em_iteration(state, src, op, stage, budget=budget)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert rec["chunk"] < src.n_patches  # the data really were streamed in chunks
-    assert peak <= budget + op.nbytes, (peak, budget)
+    assert (op.A is not None) == whole_operator
+    assert plan.peak <= room
+    assert peak <= room, (peak, room)
     with pytest.raises(NumbaemError, match="too small"):
-        em.plan_chunk(1 << 20, 5000, 11, 219, 100, 0)
+        em.plan_chunk(INTERPRETER_BYTES + (1 << 20), 5000, 11, 219, 100)
+
+
+def test_fft_cache_is_bounded_in_bytes():
+    """The plan cache drops least recently used workspaces beyond its byte bound."""
+    from numbaem.runtime import fft
+    fft.clear_cache()
+    limit = 3_500_000
+    old = fft.set_cache_limit(limit)
+    try:
+        a = fft.workspace((300, 22, 22))     # 300 * (484 * 8 + 264 * 16) = 2.43 MB
+        assert fft.cache_bytes() == a.nbytes
+        b = fft.workspace((100, 22, 22))     # 0.81 MB: both fit in 3.5 MB
+        assert fft.cache_bytes() == a.nbytes + b.nbytes
+        c = fft.workspace((200, 22, 22))     # 1.62 MB: the least recently used (a) goes
+        assert fft.cache_bytes() == b.nbytes + c.nbytes <= limit
+        assert fft.workspace((100, 22, 22)) is b
+    finally:
+        fft.set_cache_limit(old)
+        fft.clear_cache()
 
 
 def test_threads_give_identical_statistics(rng):

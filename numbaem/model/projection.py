@@ -186,8 +186,6 @@ def project(theta, basis, rots):
     return out
 
 
-
-
 class Operator:
     """The projection operators of one stage: basis, rotation grid and (if it fits) ``A``.
 
