@@ -1,6 +1,7 @@
 """Figures a user looks at: FSC curves, convergence, slices of volumes, a micrograph crop.
 
-Every function builds a :class:`matplotlib.figure.Figure` with the object API and the Agg
+(:func:`plot_fsc` is defined beside the FSC in :mod:`numbaem.analysis.fsc` and re-exported
+here.) Every function builds a :class:`matplotlib.figure.Figure` with the object API and the Agg
 canvas (no display needed, the global pyplot backend untouched), writes it as PNG
 atomically (:func:`numbaem.data.io.atomic_path`: a temporary name, then a rename; an
 existing file only with ``force``), and returns the figure so that a caller (or a test)
@@ -18,120 +19,12 @@ import numpy as np
 
 from ..runtime.errors import NumbaemError
 from ..runtime.validate import cubic_volume, is_int, pixel_size as check_pixel_size, positive_number, whole_number
-from .fsc import _check_curve, resolution, resolution_angstrom
+from ._figure import check_force, new_figure, save_png
+from .fsc import plot_fsc
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["plot_fsc", "plot_convergence", "plot_slices", "plot_micrograph_crop"]
-
-
-def _new_figure(width, height, dpi=100, layout=None):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=dpi, layout=layout)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path, force, what):
-    from ..data.io import atomic_path
-
-    with atomic_path(path, force=force) as tmp:
-        fig.savefig(tmp, format="png")
-    logger.info("wrote %s %s", what, path)
-    return fig
-
-
-def _check_force(force):
-    if not isinstance(force, (bool, np.bool_)):
-        raise NumbaemError(f"force={force!r} is not True or False; pass force=True to overwrite an existing file")
-    return bool(force)
-
-
-# --------------------------------------------------------------------------- FSC
-
-
-def plot_fsc(curves, path, pixel_size=None, threshold=0.5, force=False, title=None, note=None):
-    """Plot FSC curves (:func:`numbaem.analysis.fsc.fsc`) to a PNG file.
-
-    The bottom axis is in cycles per pixel; when ``pixel_size`` is known a top axis gives
-    the same frequencies in 1/Angstrom. The legend gives each curve's resolution at
-    ``threshold`` (:func:`numbaem.analysis.fsc.resolution`). When a curve never falls
-    below the threshold its resolution is only a bound: the last shell is the band limit
-    of the grid (``(L // 2) / L``), so the legend says "at least", a dotted line marks
-    the last shell and a note on the plot says so.
-
-    Parameters
-    ----------
-    curves : dict
-        ``label -> (freq, curve)`` as :func:`~numbaem.analysis.fsc.fsc` returns them.
-    path : str or os.PathLike
-        Output PNG file, 600 pixels wide, ``430 + 30 n`` high for ``n`` lines of title
-        and note.
-    pixel_size : float, optional
-        Angstrom per pixel: adds the 1/Angstrom axis and resolutions in Angstrom.
-    threshold : float, optional
-        The horizontal line drawn and the level the legend's resolution uses.
-    force : bool, optional
-        Whether an existing file may be overwritten.
-    title : str, optional
-    note : str, optional
-        Small text under the title, wrapped at 90 characters (e.g. what was compared).
-
-    Returns
-    -------
-    fig : matplotlib.figure.Figure
-    """
-    if not isinstance(curves, dict) or not curves:
-        raise NumbaemError(f"curves is {type(curves).__name__} {curves!r:.60}; pass a non-empty dict label -> (freq, curve)")
-    if pixel_size is not None:
-        pixel_size = check_pixel_size("pixel_size", pixel_size, allow_none=False)
-    force = _check_force(force)
-    checked = {}
-    for label, pair in curves.items():
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise NumbaemError(f"curves[{label!r}] is not a (freq, curve) pair; pass the tuple that fsc returns")
-        checked[label] = _check_curve(*pair)
-
-    head = [str(title)] if title else []
-    if note:
-        head += textwrap.wrap(str(note), 90)
-    fig = _new_figure(6.0, 4.0 + 0.3 * (len(head) + 1))
-    ax = fig.add_subplot(1, 1, 1)
-    saturated = []
-    for label, (freq, curve) in checked.items():
-        res = resolution(freq, curve, threshold)
-        valid = freq[~np.isnan(curve)]
-        at_limit = not np.any(curve[~np.isnan(curve)] < threshold)
-        if at_limit:
-            saturated.append(float(valid[-1]))
-        if pixel_size is None:  # a bound when the curve stays above the threshold
-            tag = ("\u2265 " if at_limit else "") + f"{res:.3f} 1/px"
-        else:
-            tag = ("\u2264 " if at_limit else "") + f"{resolution_angstrom(res, pixel_size):.2f} \u00c5"
-        ax.plot(freq, curve, marker="o", markersize=3, label=f"{label} ({tag})")
-    ax.axhline(threshold, color="0.4", linestyle="--", linewidth=1, label=f"FSC = {threshold:g}", gid="threshold")
-    ax.axhline(0.0, color="0.8", linewidth=0.8)
-    if saturated:
-        edge = max(saturated)
-        ax.axvline(edge, color="tab:red", linestyle=":", linewidth=1.2, gid="band-limit",
-                   label=f"last shell = band limit ({edge:.3f} 1/px)")
-        fig.text(0.5, 0.01, f"FSC \u2265 {threshold:g} up to the last shell ({edge:.3f} cycles/pixel, the band limit "
-                 "of the grid): the resolution is at least that, and the FSC cannot show more.",
-                 ha="center", va="bottom", fontsize="x-small", color="tab:red", wrap=True, gid="band-limit-note")
-    ax.set_xlabel("spatial frequency (cycles/pixel)")
-    if pixel_size is not None:
-        top = ax.secondary_xaxis("top", functions=(lambda f: f / pixel_size, lambda g: g * pixel_size))
-        top.set_xlabel(f"spatial frequency (1/\u00c5; pixel {pixel_size:g} \u00c5)", fontsize="small")
-    ax.set_ylabel("FSC")
-    ax.set_ylim(-0.2, 1.05)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left", fontsize="x-small")
-    if head:
-        fig.suptitle("\n".join(head), fontsize="small")
-    fig.tight_layout(rect=(0, 0.05 if saturated else 0, 1, 1))
-    return _save(fig, path, force, "FSC plot")
 
 
 # --------------------------------------------------------------------------- convergence
@@ -195,7 +88,7 @@ def plot_convergence(history, path, force=False, start=None, L=None):
         raise NumbaemError(f"start is a {type(start).__name__}; pass a dict such as "
                            "{'relative_error': 0.6, 'fsc_resolution': 0.2} measured on the initial guess")
     start = start or {}
-    force = _check_force(force)
+    force = check_force(force)
     if L is not None:
         L = whole_number("L", L, minimum=3)
 
@@ -206,7 +99,7 @@ def plot_convergence(history, path, force=False, start=None, L=None):
         panels.append(("relative_error", "relative error after alignment", "error against the truth"))
     if any("fsc_resolution" in r for r in history):
         panels.append(("fsc_resolution", "FSC 0.5 after alignment (cycles/pixel)", "resolution against the truth"))
-    fig = _new_figure(10.0, 7.0)
+    fig = new_figure(10.0, 7.0)
     stages = [(history[0]["iteration"], history[0])] + _stage_starts(history)
     handles = {}
     for i, (key, ylabel, title) in enumerate(panels):
@@ -248,7 +141,7 @@ def plot_convergence(history, path, force=False, start=None, L=None):
     fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=len(handles),
                fontsize="small", frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    return _save(fig, path, force, "convergence plot")
+    return save_png(fig, path, force, "convergence plot")
 
 
 # --------------------------------------------------------------------------- volumes
@@ -299,7 +192,7 @@ def plot_slices(volumes, path, shared_scale=False, force=False, title=None):
     shapes = {v.shape for v in vols.values()}
     if len(shapes) != 1:
         raise NumbaemError(f"the volumes have shapes {sorted(shapes)}; Fourier-crop them to one size before plotting")
-    force = _check_force(force)
+    force = check_force(force)
     L = next(iter(vols.values())).shape[0]
     R = L // 2
     views = {label: _views(v) for label, v in vols.items()}
@@ -309,7 +202,7 @@ def plot_slices(volumes, path, shared_scale=False, force=False, title=None):
         p_lim = (min(w[3].min() for w in views.values()), max(w[3].max() for w in views.values()))
 
     n = len(vols)
-    fig = _new_figure(11.0, 2.5 * n + 0.6, layout="constrained")
+    fig = new_figure(11.0, 2.5 * n + 0.6, layout="constrained")
     extent = (-R - 0.5, L - R - 0.5, -R - 0.5, L - R - 0.5)
     grid = fig.add_gridspec(n, 4)
     for row, (label, w) in enumerate(views.items()):
@@ -333,7 +226,7 @@ def plot_slices(volumes, path, shared_scale=False, force=False, title=None):
     scale = ("one colour scale for all rows (slices; projections their own, also shared)" if shared_scale
              else "colour scale per row (each volume its own; the projection its own)")
     fig.suptitle((f"{title}\n" if title else "") + f"L = {L}; {scale}", fontsize="medium")
-    return _save(fig, path, force, "slice plot")
+    return save_png(fig, path, force, "slice plot")
 
 
 # --------------------------------------------------------------------------- micrograph
@@ -380,7 +273,7 @@ def plot_micrograph_crop(image, path, L=None, positions=None, size=256, corner=N
     if not np.all(np.isfinite(img)):
         raise NumbaemError("image has NaN or infinite pixels; replace them before plotting")
     size = whole_number("size", size)
-    force = _check_force(force)
+    force = check_force(force)
     pixel_size = check_pixel_size("pixel_size", pixel_size)
     N0, N1 = img.shape
     s0, s1 = min(size, N0), min(size, N1)
@@ -406,7 +299,7 @@ def plot_micrograph_crop(image, path, L=None, positions=None, size=256, corner=N
         shown = ndimage.gaussian_filter(img, 1.0 / (2.0 * math.pi * lowpass), mode="reflect")
     crop = shown[c0:c0 + s0, c1:c1 + s1]
 
-    fig = _new_figure(6.0, 6.0)
+    fig = new_figure(6.0, 6.0)
     ax = fig.add_subplot(1, 1, 1)
     lo, hi = np.percentile(crop, [0.5, 99.5])
     ax.imshow(crop.T, origin="lower", cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1,
@@ -431,4 +324,4 @@ def plot_micrograph_crop(image, path, L=None, positions=None, size=256, corner=N
         parts.append(f"{n_boxes} true particle boxes ({L} x {L})")
     ax.set_title("\n".join(([str(title)] if title else []) + textwrap.wrap("; ".join(parts), 75)), fontsize="small")
     fig.tight_layout()
-    return _save(fig, path, force, "micrograph crop")
+    return save_png(fig, path, force, "micrograph crop")
