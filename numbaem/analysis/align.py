@@ -43,7 +43,7 @@ the estimate's whole expansion and the result is compared with the reference's
 expansion, voxel by voxel (relative error) and shell by shell (FSC). A map against
 itself gives 0 and a map against a copy rotated in the basis gives 0, to round-off.
 The alternatives are not exact: rotating the voxel map by interpolation adds the
-interpolation's error (MODEL section 9: 0.09-0.45 at L = 7..15 for cubic splines), and
+interpolation's error (cubic splines: 0.03-0.11 relative at L = 7..21 on the test maps), and
 evaluating the DFT's trigonometric interpolant at rotated frequencies is not a group
 action on the grid (rotating back does not return the map). The price is that what the
 basis does not hold (frequencies beyond ``|k| = 1/2``, density outside radius
