@@ -275,7 +275,7 @@ def plot_fsc(curves, path, pixel_size=None, threshold=0.5, force=False, title=No
     ax.set_xlabel("spatial frequency (cycles/pixel)")
     if pixel_size is not None:
         top = ax.secondary_xaxis("top", functions=(lambda f: f / pixel_size, lambda g: g * pixel_size))
-        top.set_xlabel(f"spatial frequency (1/\u00c5; pixel {pixel_size:g} \u00c5)", fontsize="small")
+        top.set_xlabel(f"spatial frequency (1/\u00c5; pixel {pixel_size:.4g} \u00c5)", fontsize="small")
     ax.set_ylabel("FSC")
     ax.set_ylim(-0.2, 1.05)
     ax.grid(True, alpha=0.3)

@@ -78,12 +78,13 @@ def main(args):
     if args.size is not None and args.size != N:
         from ..runtime.fourier import downsample
         from ..runtime.validate import check_L
-        L = check_L(args.size, "--size")
-        if L > N:
-            raise NumbaemError(f"--size {L} is larger than the maps ({N}^3); Fourier cropping only shrinks, "
+        if args.size > N:
+            raise NumbaemError(f"--size {args.size} is larger than the maps ({N}^3); Fourier cropping only shrinks, "
                                f"pass --size <= {N}")
+        L = check_L(args.size, "--size")
         a, b = downsample(a, L), downsample(b, L)
-        pixel = pixel * N / L if pixel else None
+        if pixel:
+            pixel, pixel_source = pixel * N / L, f"{pixel_source}, times {N}/{L} for --size"
     L = a.shape[0]
 
     out = dict(a=str(args.volume_a), b=str(args.volume_b), L=L, pixel_size=pixel, pixel_size_source=pixel_source,
