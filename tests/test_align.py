@@ -192,7 +192,7 @@ RIBOSOME = Path(__file__).resolve().parents[2] / "shared" / "data" / "ribosome70
 def _full_map(source):
     """A map at its own size (Fourier-cropped to L by each test); read once per session."""
     if source == "synthetic":
-        return synthetic_molecule(41, seed=2)
+        return synthetic_molecule(41, rng=2)
     if not RIBOSOME.exists():
         pytest.skip(f"the ribosome map is not at {RIBOSOME} (the project's shared data folder beside the "
                     "repository); the synthetic molecule covers the same checks")
@@ -258,7 +258,7 @@ def test_compare_to_truth_like_with_like(rng):
     # the span as error), and an estimate truncated to lower orders gives exactly the
     # truncation's error (computed here with the known rotation).
     L = 11
-    truth = downsample(synthetic_molecule(41, seed=4), L)
+    truth = downsample(synthetic_molecule(41, rng=4), L)
     top = comparison_basis(L)
     theta = expand(truth, top)
     rot = random_rotations(1, rng)[0]

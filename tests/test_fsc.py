@@ -166,7 +166,7 @@ def maps(tmp_path, rng):
     from numbaem.runtime.fourier import downsample
     from numbaem.sim.molecule import synthetic_molecule
 
-    vol = downsample(synthetic_molecule(41, seed=5), 11)
+    vol = downsample(synthetic_molecule(41, rng=5), 11)
     basis = comparison_basis(11)
     copy = synthesize(rotate_coefficients(reflect_coefficients(expand(vol, basis), basis), basis,
                                           random_rotations(1, rng)[0]), basis)
