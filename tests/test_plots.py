@@ -190,9 +190,11 @@ def test_plot_micrograph_crop_boxes(rng, tmp_path):
     from scipy import ndimage
     ref = ndimage.gaussian_filter(img, 1 / (2 * np.pi * 0.1), mode="reflect")[50:114, 30:94]
     np.testing.assert_allclose(ax.get_images()[0].get_array(), ref.T)
-    # centred crop by default, no boxes without positions
+    # centred crop by default, no boxes without positions; 16 L wide by default
     fig = plot_micrograph_crop(img, tmp_path / "m2.png", size=100)
     assert fig.axes[0].get_xlim() == (49.5, 149.5) and not _by_gid(fig, "particle-box")
+    fig = plot_micrograph_crop(img, tmp_path / "m4.png", L=5, positions=pos)
+    assert fig.axes[0].get_xlim() == (59.5, 139.5) and fig.axes[0].get_ylim() == (34.5, 114.5)
     with pytest.raises(NumbaemError, match="without L"):
         plot_micrograph_crop(img, tmp_path / "m3.png", positions=pos)
     with pytest.raises(NumbaemError, match="runs past"):

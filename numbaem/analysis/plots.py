@@ -232,7 +232,7 @@ def plot_slices(volumes, path, shared_scale=False, force=False, title=None):
 # --------------------------------------------------------------------------- micrograph
 
 
-def plot_micrograph_crop(image, path, L=None, positions=None, size=256, corner=None, lowpass=None,
+def plot_micrograph_crop(image, path, L=None, positions=None, size=None, corner=None, lowpass=None,
                          pixel_size=None, force=False, title=None):
     """A square crop of a micrograph, optionally low-passed, with particle boxes outlined, to PNG.
 
@@ -248,7 +248,8 @@ def plot_micrograph_crop(image, path, L=None, positions=None, size=256, corner=N
         Top-left pixels ``(x, y)`` of the true particle boxes (``Simulation.positions``
         of one micrograph); those that overlap the crop are outlined.
     size : int, optional
-        Side of the crop in pixels (clipped to the micrograph).
+        Side of the crop in pixels (clipped to the micrograph); default ``16 L`` when
+        ``L`` is given (particles stay visible, a few dozen boxes at most), else 256.
     corner : (int, int), optional
         Lowest ``(x, y)`` pixel of the crop; default: the crop is centred.
     lowpass : float, optional
@@ -272,7 +273,9 @@ def plot_micrograph_crop(image, path, L=None, positions=None, size=256, corner=N
     img = img.astype(np.float64, copy=False)
     if not np.all(np.isfinite(img)):
         raise NumbaemError("image has NaN or infinite pixels; replace them before plotting")
-    size = whole_number("size", size)
+    if L is not None:
+        L = whole_number("L", L)
+    size = whole_number("size", (16 * L if L is not None else 256) if size is None else size)
     force = check_force(force)
     pixel_size = check_pixel_size("pixel_size", pixel_size)
     N0, N1 = img.shape
@@ -289,7 +292,6 @@ def plot_micrograph_crop(image, path, L=None, positions=None, size=256, corner=N
     if positions is not None:
         if L is None:
             raise NumbaemError("positions were given without L; pass L, the side of a particle box in pixels")
-        L = whole_number("L", L)
         pos = np.asarray(positions)
         if pos.ndim != 2 or pos.shape[1] != 2 or not np.issubdtype(pos.dtype, np.number):
             raise NumbaemError(f"positions has shape {pos.shape}; pass the (T, 2) top-left pixels of the boxes")
