@@ -1,4 +1,4 @@
-"""An estimate against a known truth, as the EM records it per iteration (MODEL sections 8-9)."""
+"""An estimate against a known truth, as the EM records it per iteration (theory sections 8-9)."""
 
 from ..model.basis import synthesize
 from .align import align_to_reference
@@ -8,7 +8,7 @@ from .fsc import fsc, resolution
 __all__ = ["compare_to_truth"]
 
 
-def compare_to_truth(theta, basis, truth, n_coarse=1000, return_alignment=False, return_aligned=False):
+def compare_to_truth(theta, basis, truth, n_coarse=1000, return_alignment=False):
     """FSC resolution and relative error of an estimate against a true volume (sections 8-9).
 
     The estimate (coefficients, already in the Fourier-Bessel span) is aligned over
@@ -29,16 +29,13 @@ def compare_to_truth(theta, basis, truth, n_coarse=1000, return_alignment=False,
         Also return the :class:`~numbaem.analysis.align.VolumeAlignment`, whose
         ``estimate`` and ``reference`` are the compared pair (use ``alignment.fsc()``
         for the curve).
-    return_aligned : bool, optional
-        Also return the aligned estimate volume only (kept until ``numbaem demo`` moves
-        to ``return_alignment``; compare it with ``alignment.reference``, not the raw truth).
 
     Returns
     -------
     out : dict
         ``fsc_resolution`` and ``relative_error`` of the aligned pair;
         ``fsc_resolution_unaligned`` of ``synthesize(theta)`` against ``truth`` as given.
-    alignment : VolumeAlignment or ndarray, with ``return_alignment`` / ``return_aligned``
+    alignment : VolumeAlignment, with ``return_alignment``
     """
     pair = align_to_reference(theta, basis, truth, n_coarse=n_coarse)
     f, c = fsc(synthesize(theta, basis), truth)
@@ -47,6 +44,4 @@ def compare_to_truth(theta, basis, truth, n_coarse=1000, return_alignment=False,
                fsc_resolution_unaligned=float(resolution(f, c)))
     if return_alignment:
         return out, pair
-    if return_aligned:
-        return out, pair.estimate
     return out
