@@ -22,7 +22,6 @@ import time
 import numpy as np
 
 from ..analysis.compare import compare_to_truth
-from ..analysis.fsc import fsc
 from ..data.io import atomic_write_text, write_volume
 from ..data.patches import PatchSource
 from ..em.run import reconstruct
@@ -91,7 +90,7 @@ def main(args):
         init = synthesize(expand(downsample(homolog_full, L), basis), basis)
         write_volume(os.path.join(out, "truth.mrc"), truth, force=True)
         write_volume(os.path.join(out, "init.mrc"), init, force=True)
-        start, init_aligned = compare_to_truth(expand(init, basis), basis, truth, return_aligned=True)
+        start, start_pair = compare_to_truth(expand(init, basis), basis, truth, return_alignment=True)
         _say(f"truth: synthetic molecule {L0}^3 -> L={L}; {sum(len(p) for p in sim.positions)} projections in "
              f"{cfg['count']} micrograph(s) of {cfg['N']}x{cfg['N']} (Method 1), SNR {args.snr:g} at side {L0} "
              f"({sim.snr_downsampled:.3g} at side {L}), sigma^2 {sim.sigma2:.4g}")
@@ -111,10 +110,10 @@ def main(args):
 
         result = reconstruct(source, init, sigma2=sim.sigma2, schedule=schedule, rng=rng, truth=truth,
                              callback=on_iter, progress=progress)
-    final, aligned = compare_to_truth(result.theta, result.basis, truth, return_aligned=True)
+    final, final_pair = compare_to_truth(result.theta, result.basis, truth, return_alignment=True)
     write_volume(os.path.join(out, "estimate.mrc"), result.volume, force=True)
     atomic_write_text(os.path.join(out, "run.jsonl"), "\n".join(lines) + "\n", force=True)
-    _plots(out, sim, truth, init_aligned, aligned, start, result.history, L)
+    _plots(out, sim, start_pair, final_pair, start, result.history, L)
     elapsed = time.perf_counter() - t0
     _say(f"final estimate:              aligned relative error {final['relative_error']:.3f}, FSC 0.5 at "
          f"{final['fsc_resolution']:.4f} 1/pixel (the last shell, {(L // 2) / L:.4f}, is the band limit)")
@@ -124,15 +123,15 @@ def main(args):
         emit_json(dict(initial=start, final=final, seconds=elapsed, history=result.history))
 
 
-def _plots(out, sim, truth, init_aligned, aligned, start, history, L):
+def _plots(out, sim, start_pair, final_pair, start, history, L):
+    """The demo's pictures. Each FSC is of an aligned pair compared like with like (both
+    band-limited to the ball in the largest basis of side L; theory section 8)."""
     from ..analysis import plots
 
-    f0, c0 = fsc(init_aligned, truth)
-    f1, c1 = fsc(aligned, truth)
-    plots.plot_fsc({"initial guess (homolog, aligned)": (f0, c0), "EM estimate (aligned)": (f1, c1)},
+    plots.plot_fsc({"initial guess (homolog, aligned)": start_pair.fsc(), "EM estimate (aligned)": final_pair.fsc()},
                    os.path.join(out, "fsc.png"), force=True, title="numbaem demo: FSC against the truth")
-    plots.plot_convergence(history, os.path.join(out, "convergence.png"), force=True, start=start)
-    plots.plot_slices({"truth": truth, "start (homolog, aligned)": init_aligned, "estimate (aligned)": aligned},
-                      os.path.join(out, "slices.png"), force=True)
+    plots.plot_convergence(history, os.path.join(out, "convergence.png"), force=True, start=start, L=L)
+    plots.plot_slices({"truth": final_pair.reference, "start (homolog, aligned)": start_pair.estimate,
+                       "estimate (aligned)": final_pair.estimate}, os.path.join(out, "slices.png"), force=True)
     plots.plot_micrograph_crop(sim.micrographs[0], os.path.join(out, "micrograph.png"), L=L,
                                positions=sim.positions[0], force=True)
