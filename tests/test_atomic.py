@@ -64,3 +64,16 @@ def test_unreadable_model_is_one_sentence(tmp_path):
         read_model(empty)
     with pytest.raises(NumbaemError, match="oversample=2 is even"):
         model_density("1hvr", 11, 7.0, oversample=2)
+
+
+def test_shipped_models_are_package_data():
+    """Every file beside the models is matched by pyproject's package-data, so an install has it
+    (a wheel built from this tree was checked to hold them)."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["numbaem.sim"]
+    for f in (root / "numbaem" / "sim" / "models").iterdir():
+        assert any(fnmatch.fnmatch(f"models/{f.name}", g) for g in globs), f.name

@@ -21,6 +21,10 @@ def test_crossover_interpolates_in_log2_snr(example):
     assert example.crossover(snr, [0.3, 0.4, 0.5, 0.6], [0.2, 0.3, 0.7, 0.9]) == pytest.approx(2 ** (-1 - 1 / 3))
     assert example.crossover(snr, [0.3, 0.4, 0.5, 0.6], [0.2, 0.3, 0.4, 0.5]) is None     # never wins
     assert example.crossover(snr, [0.1, 0.2, 0.3, 0.4], [0.2, 0.3, 0.4, 0.5]) == 1.0      # always wins
+    # no reconstruction (NaN) counts as a win of direct EM; the crossing is put at that point
+    nan = float("nan")
+    assert example.crossover(snr, [0.3, 0.4, 0.5, 0.6], [0.2, 0.3, nan, nan]) == 0.25
+    assert example.crossover(snr, [0.3, 0.4, 0.5, 0.6], [0.2, 0.3, 0.7, nan]) == pytest.approx(2 ** (-1 - 1 / 3))
     # a win at 0.5 that is lost again at 0.25 does not count: the crossing is the last one
     assert example.crossover(snr, [0.3, 0.2, 0.5, 0.6], [0.2, 0.3, 0.4, 0.9]) == pytest.approx(2 ** -2.25)
 
