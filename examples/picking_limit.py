@@ -215,7 +215,10 @@ def plot(results, out):
         ax.invert_xaxis()
     axes[0].legend(fontsize=7)
     axes[0].set_title("against the truth (dotted: crossover; gap: no picks)")
-    axes[1].set_title(f"L = {results[0]['L']}, same start, same schedule")
+    L = results[0]["L"]
+    axes[1].set_ylim(0, 0.52)
+    axes[1].axhline((L // 2) / L, color="grey", lw=0.6)
+    axes[1].set_title(f"L = {L}: the last shell is {L // 2}/{L} = {(L // 2) / L:.3f} 1/pixel (grey)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "picking_limit_error.png"), dpi=110)
     plt.close(fig)
@@ -270,6 +273,8 @@ def replot(path, out):
         res["crossover_snr"] = crossover([r["snr"] for r in res["sweep"]],
                                          [r["direct"]["relative_error"] for r in res["sweep"]],
                                          [r["pick_then_em"]["relative_error"] for r in res["sweep"]])
+    summary["replotted"] = ("crossovers and plots recomputed by --replot from the stored numbers (fewer than three "
+                            "picks: no reconstruction)")
     with open(os.path.join(out, "picking_limit.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     plot(summary["results"], out)
