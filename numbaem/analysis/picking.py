@@ -221,8 +221,7 @@ def pick_particles(images, templates, sigma2, min_distance=None, threshold=None,
     Returns
     -------
     picks : Picks
-        Centres (top-left + ``L // 2``), scores ``z`` and the best template's index in
-        ``rotation`` (as an int array) left None; see ``template`` below.
+        Centres (top-left + ``L // 2``) and scores ``z``; no rotations (see ``template``).
     template : ndarray of int, shape (n,)
         Index of the best template of each pick.
     threshold : float

@@ -27,6 +27,7 @@ from ..runtime import fft
 from ..runtime.errors import NumbaemError
 from ..runtime.memory import default_budget
 from .estep import SufficientStats, e_step_chunk, projection_spectra
+from .run import stage_plan
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ def posterior_particles(source, theta, basis, K, upsilon, sigma2, min_probabilit
     Picks
         Centres in pixels of each micrograph; ``score`` the posterior probability.
     """
-    from .run import stage_plan
-
     if not 0 <= min_probability <= 1:
         raise NumbaemError(f"min_probability={min_probability} must lie in [0, 1]")
     if getattr(source, "shift_window", None) is not None:

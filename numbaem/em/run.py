@@ -324,7 +324,9 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         highest log-likelihood on one common set of patches (:func:`log_likelihood`).
     scale_init : bool
         Scale a volume start by :func:`data_scale` (for starts in other units, e.g. an
-        atomic model's density).
+        atomic model's density). The data's excess energy is a mean over all patches,
+        empty ones included, so the start comes out somewhat small; the first M-step
+        sets the scale.
 
     Returns
     -------
