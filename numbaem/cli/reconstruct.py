@@ -70,7 +70,9 @@ def add_args(p):
                         "log-likelihood (default 1)")
     p.add_argument("--anneal", default="auto", metavar="T0,N|none",
                    help="anneal the posterior over the first N iterations from temperature T0 down to 1 (the E-step "
-                        f"sees T sigma^2); 'auto': {AUTO_ANNEAL[0]:g},{AUTO_ANNEAL[1]} for --init random, none otherwise")
+                        f"sees T sigma^2); 'auto': {AUTO_ANNEAL[0]:g},{AUTO_ANNEAL[1]} for --init random, none otherwise. "
+                        "An annealed start collapses to a small round blob and grows back slowly: give the last stage "
+                        "many iterations (examples/ab_initio.py uses 24 at L=7)")
     p.add_argument("--particles", metavar="coords.star", default=None,
                    help="pick-then-EM: run on L x L boxes around these picks (RELION coordinate STAR) instead of the "
                         "micrographs' patch grid")
