@@ -7,7 +7,6 @@ few repetitions after the caller's warm-up) and write their record through
 """
 import dataclasses
 import hashlib
-import math
 import os
 import platform
 import statistics
@@ -15,11 +14,7 @@ import time
 
 import numpy as np
 
-from numbaem.model.basis import FBBasis
 from numbaem.runtime.memory import current_rss, peak_rss, reset_peak_rss, total_memory
-from numbaem.data.patches import PatchSource
-from numbaem.model.projection import project
-from numbaem.model.rotations import random_rotations
 
 
 @dataclasses.dataclass

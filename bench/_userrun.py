@@ -38,6 +38,7 @@ from numbaem.em.run import initial_theta
 from numbaem.runtime.fourier import downsample
 from numbaem.runtime.memory import current_rss
 
+from ._common import CpuShare
 from ._data import command_line, prepare, run_cli
 from ._iteration import IterationSetup
 from ._kernels import block_counts, kernel_peaks, kernel_report
@@ -106,11 +107,13 @@ def run_reconstruct(ds, run, threads, workdir):
     gc.collect()
     rss0 = current_rss()
     t0 = time.perf_counter()
-    run_cli(argv)
+    with CpuShare() as share:
+        run_cli(argv)
     wall = time.perf_counter() - t0
     records = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
     log.unlink()
-    return dict(command=command_line(argv), wall_seconds=wall, rss_before=rss0, records=records)
+    return dict(command=command_line(argv), wall_seconds=wall, rss_before=rss0, records=records,
+                cpu_share=share.result)
 
 
 def mapped_resident(paths):
@@ -181,7 +184,8 @@ def measure(cfg, data_spec, run, profile_patches, count_patches, extra=None):
     cli_rec = dict(command=cli["command"], schedule=run.schedule, iterations=len(recs),
                    seconds=timing([r["seconds"] for r in recs]), estep=timing([r["seconds_estep"] for r in recs]),
                    mstep=timing([r["seconds_mstep"] for r in recs]), patches=recs[0]["patches"],
-                   chunk=recs[0]["chunk"], wall_seconds=cli["wall_seconds"], warmup_wall_seconds=w["wall_seconds"],
+                   chunk=recs[0]["chunk"], wall_seconds=cli["wall_seconds"], cpu_share=cli["cpu_share"],
+                   warmup_wall_seconds=w["wall_seconds"],
                    warmup_command=w["command"], records=recs)
     memory = dict(budget_bytes=budget, peak_rss=peak, peak_over_budget=peak / budget, rss_before_cli=cli["rss_before"],
                   mapped_micrographs_resident=mapped,

@@ -1,4 +1,8 @@
-"""``python -m bench [suite ...] [--out DIR] [--threads T] [--quick]``: run suites, write JSON and a PNG each.
+"""``python -m bench [suite ...] [--out DIR] [--data-dir DIR] [--threads T] [--quick]``: run suites, write JSON and a PNG each.
+
+Every suite's data are micrographs made by ``numbaem simulate``, cached under
+``--data-dir`` (default ``OUT/data``) and reused while their parameters match
+(``bench/_data.py``); ``small`` and ``paper-v1`` time ``numbaem reconstruct`` itself.
 
 With no suite named, ``small``, ``peak`` and ``baseline`` run (the three that take
 minutes, not tens of minutes, on a laptop-class machine); ``all`` runs every suite.

@@ -85,6 +85,11 @@ def _where(rec):
                      else f"load average {la[0]:.2f}")
     if share is not None:
         parts.append(f"other processes kept {share:.2f} cores busy")
+    cli = (rec.get("results") or {}).get("cli") or {}
+    cs = cli.get("cpu_share") or {}
+    if cs.get("own_cores") is not None:
+        parts.append(f"during the timed `numbaem reconstruct` run it used {cs['own_cores']:.2f} cores and other "
+                     f"processes {cs['other_cores']:.2f}")
     if git.get("commit"):
         parts.append(f"commit {git['commit'][:10]}" + (" with uncommitted library changes"
                                                        if git.get("numbaem_uncommitted") else ""))
