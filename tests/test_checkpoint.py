@@ -23,8 +23,10 @@ import pytest
 
 from numbaem.model.basis import FBBasis
 from numbaem.cli.signals import GracefulStop
+from numbaem.em.plan import INTERPRETER_BYTES
 from numbaem.em.checkpoint import Checkpointer, file_fingerprint, run_hash, run_inputs
-from numbaem.em.run import EMState, Stage, reconstruct
+from numbaem.em.run import EMState, reconstruct
+from numbaem.em.schedule import Stage
 from numbaem.runtime.errors import InterruptedRun, NumbaemError
 from numbaem.data.io import write_image
 from numbaem.data.patches import PatchSource
@@ -36,7 +38,7 @@ L = 7
 SIGMA2 = 1.0
 SEED = 11
 THREADS = 2
-MEMORY = 68 * 2 ** 20          # 2-3 chunks per iteration: the chunking is part of what must repeat
+MEMORY = INTERPRETER_BYTES + 4 * 2 ** 20   # 2-3 chunks per iteration: the chunking is part of what must repeat
 SCHEDULE = [Stage(2, 2, 0.5, 16), Stage(3, 4, 0.5, 32)]
 N_ITER = sum(s.iters for s in SCHEDULE)
 KILL_TRIALS = int(os.environ.get("NUMBAEM_KILL_TRIALS", "5"))
@@ -67,18 +69,18 @@ def make_micrograph(path, seed=3, cells=6, snr=2.0):
 
 def inputs_for(mic, init="random", **changes):
     kw = dict(L=L, sigma2=SIGMA2, estimate_noise=False, schedule=SCHEDULE, seed=SEED, tikhonov=0.0,
-              upsilon0=0.5, init=init, memory=MEMORY, threads=THREADS)
+              upsilon0=0.5, init=init, memory=MEMORY)
     kw.update(changes)
     return run_inputs([mic], **kw)
 
 
-def run(mic, ckpt_dir=None, resume=False, should_stop=None, on_save=None):
+def run(mic, ckpt_dir=None, resume=False, should_stop=None, on_save=None, threads=THREADS):
     """The reconstruction under test, checkpointed into ``ckpt_dir`` (continued with ``resume``)."""
     source = PatchSource.from_files([mic], L)
-    with use_threads(THREADS):
+    with use_threads(threads):
         if ckpt_dir is None:
             return reconstruct(source, "random", sigma2=SIGMA2, schedule=SCHEDULE, rng=np.random.default_rng(SEED),
-                               memory=MEMORY, progress=False, should_stop=should_stop)
+                               memory=MEMORY, progress=False, should_stop=should_stop).state
         with Checkpointer(ckpt_dir, inputs_for(mic)) as ckpt:
             state = ckpt.begin(resume=resume)
 
@@ -89,7 +91,7 @@ def run(mic, ckpt_dir=None, resume=False, should_stop=None, on_save=None):
 
             return reconstruct(source, "random", sigma2=SIGMA2, schedule=SCHEDULE, rng=np.random.default_rng(SEED),
                                memory=MEMORY, progress=False, state=state, callback=callback,
-                               should_stop=should_stop)
+                               should_stop=should_stop).state
 
 
 def worker(argv):
@@ -134,6 +136,20 @@ def spawn(tmp, ckpt, *extra):
         out, err = p.communicate()
         pytest.fail(f"worker did not start: {line!r}\n{out}\n{err}")
     return p
+
+
+def test_resume_on_another_thread_count(problem, tmp_path):
+    """A run checkpointed on 2 threads continues on 1 (the thread count is not an input:
+    it changes no bit) and ends bit for bit where the uninterrupted run ends."""
+    seen = []
+
+    def stop_after_two():
+        return len(seen) >= 2
+
+    run(problem["mic"], tmp_path, should_stop=stop_after_two, on_save=seen.append, threads=2)
+    assert len(seen) == 2
+    state = run(problem["mic"], tmp_path, resume=True, threads=1)
+    same_run(state, problem["ref"])
 
 
 def same_run(state, ref):

@@ -125,8 +125,83 @@ def test_bad_inputs_one_sentence(tmp_path, molecule, capsys):
 
 
 def test_nonpositive_noise_var_exits_2(tmp_path, capsys):
+    """An option's bad value: one sentence under the command's own name, no usage block."""
     with pytest.raises(SystemExit) as exc:
         main(["reconstruct", "m.mrc", "--patch-size", "7", "-o", str(tmp_path / "e.mrc"), "--init", "random",
               "--noise-var", "-1"])
     assert exc.value.code == 2
-    assert "positive" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("numbaem reconstruct: error:") and "positive" in err
+    assert "usage" not in err
+
+
+def test_messages_a_new_user_met(tmp_path, molecule, capsys):
+    """Issue 9's list: each message names the problem in the command line's own words."""
+    mic = tmp_path / "m.mrc"
+    from numbaem.data.io import write_image
+    write_image(mic, np.random.default_rng(0).standard_normal((77, 77)))
+    base = ["reconstruct", str(mic), "--patch-size", "11", "-o", str(tmp_path / "e.mrc"), "--init", "random",
+            "--noise-var", "1"]
+    for schedule, bad in (("lmax=x", "lmax='x'"), ("lmax=x,iters=2", "lmax='x'"), ("lmax=2,iters=two", "iters='two'")):
+        code, _, err = run(base + ["--schedule", schedule], capsys)
+        _assert_one_line_error(code, err, bad)
+        assert "{" not in err and "not a whole number" in err
+    code, _, err = run(base + ["--memory", "1KiB", "--schedule", "lmax=2,iters=1,rotations=100"], capsys)
+    _assert_one_line_error(code, err, "100 rotations and lmax=2 (")
+    # an existing output is refused before any work, in the command line's words
+    (tmp_path / "mic.mrc").write_bytes(b"keep")
+    code, _, err = run(["simulate", str(molecule), "-o", str(tmp_path / "mic.mrc"), "--patch-size", "7",
+                        "--micrograph-size", "5000", "--density", "0.2"], capsys)
+    _assert_one_line_error(code, err, "--force")
+    assert "force=True" not in err and (tmp_path / "mic.mrc").read_bytes() == b"keep"
+    # the usage says that a start is required: --init or --resume
+    with pytest.raises(SystemExit):
+        main(["reconstruct", "--help"])
+    usage = capsys.readouterr().out
+    assert "(--init INIT.mrc|random | --resume)" in " ".join(usage.split())
+
+
+def test_simulate_records_its_seed(tmp_path, molecule, capsys):
+    code, _, err = run(["simulate", str(molecule), "-o", str(tmp_path / "s.mrc"), "--patch-size", "7",
+                        "--micrograph-size", "70", "--seed", "11", "-q"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "s.json").read_text())["seed"] == 11
+
+
+def test_demo_reports_each_stage_as_it_ends(tmp_path, capsys, monkeypatch):
+    """The demo (at a toy size): Method 1 data, one line per stage printed when the stage
+    ends (not all at the end), no progress bars when stderr is not a terminal, and the
+    files its help names, with numbers that agree with each other."""
+    from numbaem.cli import demo
+    from numbaem.em.schedule import Stage
+    monkeypatch.setattr(demo, "settings", lambda quick: dict(
+        L0=15, L=5, N=150, count=1, density=0.1, homolog_strength=0.6,
+        schedule=[Stage(1, 1, 1.0, 20), Stage(2, 2, 1.0, 40)]))
+    printed, done = [], [0]
+    real_say, real_reconstruct = demo._say, demo.reconstruct
+
+    def counting_reconstruct(*a, callback=None, **kw):
+        def cb(state, rec):
+            done[0] += 1
+            callback(state, rec)
+        return real_reconstruct(*a, callback=cb, **kw)
+
+    monkeypatch.setattr(demo, "reconstruct", counting_reconstruct)
+    monkeypatch.setattr(demo, "_say", lambda text: (printed.append((text, done[0])), real_say(text)))
+    out = tmp_path / "demo"
+    code, stdout, err = run(["demo", "-o", str(out), "--quick"], capsys)
+    assert code == 0, err
+    assert "it/s" not in err and "\r" not in err            # no tqdm bars into a redirected stream
+    stage_lines = [(t, n) for t, n in printed if t.startswith("after stage")]
+    assert [n for _, n in stage_lines] == [1, 3]            # printed as each stage ends
+    assert "aligned relative error" in stage_lines[0][0]
+    for name in ("estimate.mrc", "truth.mrc", "init.mrc", "micrograph.mrc", "micrograph.json", "run.jsonl",
+                 "fsc.png", "convergence.png", "slices.png", "micrograph.png"):
+        assert (out / name).exists(), name
+    sim = json.loads((out / "micrograph.json").read_text())
+    assert sim["method"] == 1 and sim["seed"] == 0
+    recs = [json.loads(x) for x in (out / "run.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in recs] == [1, 2, 2]
+    final = [t for t, _ in printed if t.startswith("final estimate")][0]
+    assert f"{recs[-1]['relative_error']:.3f}" in final

@@ -17,7 +17,8 @@ distributed = pytest.importorskip("distributed")
 from numbaem.model.basis import FBBasis  # noqa: E402
 from numbaem.em.distributed import (DaskExecutor, executor_from_options, split_tasks,  # noqa: E402
                                  start_local_cluster, tree_pairs)
-from numbaem.em.run import Stage, reconstruct  # noqa: E402
+from numbaem.em.run import reconstruct  # noqa: E402
+from numbaem.em.schedule import Stage  # noqa: E402
 from numbaem.runtime.errors import NumbaemError  # noqa: E402
 from numbaem.data.io import write_image  # noqa: E402
 from numbaem.data.patches import PatchSource  # noqa: E402
@@ -207,3 +208,18 @@ def test_options():
         executor_from_options(workers=2, scheduler="tcp://localhost:8786")
     with pytest.raises(NumbaemError, match="chunk"):
         DaskExecutor(None, chunk=0)
+
+
+def test_worker_with_two_threads_matches_in_process(micrographs, reference):
+    """A Dask worker started with two threads (``dask worker``'s default is several) runs two
+    E-step tasks at once in one process; each needs its own FFT buffers, or the statistics
+    are silently corrupted (defect 1 of issue 9). Small chunks and one chunk per task make
+    the tasks overlap."""
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                                       dashboard_address=None, env=dict(NUMBAEM_THREADS="1"))
+    try:
+        with distributed.Client(cluster) as c:
+            est = _run(micrographs, DaskExecutor(c, chunks_per_task=1, chunk=16, threads=1))
+    finally:
+        cluster.close()
+    _assert_close(est, reference)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from numbaem.em import run as em
+from numbaem.em import schedule
 from numbaem.model.basis import FBBasis, synthesize
 from numbaem.runtime.errors import NumbaemError
 from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra
@@ -46,7 +47,7 @@ def test_full_batch_loglik_never_decreases(rng, estimate_noise):
     mic, s2 = make_micrograph(rng, theta, basis, rots, 112, 20, snr=2.0)
     src = PatchSource([mic], L)
     st = em.reconstruct(src, synthesize(perturbed(rng, theta, 0.5), basis), sigma2=s2 * (1.5 if estimate_noise else 1),
-                        estimate_noise=estimate_noise, schedule=[em.Stage(lmax, 6, 1.0, K)],
+                        estimate_noise=estimate_noise, schedule=[schedule.Stage(lmax, 6, 1.0, K)],
                         rng=rng, progress=False)
     ll = np.array([r["loglik"] for r in st.history])
     y = src.get(np.arange(src.n_patches))
@@ -77,7 +78,7 @@ def test_recovery_on_grid(rng):
     r0 = resolution(f, c)
     assert 0.12 < r0 < 0.32, r0  # FSC 0.5 at about half the band (the last shell is 3/7)
     st = em.reconstruct(PatchSource([mic], L), synthesize(th0, basis), sigma2=s2,
-                        schedule=[em.Stage(lmax, 18, 1.0, K)], rng=rng, progress=False)
+                        schedule=[schedule.Stage(lmax, 18, 1.0, K)], rng=rng, progress=False)
     res = align(st.theta, theta, basis, n_coarse=500)
     est = synthesize(res.theta_aligned, basis)
     f, c = fsc(est, truth)
@@ -93,7 +94,7 @@ def test_stochastic_minibatch_seeded(rng):
     src = PatchSource([mic], L)
     runs = []
     for seed in (3, 3, 4):
-        st = em.reconstruct(src, synthesize(theta, basis), sigma2=s2, schedule=[em.Stage(lmax, 2, 0.3, K)],
+        st = em.reconstruct(src, synthesize(theta, basis), sigma2=s2, schedule=[schedule.Stage(lmax, 2, 0.3, K)],
                             rng=np.random.default_rng(seed), progress=False)
         runs.append(st.theta)
         assert all(r["patches"] == math.ceil(0.3 * src.n_patches) for r in st.history)
@@ -112,55 +113,84 @@ def test_frequency_marching_copies_coefficients(rng):
 
 
 def test_schedule_parsing():
-    st = em.parse_schedule("lmax=2,iters=5,frac=0.1,rotations=300;lmax=4,iters=5,frac=0.05,rotations=600")
-    assert st == [em.Stage(2, 5, 0.1, 300), em.Stage(4, 5, 0.05, 600)]
+    st = schedule.parse_schedule("lmax=2,iters=5,frac=0.1,rotations=300;lmax=4,iters=5,frac=0.05,rotations=600")
+    assert st == [schedule.Stage(2, 5, 0.1, 300), schedule.Stage(4, 5, 0.05, 600)]
     for bad, match in [("lmax=2,iters=5,colour=red", "unknown key"), ("lmax=2", "iters"),
                        ("lmax=2,iters=0", "iters"), ("lmax=2,iters=3,frac=1.5", "frac"),
                        ("lmax=2,iters=3,rotations=0", "rotations"), ("lmax=x,iters=3", "number"),
                        ("", "empty"), ("lmax 2", "key=value")]:
         with pytest.raises(NumbaemError, match=match):
-            em.parse_schedule(bad)
+            schedule.parse_schedule(bad)
     with pytest.raises(NumbaemError, match="lmax <= 5"):
-        em.validate_schedule([em.Stage(9, 1)], 7)
+        schedule.validate_schedule([schedule.Stage(9, 1)], 7)
 
 
 def test_schedule_toml(tmp_path):
     p = tmp_path / "s.toml"
     p.write_text("[[stage]]\nlmax = 2\niters = 3\nfrac = 0.5\nrotations = 50\n[[stage]]\nlmax = 3\niters = 1\n")
-    assert em.load_schedule(p) == [em.Stage(2, 3, 0.5, 50), em.Stage(3, 1, 1.0, 300)]
+    assert schedule.load_schedule(p) == [schedule.Stage(2, 3, 0.5, 50), schedule.Stage(3, 1, 1.0, 300)]
     p.write_text("not toml [")
     with pytest.raises(NumbaemError, match="TOML"):
-        em.load_schedule(p)
+        schedule.load_schedule(p)
 
 
 def test_default_schedule_is_valid():
     for L in (7, 11, 15):
-        s = em.default_schedule(L)
-        em.validate_schedule(s, L)
+        s = schedule.default_schedule(L)
+        schedule.validate_schedule(s, L)
         assert [x.lmax for x in s] == sorted(x.lmax for x in s) and s[-1].lmax == FBBasis.max_lmax(L)
 
 
-def test_memory_budget_is_honoured(rng):
-    """A small budget forces small chunks; the traced peak of the iteration stays inside it."""
+@pytest.mark.parametrize("arrays_mib, whole_operator", [(8, True), (1.5, False)])
+def test_memory_budget_is_honoured(rng, arrays_mib, whole_operator):
+    """Every array of an iteration counts against the budget: the traced peak (operator and
+    its M-step copy included, built inside the traced region) stays within the budget
+    less the interpreter's allowance. With 1.5 MiB of room the operator is kept only as
+    blocks of rotations rebuilt on demand."""
+    from numbaem.em.plan import INTERPRETER_BYTES
+    from numbaem.runtime import fft
     L, lmax, K = 7, 3, 60
     basis = FBBasis(L, lmax)
     theta = rng.standard_normal(basis.M)
     mic, s2 = make_micrograph(rng, theta, basis, rotation_grid(K), 350, 40, snr=5.0)
     src = PatchSource([mic], L)
-    budget = 8 << 20
-    op = em.Operator(basis, rotation_grid(K), budget // 4)
-    state = em.EMState(theta=theta, lmax=lmax, upsilon=0.5, sigma2=s2, rng=rng)
-    stage = em.Stage(lmax, 1, 1.0, K)
-    # budget without the interpreter slack, which plan_chunk keeps for Python itself
+    room = int(arrays_mib * 2 ** 20)
+    budget = INTERPRETER_BYTES + room
+    stage = schedule.Stage(lmax, 1, 1.0, K)
+    fft.clear_cache()
     tracemalloc.start()
     tracemalloc.reset_peak()
-    rec = em.em_iteration(state, src, op, stage, budget=budget + (64 << 20))
+    plan = em.stage_plan(budget, basis, K, src.n_patches)
+    op = em.Operator(basis, rotation_grid(K), plan.parts["operator"])
+    state = em.EMState(theta=theta, lmax=lmax, upsilon=0.5, sigma2=s2, rng=rng)
+    rec = em.em_iteration(state, src, op, stage, budget=budget)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert rec["chunk"] < src.n_patches  # the data really were streamed in chunks
-    assert peak <= budget + op.nbytes, (peak, budget)
+    assert (op.A is not None) == whole_operator
+    assert plan.peak <= room
+    assert peak <= room, (peak, room)
     with pytest.raises(NumbaemError, match="too small"):
-        em.plan_chunk(1 << 20, 5000, 11, 219, 100, 0)
+        em.plan_chunk(INTERPRETER_BYTES + (1 << 20), 5000, 11, 219, 100)
+
+
+def test_fft_cache_is_bounded_in_bytes():
+    """The plan cache drops least recently used workspaces beyond its byte bound."""
+    from numbaem.runtime import fft
+    fft.clear_cache()
+    limit = 3_500_000
+    old = fft.set_cache_limit(limit)
+    try:
+        a = fft.workspace((300, 22, 22))     # 300 * (484 * 8 + 264 * 16) = 2.43 MB
+        assert fft.cache_bytes() == a.nbytes
+        b = fft.workspace((100, 22, 22))     # 0.81 MB: both fit in 3.5 MB
+        assert fft.cache_bytes() == a.nbytes + b.nbytes
+        c = fft.workspace((200, 22, 22))     # 1.62 MB: the least recently used (a) goes
+        assert fft.cache_bytes() == b.nbytes + c.nbytes <= limit
+        assert fft.workspace((100, 22, 22)) is b
+    finally:
+        fft.set_cache_limit(old)
+        fft.clear_cache()
 
 
 def test_threads_give_identical_statistics(rng):
@@ -185,9 +215,9 @@ def test_reconstruct_rejects_bad_input(rng):
     with pytest.raises(NumbaemError, match="noise variance"):
         em.reconstruct(src, "random", sigma2=-1.0, progress=False)
     with pytest.raises(NumbaemError, match="downsample"):
-        em.reconstruct(src, np.zeros((9, 9, 9)), sigma2=1.0, schedule=[em.Stage(2, 1, 1.0, 10)], progress=False)
+        em.reconstruct(src, np.zeros((9, 9, 9)), sigma2=1.0, schedule=[schedule.Stage(2, 1, 1.0, 10)], progress=False)
     with pytest.raises(NumbaemError, match="NaN"):
         bad = rng.standard_normal((50, 50))
         bad[3, 4] = np.nan
-        em.reconstruct(PatchSource([bad], 7), "random", sigma2=1.0, schedule=[em.Stage(2, 1, 1.0, 10)],
+        em.reconstruct(PatchSource([bad], 7), "random", sigma2=1.0, schedule=[schedule.Stage(2, 1, 1.0, 10)],
                        progress=False)

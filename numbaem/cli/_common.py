@@ -5,7 +5,6 @@ import math
 import sys
 
 
-
 def positive_int(text):
     try:
         v = int(text)
@@ -13,6 +12,16 @@ def positive_int(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return v
+
+
+def nonneg_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
     return v
 
 

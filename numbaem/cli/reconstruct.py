@@ -17,16 +17,17 @@ import time
 
 import numpy as np
 
-from ..model.basis import FBBasis, synthesize
 from ..runtime.validate import check_L
-from ..em.run import load_schedule, parse_schedule, reconstruct
+from ..em.run import reconstruct
+from ..em.schedule import load_schedule, parse_schedule
 from ..runtime.errors import InterruptedRun, NumbaemError
 from ..runtime.fourier import downsample
 from ..data.io import atomic_write_text, read_volume, write_volume
 from ..runtime.memory import default_budget, format_size, parse_size
 from ..data.patches import PatchSource
 from ..runtime.threads import use_threads
-from ._common import add_threads, check_outputs, emit_json, fraction, nonneg_float, positive_float, positive_int
+from ._common import (add_threads, check_outputs, emit_json, fraction, nonneg_float, nonneg_int, positive_float,
+                      positive_int)
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,17 @@ def add_args(p):
     p.add_argument("micrographs", nargs="+", metavar="MIC.mrc", help="micrograph MRC files (one pixel size)")
     p.add_argument("--patch-size", type=int, required=True, metavar="L", help="particle / patch side in pixels, odd")
     p.add_argument("-o", "--output", required=True, metavar="EST.mrc", help="estimated volume (side L)")
-    p.add_argument("--init", metavar="INIT.mrc|random",
-                   help="initial volume of side L (e.g. a homolog or AlphaFold map), or 'random' (required unless --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --checkpoint")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--init", metavar="INIT.mrc|random",
+                       help="initial volume of side L (e.g. a homolog or AlphaFold map), or 'random'")
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the last complete checkpoint in --checkpoint instead")
     n = p.add_mutually_exclusive_group()
-    n.add_argument("--noise-var", type=positive_float, metavar="S2", help="noise variance sigma^2 of the pixels")
+    n.add_argument("--noise-var", type=positive_float, metavar="S2",
+                   help="noise variance sigma^2 of one pixel of the micrographs as given (the working, "
+                        "patch pixel size), in the micrographs' units squared")
     n.add_argument("--estimate-noise", action="store_true",
-                   help="estimate sigma^2 by EM (starting from the variance of the micrograph pixels)")
+                   help="estimate sigma^2 by EM, starting from the low-signal patches of a seeded sample")
     p.add_argument("--schedule", default=None,
                    help="stages 'lmax=..,iters=..,frac=..,rotations=..;...' or a .toml file (default: see above)")
     p.add_argument("--downsample-init", action="store_true",
@@ -49,10 +54,13 @@ def add_args(p):
     p.add_argument("--upsilon0", type=fraction, default=0.5, help="initial probability of an empty patch (default 0.5)")
     p.add_argument("--tikhonov", type=nonneg_float, default=0.0, metavar="LAMBDA",
                    help="Tikhonov term lambda added to H (default 0; raised automatically if H is singular)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the minibatch draws and a random start (default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed of the minibatch draws, the start-value samples and a random start (default 0)")
     add_threads(p)
     p.add_argument("--memory", default=None, metavar="SIZE",
-                   help="memory budget of an iteration, e.g. 4GiB (default: a quarter of the RAM)")
+                   help="memory budget of the process, e.g. 4GiB (default: a quarter of the RAM; 256 MiB of it are "
+                        "set aside for the interpreter); the patches stream through the E-step in chunks sized "
+                        "from it")
     p.add_argument("--truth", metavar="TRUTH.mrc", help="true volume (side L) to report the FSC resolution per iteration")
     p.add_argument("--log", metavar="run.jsonl", help="JSON-lines log, one record per iteration")
     p.add_argument("--checkpoint", metavar="DIR", help="write a checkpoint after every iteration into DIR")
@@ -90,8 +98,6 @@ def main(args):
     L = check_L(args.patch_size, "--patch-size")
     schedule = _schedule(args.schedule)
     budget = parse_size(args.memory) if args.memory else default_budget()
-    if not args.init and not args.resume:
-        raise NumbaemError("no initial volume: pass --init INIT.mrc (or --init random), or --resume with --checkpoint")
     if args.resume and not args.checkpoint:
         raise NumbaemError("--resume needs --checkpoint DIR, the directory of the run to continue")
     outputs = [args.output] + [x for x in (args.log, args.plot) if x]
@@ -107,11 +113,8 @@ def main(args):
     if init != "random":
         init = _load_init(init, L, args.downsample_init)
     sigma2 = args.noise_var
-    if sigma2 is None:
-        if not args.estimate_noise:
-            raise NumbaemError("the noise variance is unknown: pass --noise-var S2 or --estimate-noise")
-        sigma2 = float(np.var(source.get(np.arange(min(source.n_patches, 20000)))))
-        logger.info("starting the noise estimate from the pixel variance %.4g", sigma2)
+    if sigma2 is None and not args.estimate_noise:
+        raise NumbaemError("the noise variance is unknown: pass --noise-var S2 or --estimate-noise")
     logger.info("%d micrograph(s), %d patches of %dx%d, budget %s", len(args.micrographs), source.n_patches,
                 L, L, format_size(budget))
 
@@ -122,7 +125,7 @@ def main(args):
         from ..em.checkpoint import Checkpointer, run_inputs
         inputs = run_inputs(args.micrographs, L=L, sigma2=sigma2, estimate_noise=bool(args.estimate_noise),
                             schedule=schedule, seed=args.seed, tikhonov=args.tikhonov, upsilon0=args.upsilon0,
-                            init=init if args.init else None, memory=budget, threads=args.threads)
+                            init=init if args.init else None, memory=budget)
         # the split of an iteration into Dask tasks depends on the cluster: part of the inputs
         inputs["distributed"] = dict(workers=args.workers, scheduler=args.scheduler)
         ckpt = Checkpointer(args.checkpoint, inputs, force=args.force and not args.resume)
@@ -148,18 +151,18 @@ def main(args):
     executor, close = _executor(args)
     try:
         with use_threads(args.threads), GracefulStop() as stop:
-            state = reconstruct(source, init, sigma2=sigma2, estimate_noise=args.estimate_noise, schedule=schedule,
-                                upsilon0=args.upsilon0, rng=rng, memory=budget, tikhonov=args.tikhonov, truth=truth,
-                                callback=on_iteration, progress=not args.quiet and sys.stderr.isatty(),
-                                state=state, should_stop=stop.should_stop, executor=executor)
+            result = reconstruct(source, init, sigma2=sigma2, estimate_noise=args.estimate_noise, schedule=schedule,
+                                 upsilon0=args.upsilon0, rng=rng, memory=budget, tikhonov=args.tikhonov, truth=truth,
+                                 callback=on_iteration, progress=not args.quiet and sys.stderr.isatty(),
+                                 state=state, should_stop=stop.should_stop, executor=executor)
             interrupted = stop.should_stop()
     finally:
         close()
-    basis = FBBasis(L, state.lmax)
-    vol = synthesize(state.theta, basis)
-    write_volume(args.output, vol, voxel_size=source.pixel_size, force=True if args.resume else args.force)
+    state, basis = result.state, result.basis
+    write_volume(args.output, result.volume, voxel_size=result.pixel_size, force=True if args.resume else args.force)
     if args.plot and state.history:
-        _plot(state.history, args.plot, force=True if args.resume else args.force)
+        from ..analysis.plots import plot_convergence
+        plot_convergence(state.history, args.plot, force=True if args.resume else args.force, L=L)
     if interrupted:
         raise InterruptedRun(f"stopped by {stop.signal_name or 'a signal'} after iteration {state.total_iterations}; the estimate so far is "
                              f"in {args.output}" + (f" and the checkpoint in {args.checkpoint}: rerun with --resume "
@@ -183,41 +186,3 @@ def _executor(args):
     except ImportError:
         raise NumbaemError("--workers and --scheduler need Dask: pip install 'numbaem[distributed]'") from None
     return executor_from_options(workers=args.workers, scheduler=args.scheduler, threads=args.threads)
-
-
-def _plot(history, path, force):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..data.io import atomic_path
-
-    it = [r["iteration"] for r in history]
-    has_fsc = any("fsc_resolution" in r for r in history)
-    has_err = any("relative_error" in r for r in history)
-    n = 1 + has_fsc + has_err
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6), squeeze=False)
-    ax = axes[0, 0]
-    ax.plot(it, [r["loglik_per_patch"] for r in history], "o-")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("log-likelihood per patch")
-    ax.set_title("convergence")
-    for r0, r1 in zip(history, history[1:]):
-        if r1["stage"] != r0["stage"]:
-            ax.axvline(r1["iteration"] - 0.5, color="grey", lw=0.5)
-    if has_fsc:
-        ax = axes[0, 1]
-        ax.plot(it, [r.get("fsc_resolution", np.nan) for r in history], "o-")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("FSC 0.5 after alignment (1/pixel)")
-        ax.set_title("resolution against the truth")
-    if has_err:
-        ax = axes[0, n - 1]
-        ax.plot(it, [r.get("relative_error", np.nan) for r in history], "o-")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("relative error after alignment")
-        ax.set_title("error against the truth")
-    fig.tight_layout()
-    with atomic_path(path, force=force) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

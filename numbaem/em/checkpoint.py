@@ -1,7 +1,7 @@
 """Checkpoints that let a long run survive being stopped, killed or preempted.
 
 A run is continued from its last *finished* iteration and gives the same bits as a run
-that was never stopped (same machine, same thread count): everything the iterations
+that was never stopped (same machine, any thread count): everything the iterations
 read is in the checkpoint, namely ``theta``, ``lmax``, ``upsilon``, ``sigma^2``, the
 schedule position and the exact state of the random generator that draws the
 minibatches.
@@ -32,8 +32,8 @@ Which run a checkpoint belongs to
 :func:`run_hash` is the sha256 of a canonical JSON of the inputs that determine the
 result (:func:`run_inputs` builds them: micrograph contents, ``L``, ``sigma^2``, noise
 estimation, schedule, seed, Tikhonov ``lambda``, ``upsilon_0``, the initial volume, the
-memory budget, which fixes the chunk size and with it the order of the sums, the
-thread count and the FFTW planner effort). :meth:`Checkpointer.load` refuses a
+memory budget, which fixes the chunk size and with it the order of the sums, and the
+FFTW planner effort; not the thread count, which changes no bit). :meth:`Checkpointer.load` refuses a
 checkpoint made with other inputs and names each input that differs.
 
 Stopping between iterations
@@ -202,7 +202,7 @@ def file_fingerprint(path, blocks=_SAMPLE_BLOCKS, block_bytes=_SAMPLE_BYTES):
 
 
 def run_inputs(micrographs, *, L, sigma2, estimate_noise, schedule, seed, tikhonov, upsilon0, init,
-               memory, threads):
+               memory):
     """The inputs that determine a reconstruction's result, ready for :func:`run_hash`.
 
     Parameters
@@ -211,9 +211,9 @@ def run_inputs(micrographs, *, L, sigma2, estimate_noise, schedule, seed, tikhon
         Fingerprinted by content (:func:`file_fingerprint`), in order (the order fixes
         the patch indices that the minibatches draw).
     L : int
-    sigma2 : float
+    sigma2 : float or None
         The noise variance given to :func:`numbaem.em.run.reconstruct` (the starting value
-        with ``estimate_noise``).
+        with ``estimate_noise``; None: estimated from the data, deterministically).
     estimate_noise : bool
     schedule : list of Stage or None
         ``None`` is the default schedule, recorded as its stages for ``L``.
@@ -225,29 +225,29 @@ def run_inputs(micrographs, *, L, sigma2, estimate_noise, schedule, seed, tikhon
     memory : int or None
         The budget in bytes (``None``: :func:`numbaem.runtime.memory.default_budget`, resolved
         here because it sets the chunk size and so the order of the sums).
-    threads : int or None
-        ``None``: :func:`numbaem.runtime.threads.resolve_threads` (resolved here).
+
+    The thread count is not an input: every kernel splits its work by patch or by
+    rotation, never by thread, so 1 and N threads give the same bits (tested), and a run
+    checkpointed on 8 threads continues on 2.
 
     Returns
     -------
     dict
     """
-    from .run import default_schedule
+    from .schedule import default_schedule
     from ..runtime.fft import planner_effort
     from ..runtime.memory import default_budget
-    from ..runtime.threads import resolve_threads
 
     inputs = dict(
         micrographs=[file_fingerprint(m) for m in micrographs],
         L=int(L),
-        sigma2=float(sigma2),
+        sigma2=None if sigma2 is None else float(sigma2),
         estimate_noise=bool(estimate_noise),
         schedule=[_canonical(s) for s in (schedule if schedule else default_schedule(int(L)))],
         seed=None if seed is None else int(seed),
         tikhonov=float(tikhonov),
         upsilon0=float(upsilon0),
         memory=int(default_budget() if memory is None else memory),
-        threads=int(resolve_threads(threads)),
         fftw_effort=planner_effort(),
     )
     if init is not None:
@@ -615,11 +615,8 @@ def _float(v):
 
 
 def _version():
-    from importlib import metadata
-    try:
-        return metadata.version("numbaem")
-    except metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
-        return "unknown"
+    from .._version import __version__
+    return __version__
 
 
 def _rng_state(rng):
@@ -649,6 +646,5 @@ def _restore_rng(doc, where, fix):
     if rng.bit_generator.state != doc:
         raise NumbaemError(f"{where} has a random generator state that does not restore exactly; {fix}")
     return rng
-
 
 

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..runtime.errors import NumbaemError
 from .estep import SufficientStats, chunk_bytes
+from .plan import INTERPRETER_BYTES, worker_bytes
 from ..runtime.memory import format_size, parse_size
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def _estep_task(job, indices):
     Returned as the plain dict of :meth:`SufficientStats.to_arrays`, whose size Dask
     measures correctly (for memory accounting and transfer costs).
     """
-    from .run import stream_stats
+    from .estep import stream_stats
     from ..runtime.threads import use_threads
 
     source = _open_source(job.paths, job.sizes, job.L)
@@ -298,7 +299,11 @@ class DaskExecutor:
         self.last_call = {}
 
     def _cluster(self):
-        """Task slots (sum of worker threads) and the smallest worker memory limit (0: none)."""
+        """Task slots (sum of worker threads) and the smallest memory per slot (0: no limit).
+
+        A worker with ``t`` Dask threads runs up to ``t`` tasks at once, each with its own
+        FFT workspaces and statistics, so its memory limit is shared by ``t`` tasks.
+        """
         try:
             info = self.client.scheduler_info(n_workers=-1)  # newer Dask lists only 5 workers by default
         except TypeError:  # pragma: no cover - older Dask
@@ -308,7 +313,7 @@ class DaskExecutor:
             raise NumbaemError("the Dask cluster has no workers; start some (or wait for them: "
                                "client.wait_for_workers(n)) before reconstructing")
         slots = sum(int(w.get("nthreads", 1)) for w in workers.values())
-        limits = [int(w.get("memory_limit") or 0) for w in workers.values()]
+        limits = [int(w.get("memory_limit") or 0) // max(1, int(w.get("nthreads", 1))) for w in workers.values()]
         limits = [m for m in limits if m > 0]
         return slots, (min(limits) if limits else 0)
 
@@ -320,7 +325,7 @@ class DaskExecutor:
         """
         cap = max(1, min(int(n_chunk), self.chunk or n, n))
         if memory_limit:
-            fixed = 4 * K * ((2 * L) ** 2 * 8 + (2 * L) * (L + 1) * 16) + (256 << 20)
+            fixed = worker_bytes(K, L, 0) + INTERPRETER_BYTES
             mem_cap = int((0.6 * memory_limit - fixed) // chunk_bytes(1, K, L))
             if mem_cap < 1:
                 raise NumbaemError(f"a worker memory limit of {format_size(memory_limit)} is too small for "

@@ -23,6 +23,7 @@ an order that does not depend on the thread count, so 1 and N threads give the s
 """
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 
@@ -109,6 +110,10 @@ class ProjectionSpectra:
 def projection_spectra(proj):
     """Spectra of the projections ``p_k`` (section 5).
 
+    One transform workspace of shape ``(K, 2L, 2L)`` serves all three transforms; besides
+    it, only the two results are allocated (:func:`numbaem.em.plan.plan_iteration`
+    counts exactly these).
+
     Parameters
     ----------
     proj : ndarray, shape (K, L, L)
@@ -119,16 +124,32 @@ def projection_spectra(proj):
     """
     proj = np.asarray(proj, dtype=np.float64)
     K, L, _ = proj.shape
-    zp = np.zeros((K, 2 * L, 2 * L))
-    zp[:, :L, :L] = proj
-    Pc = np.conj(fft.rfft2(zp))
-    zp[:, :L, :L] = proj ** 2
-    P2c = np.conj(fft.rfft2(zp))
+    ws = fft.workspace((K, 2 * L, 2 * L))
+    ws.real[...] = 0.0
+    ws.real[:, :L, :L] = proj
+    Pc = np.conj(ws.forward())
+    ws.real[...] = 0.0
+    ws.real[:, :L, :L] = proj
+    ws.real[:, :L, :L] **= 2
+    spec = ws.forward()
+    np.conjugate(spec, out=spec)
+    spec *= box_spectrum(L)[None]
+    e = ws.backward().copy()
+    return ProjectionSpectra(Pc, e, L)
+
+
+@functools.lru_cache(maxsize=8)
+def _box_spectrum(L):
     one = np.zeros((2 * L, 2 * L))
     one[:L, :L] = 1.0
-    O = fft.rfft2(one)
-    e = fft.irfft2(O[None] * P2c, 2 * L)
-    return ProjectionSpectra(Pc, e, L)
+    out = np.fft.rfft2(one)
+    out.setflags(write=False)
+    return out
+
+
+def box_spectrum(L):
+    """``FFT2(Z 1_{LxL})``, the half spectrum of the zero-padded ``L x L`` box (read-only)."""
+    return _box_spectrum(int(L))
 
 
 def patch_spectra(patches):
@@ -328,9 +349,15 @@ def _accumulate(C, Yh, Q, norm, n_valid, W, G):
 
 
 def chunk_bytes(n_chunk, K, L):
-    """Bytes of the per-chunk work arrays for ``n_chunk`` patches and ``K`` rotations."""
-    per_pair = (2 * L) * (2 * L) * 8 + (2 * L) * (L + 1) * 16
-    per_patch = (2 * L) * (L + 1) * 16 + 2 * (2 * L) ** 2 * 8 + L * L * 8 + 64
+    """Bytes of the per-chunk work arrays for ``n_chunk`` patches and ``K`` rotations.
+
+    Per (patch, rotation): the ``2L x 2L`` scores and their half spectrum (the chunk's
+    FFT workspace) and two numbers (block maximum and sum). Per patch: its spectrum
+    workspace, the patch buffer and the temporaries of reading it, and the per-patch
+    vectors of the posteriors.
+    """
+    per_pair = (2 * L) * (2 * L) * 8 + (2 * L) * (L + 1) * 16 + 16
+    per_patch = (2 * L) * (L + 1) * 16 + (2 * L) ** 2 * 8 + 3 * L * L * 8 + 128
     return n_chunk * (K * per_pair + per_patch)
 
 
@@ -383,8 +410,10 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
     K = spectra.K
     timer = timer or _no_timer
     with timer("patch_spectra"):
-        Yh = np.zeros((n_chunk, 2 * L, L + 1), np.complex128)
-        Yh[:n] = patch_spectra(patches)
+        wp = fft.workspace((n_chunk, 2 * L, 2 * L))   # FFT2(Z y_j), padding rows zero
+        wp.real[...] = 0.0
+        wp.real[:n, :L, :L] = patches
+        Yh = wp.forward()
     ws = fft.workspace((n_chunk, K, 2 * L, 2 * L))
     with timer("products"):
         _products(Yh, spectra.Pc, n, ws.spec)
@@ -429,4 +458,6 @@ def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, 
         e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=n_chunk, timer=timer)
         if progress is not None:
             progress(len(sel))
+    fft.release((n_chunk, K, 2 * L, 2 * L))   # the chunk's workspaces are not kept beside the M-step
+    fft.release((n_chunk, 2 * L, 2 * L))
     return stats

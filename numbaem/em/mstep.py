@@ -17,26 +17,37 @@ import numpy as np
 from scipy import linalg
 
 from ..runtime import fft
+from .estep import box_spectrum
 from ..runtime.errors import NumbaemError
 
 logger = logging.getLogger(__name__)
 
 
 def mask_weights(W, L):
-    """``h_k = sum_l W_k[l] m_l`` for every rotation: (K, 2L, 2L) -> (K, L^2)."""
-    one = np.zeros((2 * L, 2 * L))
-    one[:L, :L] = 1.0
-    O = fft.rfft2(one)
-    h = fft.irfft2(O[None] * np.conj(fft.rfft2(W)), 2 * L)[:, :L, :L]
-    return np.maximum(h, 0.0).reshape(len(W), L * L)  # clip round-off below 0 (h >= 0 exactly)
+    """``h_k = sum_l W_k[l] m_l`` for every rotation: (K, 2L, 2L) -> (K, L^2).
+
+    Computed in one ``(K, 2L, 2L)`` transform workspace (the same one as
+    :func:`data_images` and the projection spectra); only the result is allocated.
+    """
+    K = len(W)
+    ws = fft.workspace((K, 2 * L, 2 * L))
+    ws.real[...] = W
+    spec = ws.forward()
+    np.conjugate(spec, out=spec)
+    spec *= box_spectrum(L)[None]
+    h = ws.backward()[:, :L, :L].reshape(K, L * L)
+    return np.maximum(h, 0.0)  # a copy; clips round-off below 0 (h >= 0 exactly)
 
 
 def data_images(G, L):
-    """``g_k = crop(IFFT2(G_k))``: (K, 2L, L+1) -> (K, L^2)."""
-    return fft.irfft2(G, 2 * L)[:, :L, :L].reshape(len(G), L * L)
+    """``g_k = crop(IFFT2(G_k))``: (K, 2L, L+1) -> (K, L^2), through the same workspace."""
+    K = len(G)
+    ws = fft.workspace((K, 2 * L, 2 * L))
+    ws.spec[...] = G
+    return ws.backward()[:, :L, :L].reshape(K, L * L).copy()
 
 
-def normal_equations(A_blocks, W, G, L, M):
+def normal_equations(A_blocks, W, G, L, M, max_block_bytes=16 << 20):
     """``H`` and ``b`` of section 6.
 
     Parameters
@@ -46,20 +57,30 @@ def normal_equations(A_blocks, W, G, L, M):
         (K, L^2, M); a generator may build them on demand.
     W : ndarray, shape (K, 2L, 2L)
     G : ndarray, complex, shape (K, 2L, L + 1)
+    max_block_bytes : int
+        ``H`` accumulates ``B^T B`` with ``B = sqrt(h_k) A_k`` over sub-blocks of
+        rotations whose copy ``B`` takes at most this many bytes (at least one rotation);
+        the memory plan counts it.
 
     Returns
     -------
     H : ndarray, shape (M, M)
     b : ndarray, shape (M,)
     """
-    h = mask_weights(W, L)
+    h = np.sqrt(mask_weights(W, L))
     g = data_images(G, L)
     H = np.zeros((M, M))
     b = np.zeros(M)
+    per_rot = L * L * M * 8
+    step = max(1, int(max_block_bytes // per_rot))
     for sl, A in A_blocks:
-        B = (np.sqrt(h[sl])[:, :, None] * A).reshape(-1, M)
-        H += B.T @ B
-        b += A.reshape(-1, M).T @ g[sl].ravel()
+        k0 = sl.start or 0
+        for i in range(0, len(A), step):
+            Ab = A[i:i + step]
+            B = (h[k0 + i:k0 + i + len(Ab), :, None] * Ab).reshape(-1, M)
+            H += B.T @ B
+            del B
+            b += Ab.reshape(-1, M).T @ g[k0 + i:k0 + i + len(Ab)].ravel()
     return H, b
 
 

@@ -20,57 +20,24 @@ import time
 import numpy as np
 
 from ..analysis.compare import compare_to_truth
-from ..model.basis import FBBasis, expand, resize_theta
+from ..model.basis import FBBasis, expand, resize_theta, synthesize
 from ..model.projection import Operator
 from ..model.rotations import rotation_grid
 from ..runtime import fft
 from ..runtime.errors import NumbaemError
-from ..runtime.memory import default_budget, format_size, peak_rss, reset_peak_rss
-from .estep import chunk_bytes, projection_spectra, stream_stats
+from ..runtime.threads import prefer_passive_openmp
+from ..runtime.validate import as_rng
+from ..runtime.memory import default_budget, peak_rss, reset_peak_rss
+from .estep import projection_spectra, stream_stats
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
-from .schedule import Stage, default_schedule, load_schedule, parse_schedule, validate_schedule  # noqa: F401
+from .plan import phi_bytes, plan_iteration
+from .schedule import default_schedule, validate_schedule
 
 logger = logging.getLogger(__name__)
 
-# Work arrays of one chunk are kept near this size when the budget allows more: the
-# E-step passes over them several times, and a chunk that stays in cache runs faster
-# than one streamed from main memory. Measured on the 2-core machine (bench, 2 threads):
-# L=7, K=300: 1.15 / 0.98 / 0.88 / 0.91 / 1.35 us per (patch, rotation) at chunks of
-# 8 / 16 / 32 / 64 / 128 MiB; L=11, K=560: 3.69 / 3.49 / 3.56 / 4.31 at 16 / 32 / 64 / 128.
-# Override with NUMBAEM_CHUNK_BYTES.
-CHUNK_TARGET_BYTES = 32 << 20
-
-
-def chunk_target_bytes():
-    import os
-    try:
-        return int(float(os.environ.get("NUMBAEM_CHUNK_BYTES", CHUNK_TARGET_BYTES)))
-    except ValueError:
-        return CHUNK_TARGET_BYTES
-
-
-def plan_chunk(budget, K, L, M, n_selected, operator_bytes, target=None):
-    """Patches per chunk so that the iteration's arrays stay inside ``budget`` bytes.
-
-    Counts the operator (or one block of it), the spectra and statistics (size K),
-    ``H``, and per patch the chunk's work arrays (:func:`numbaem.em.estep.chunk_bytes`).
-    Raises if not even one patch fits. Within the budget, a chunk is also kept near
-    ``target`` bytes (default :data:`CHUNK_TARGET_BYTES`); the E-step kernels are
-    parallel over rotations, so even a one-patch chunk keeps every thread busy.
-    """
-    fixed = (operator_bytes
-             + 3 * K * ((2 * L) ** 2 * 8 + (2 * L) * (L + 1) * 16)   # spectra, W, G, and transforms in M-step
-             + 4 * K * L * L * 8                                        # projections, h, g
-             + 3 * M * M * 8 + (64 << 20))                              # H, its factor, slack for the interpreter
-    per = chunk_bytes(1, K, L)
-    room = budget - fixed
-    if room < per:
-        need = fixed + per
-        raise NumbaemError(f"the memory budget {format_size(budget)} is too small for K={K} rotations at L={L}, "
-                           f"lmax with M={M}: at least {format_size(need)} is needed; raise --memory or lower rotations")
-    target = chunk_target_bytes() if target is None else int(target)
-    want = max(1, target // per)
-    return int(max(1, min(n_selected, room // per, want)))
+def plan_chunk(budget, K, L, M, n_selected, operator_bytes=None, target=None):
+    """Patches per chunk within ``budget`` (see :func:`numbaem.em.plan.plan_iteration`)."""
+    return plan_iteration(budget, K, L, M, n_selected, target=target).n_chunk
 
 
 @dataclasses.dataclass
@@ -95,12 +62,19 @@ class LocalExecutor:
         return stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress)
 
 
+def stage_plan(budget, basis, K, n_selected):
+    """The memory plan of a stage's iterations (:func:`numbaem.em.plan.plan_iteration`)."""
+    return plan_iteration(budget, K, basis.L, basis.M, n_selected,
+                          phi=phi_bytes(basis.L, basis.lmax, len(basis.ls_pairs)), lmax=basis.lmax)
+
+
 def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhonov=0.0,
                  budget=None, progress=None, n_chunk=None, executor=None):
     """One EM iteration (in place on ``state``); returns the iteration's record.
 
     ``progress`` is an optional callable ``progress(n_done)`` called after each chunk;
     ``executor`` computes the sufficient statistics (default :class:`LocalExecutor`).
+    The FFT plan cache is bounded to the plan's workspaces for the iteration.
     """
     t0 = time.perf_counter()
     reset_peak_rss()
@@ -108,14 +82,20 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     L, M, K = basis.L, basis.M, operator.K
     budget = default_budget() if budget is None else budget
     idx = source.sample(stage.frac, state.rng)
-    proj = operator.project(state.theta)
-    spectra = projection_spectra(proj)
-    if n_chunk is None:
-        n_chunk = plan_chunk(budget, K, L, M, len(idx), operator.nbytes or operator.block * L * L * M * 8)
-    executor = executor or LocalExecutor()
-    stats = executor.sufficient_stats(source, idx, spectra, state.upsilon, state.sigma2, n_chunk, progress)
-    t_e = time.perf_counter()
-    H, b = normal_equations(operator.blocks(), stats.W, stats.G, L, M)
+    plan = stage_plan(budget, basis, K, len(idx))
+    n_chunk = plan.n_chunk if n_chunk is None else int(n_chunk)
+    old_limit = fft.set_cache_limit(plan.fft_cache_bytes)
+    try:
+        proj = operator.project(state.theta)
+        spectra = projection_spectra(proj)
+        del proj
+        executor = executor or LocalExecutor()
+        stats = executor.sufficient_stats(source, idx, spectra, state.upsilon, state.sigma2, n_chunk, progress)
+        del spectra
+        t_e = time.perf_counter()
+        H, b = normal_equations(operator.blocks(), stats.W, stats.G, L, M, max_block_bytes=plan.mstep_block_bytes)
+    finally:
+        fft.set_cache_limit(old_limit)
     sol = solve(H, b, tikhonov)
     loglik = stats.loglik
     state.theta = sol.theta
@@ -129,7 +109,50 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
                 lmax=basis.lmax, K=K, M=M, patches=int(len(idx)), chunk=int(n_chunk),
                 loglik=float(loglik), loglik_per_patch=float(loglik / len(idx)),
                 upsilon=state.upsilon, sigma2=state.sigma2, tikhonov=sol.tikhonov,
-                seconds=t1 - t0, seconds_estep=t_e - t0, seconds_mstep=t1 - t_e, peak_memory=peak_rss())
+                seconds=t1 - t0, seconds_estep=t_e - t0, seconds_mstep=t1 - t_e, peak_memory=peak_rss(),
+                planned_peak_bytes=int(plan.peak))
+
+
+def sample_patches(source, rng, n=2000):
+    """A seeded sample of up to ``n`` patches drawn uniformly from every micrograph.
+
+    Start values (the scale of a random start, the noise variance) are estimated from
+    it, so they do not depend on the first micrograph alone.
+
+    Returns
+    -------
+    patches : ndarray, shape (m, L, L), ``m = min(n, Nd)``
+    """
+    m = min(int(n), source.n_patches)
+    idx = np.sort(rng.choice(source.n_patches, size=m, replace=False)) if m < source.n_patches \
+        else np.arange(source.n_patches)
+    return source.get(idx)
+
+
+def initial_noise_variance(patches, quantile=0.25):
+    """A start for ``sigma^2`` from the low-signal patches of a sample.
+
+    The mean square ``||y_j||^2 / L^2`` of an empty patch is ``sigma^2 chi^2_{L^2} / L^2``;
+    patches that hold a projection only lie higher. The ``quantile`` of the sample's mean
+    squares divided by the same quantile of ``chi^2_{L^2} / L^2`` is therefore unbiased
+    when at least that fraction of the patches is empty, and biased upwards only by the
+    occupied patches that fall below it, never by the signal of all of them (the pixel
+    variance is). It is refined by EM afterwards (section 6).
+
+    Parameters
+    ----------
+    patches : ndarray, shape (n, L, L)
+    quantile : float
+        Fraction of patches assumed empty at least (default 0.25).
+    """
+    from scipy.stats import chi2
+
+    n, L, _ = patches.shape
+    ms = np.einsum("jab,jab->j", patches, patches) / (L * L)
+    val = float(np.quantile(ms, quantile)) / (chi2.ppf(quantile, L * L) / (L * L))
+    if not val > 0:
+        raise NumbaemError("the micrographs' patches have no variance (all pixels equal?); check the input files")
+    return val
 
 
 def initial_theta(init, L, lmax, rng=None, source=None, sigma2=None):
@@ -137,17 +160,17 @@ def initial_theta(init, L, lmax, rng=None, source=None, sigma2=None):
 
     A random start draws Gaussian coefficients (seeded ``rng``) scaled so that the mean
     projection energy matches the data's excess energy over the noise,
-    ``mean ||y_j||^2 - L^2 sigma^2`` per occupied patch, when the data are given.
+    ``mean ||y_j||^2 - L^2 sigma^2`` per patch, over a seeded sample of patches from
+    every micrograph (:func:`sample_patches`), when the data are given.
     """
     basis = FBBasis(L, lmax)
     if isinstance(init, str):
         if init != "random":
             raise NumbaemError(f"init={init!r} is neither a volume nor 'random'")
-        rng = np.random.default_rng() if rng is None else rng
+        rng, _ = as_rng(np.random.default_rng() if rng is None else rng)
         theta = rng.standard_normal(basis.M)
         if source is not None and sigma2 is not None:
-            idx = np.arange(min(source.n_patches, 2000))
-            y = source.get(idx)
+            y = sample_patches(source, rng)
             excess = max(float(np.mean(np.sum(y ** 2, axis=(1, 2)))) - L * L * sigma2, 1e-3 * L * L * sigma2)
             from ..model.projection import project
             p = project(theta, basis, rotation_grid(20))
@@ -160,6 +183,41 @@ def initial_theta(init, L, lmax, rng=None, source=None, sigma2=None):
     return expand(vol, basis)
 
 
+@dataclasses.dataclass
+class Reconstruction:
+    """What :func:`reconstruct` returns.
+
+    Attributes
+    ----------
+    volume : ndarray, shape (L, L, L)
+        The estimate as a map (axes x, y, z; voxel ``n`` at ``n - L // 2``).
+    pixel_size : float or None
+        Its voxel size in Angstrom (the patches' pixel size), when known.
+    theta : ndarray, shape (M,)
+        Its Fourier-Bessel coefficients in ``basis``.
+    basis : FBBasis
+        The basis of the last stage.
+    upsilon, sigma2 : float
+        The empty-patch probability and the noise variance reached.
+    history : list of dict
+        One record per iteration.
+    state : EMState
+        Everything needed to continue the run (``reconstruct(..., state=result.state)``).
+    stopped : bool
+        True when ``should_stop`` ended the run before the schedule did.
+    """
+
+    volume: np.ndarray
+    pixel_size: float
+    theta: np.ndarray
+    basis: FBBasis
+    upsilon: float
+    sigma2: float
+    history: list
+    state: "EMState"
+    stopped: bool = False
+
+
 def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=None, upsilon0=0.5,
                 rng=None, memory=None, tikhonov=0.0, truth=None, callback=None, progress=True,
                 state=None, should_stop=None, executor=None):
@@ -169,15 +227,18 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
     ----------
     source : numbaem.data.patches.PatchSource
     init : ndarray (L, L, L) or 'random'
-    sigma2 : float
-        Noise variance (required; with ``estimate_noise`` it is the starting value).
+    sigma2 : float, optional
+        Noise variance of the patches' pixels. Required unless ``estimate_noise``; with
+        it, the starting value (default: :func:`initial_noise_variance` of a seeded
+        sample of patches from every micrograph).
     estimate_noise : bool
         Update ``sigma^2`` by EM each iteration (section 6).
     schedule : list of Stage, optional (default :func:`default_schedule`)
     upsilon0 : float
         Initial probability of an empty patch.
-    rng : numpy.random.Generator
-        Draws the minibatches.
+    rng : numpy.random.Generator or int, optional
+        Draws the minibatches, the start-value samples and a random start (a seed makes
+        one; default unseeded).
     memory : int
         Budget in bytes for one iteration's arrays (default a quarter of the RAM).
     tikhonov : float
@@ -199,18 +260,25 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
 
     Returns
     -------
-    state : EMState
-        ``state.theta`` in the basis of the last stage, ``state.history`` the records.
+    Reconstruction
+        The estimate as a map with its pixel size, its coefficients, the history, and
+        the state to continue from.
     """
+    prefer_passive_openmp()   # before numba's OpenMP runtime loads (numbaem.runtime.threads)
     L = source.L
+    rng, _ = as_rng(np.random.default_rng() if rng is None else rng)
+    if state is None and sigma2 is None and estimate_noise:
+        sigma2 = initial_noise_variance(sample_patches(source, rng))
+        logger.info("noise variance start %.4g (from the low-signal patches of a sample of %d)", sigma2,
+                    min(2000, source.n_patches))
     if sigma2 is None or not (sigma2 > 0) or not math.isfinite(sigma2):
-        raise NumbaemError(f"noise variance sigma2={sigma2} must be a positive number; pass --noise-var S2 "
-                           "(or a starting value with --estimate-noise)")
+        raise NumbaemError(f"noise variance sigma2={sigma2} must be a positive number; give the noise variance "
+                           "of the patches' pixels, or estimate it (estimate_noise=True)")
     if not 0 < upsilon0 < 1:
         raise NumbaemError(f"upsilon0={upsilon0} must lie strictly between 0 and 1")
     schedule = validate_schedule(schedule or default_schedule(L), L)
-    rng = np.random.default_rng() if rng is None else rng
     budget = default_budget() if memory is None else int(memory)
+    stopped = False
     if state is None:
         theta = initial_theta(init, L, schedule[0].lmax, rng=rng, source=source, sigma2=sigma2)
         state = EMState(theta=theta, lmax=schedule[0].lmax, upsilon=upsilon0, sigma2=float(sigma2), rng=rng)
@@ -228,13 +296,15 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                 state.theta = resize_theta(state.theta, FBBasis(L, state.lmax), basis)
                 state.lmax = stage.lmax
             fft.clear_cache()  # the previous stage's chunk buffers (another K) are not reused
-            op = Operator(basis, rotation_grid(stage.rotations), budget // 4)
+            n_sel = int(math.ceil(stage.frac * source.n_patches))
+            plan = stage_plan(budget, basis, stage.rotations, n_sel)
+            op = Operator(basis, rotation_grid(stage.rotations), plan.parts["operator"])
             logger.info("stage %d/%d: lmax=%d (M=%d), K=%d, frac=%g, %d iterations", state.stage + 1,
                         len(schedule), stage.lmax, basis.M, stage.rotations, stage.frac, stage.iters)
             while state.iteration < stage.iters:
                 if should_stop is not None and should_stop():
-                    return state
-                n_sel = int(math.ceil(stage.frac * source.n_patches))
+                    stopped = True
+                    break
                 inner = _progress(n_sel, progress, "E-step patches", 0, leave=False)
                 rec = em_iteration(state, source, op, stage, estimate_noise=estimate_noise, tikhonov=tikhonov,
                                    budget=budget, progress=inner.update if inner else None,
@@ -252,12 +322,17 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                     callback(state, rec)
                 if bar:
                     bar.update(1)
+            if stopped:
+                break
             state.stage += 1
             state.iteration = 0
     finally:
         if bar:
             bar.close()
-    return state
+    basis = FBBasis(L, state.lmax)
+    return Reconstruction(volume=synthesize(state.theta, basis), pixel_size=getattr(source, "pixel_size", None),
+                          theta=state.theta, basis=basis, upsilon=state.upsilon, sigma2=state.sigma2,
+                          history=state.history, state=state, stopped=stopped)
 
 
 def _progress(total, enabled, desc, initial=0, leave=True):

@@ -19,7 +19,7 @@ from numba import prange
 from scipy import special
 
 from ..runtime.jit import jit, pjit
-from .basis import C_BAND, FBBasis
+from .basis import C_BAND
 from ..runtime.errors import NumbaemError
 from .rotations import _wigner_d_all, euler_zyz
 
@@ -184,8 +184,6 @@ def project(theta, basis, rots):
         A = projection_matrices(basis, rots[i:i + step])
         out[i:i + step] = (A @ theta).reshape(-1, L, L)
     return out
-
-
 
 
 class Operator:

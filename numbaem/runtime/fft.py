@@ -4,13 +4,31 @@ Every FFT on a hot path goes through :func:`workspace`: a pair of aligned buffer
 (a real array of shape ``(*batch, n0, n1)`` and its half-spectrum of shape
 ``(*batch, n0, n1 // 2 + 1)``) with a forward (real -> complex) and a backward
 (complex -> real, normalised by ``1 / (n0 n1)`` as ``numpy.fft.irfft2``) plan between
-them. Plans are cached by shape, thread count and planner effort.
+them.
+
+Thread safety. A workspace's buffers are scratch memory, so two threads must never
+share one: the cache is keyed by the calling thread as well as by shape, thread count,
+dtype and planner effort. Two E-steps running at once in one process (a Dask worker
+with several threads, a user's thread pool) therefore each get their own buffers.
+
+Memory. The cache holds at most :func:`cache_limit` bytes of buffers (default 256 MiB;
+the EM sets it from its memory plan, ``numbaem.em.run``); the least recently used
+workspaces are dropped first. A workspace larger than the limit is still returned, but
+evicts everything else.
 
 Plans use ``FFTW_ESTIMATE`` by default: FFTW then picks the same algorithm every time,
 so a run gives the same bits when repeated or resumed (``FFTW_MEASURE`` may pick a
 different algorithm each process, which changes round-off). Set
 ``NUMBAEM_FFTW_EFFORT=FFTW_MEASURE`` to trade that for speed.
+
+pyFFTW is imported on first use, not when numbaem is imported. Its wheel carries its own
+OpenMP runtime, which reads ``OMP_WAIT_POLICY`` once, when it is loaded: just before
+that import, :func:`numbaem.runtime.threads.prefer_passive_openmp` sets the policy to
+``PASSIVE`` unless the user chose one (spinning FFTW threads halve the E-step's speed on
+few cores; see ``numbaem.runtime.threads``). That is the one process-wide setting
+numbaem makes, and it is made only when an FFT is first planned.
 """
+import collections
 import logging
 import os
 import threading
@@ -19,17 +37,22 @@ import numpy as np
 
 from .threads import fft_threads, prefer_passive_openmp
 
-# pyFFTW's wheel carries its own OpenMP runtime, which reads OMP_WAIT_POLICY once, when
-# it is loaded by ``import pyfftw``: the one import-time action of the package, taken
-# because spinning FFTW threads halve the E-step's speed on few cores (numbaem.runtime.threads).
-prefer_passive_openmp()
-import pyfftw  # noqa: E402
-
 logger = logging.getLogger(__name__)
 
-_CACHE = {}
+_CACHE = collections.OrderedDict()   # key -> Workspace, least recently used first
 _LOCK = threading.Lock()
-_MAX_CACHED = 32
+_LIMIT = [256 << 20]
+_pyfftw = None
+
+
+def _fftw():
+    """The pyfftw module, imported on first use (after setting the OpenMP wait policy)."""
+    global _pyfftw
+    if _pyfftw is None:
+        prefer_passive_openmp()
+        import pyfftw
+        _pyfftw = pyfftw
+    return _pyfftw
 
 
 class Workspace:
@@ -37,15 +60,17 @@ class Workspace:
 
     Attributes
     ----------
-    real : ndarray, float64, shape (*batch, n0, n1)
-    spec : ndarray, complex128, shape (*batch, n0, n1 // 2 + 1)
+    real : ndarray, float64 (or float32), shape (*batch, n0, n1)
+    spec : ndarray, complex128 (or complex64), shape (*batch, n0, n1 // 2 + 1)
     """
 
-    def __init__(self, shape, threads, effort):
+    def __init__(self, shape, threads, effort, dtype="float64"):
+        pyfftw = _fftw()
         shape = tuple(int(s) for s in shape)
         spec_shape = shape[:-1] + (shape[-1] // 2 + 1,)
-        self.real = pyfftw.empty_aligned(shape, dtype="float64")
-        self.spec = pyfftw.empty_aligned(spec_shape, dtype="complex128")
+        cdtype = "complex64" if np.dtype(dtype) == np.float32 else "complex128"
+        self.real = pyfftw.empty_aligned(shape, dtype=dtype)
+        self.spec = pyfftw.empty_aligned(spec_shape, dtype=cdtype)
         axes = (len(shape) - 2, len(shape) - 1)
         self._fwd = pyfftw.FFTW(self.real, self.spec, axes=axes, direction="FFTW_FORWARD",
                                 flags=(effort,), threads=threads)
@@ -86,26 +111,70 @@ def planner_effort():
 SMALL_BATCH = 256
 
 
-def workspace(shape, threads=None):
-    """The cached :class:`Workspace` for a real shape ``(*batch, n0, n1)``.
+def workspace(shape, threads=None, dtype="float64"):
+    """This thread's cached :class:`Workspace` for a real shape ``(*batch, n0, n1)``.
 
-    The same object is returned for the same shape and thread count, so its buffers
-    are reused: copy results out before asking for the same shape again. Batches of
-    fewer than :data:`SMALL_BATCH` transforms are planned single-threaded.
+    The same object is returned to the same thread for the same shape, thread count and
+    dtype, so its buffers are reused: copy results out before asking for the same shape
+    again. Batches of fewer than :data:`SMALL_BATCH` transforms are planned
+    single-threaded.
     """
     threads = fft_threads() if threads is None else int(threads)
     if int(np.prod(shape[:-2], dtype=np.int64)) < SMALL_BATCH:
         threads = 1
-    key = (tuple(int(s) for s in shape), threads, planner_effort())
+    key = (threading.get_ident(), tuple(int(s) for s in shape), threads, np.dtype(dtype).name, planner_effort())
     with _LOCK:
         ws = _CACHE.get(key)
-        if ws is None:
-            if len(_CACHE) >= _MAX_CACHED:
-                _CACHE.pop(next(iter(_CACHE)))
-            ws = Workspace(key[0], threads, key[2])
-            logger.debug("new FFTW plans for shape %s, %d threads", key[0], threads)
-            _CACHE[key] = ws
+        if ws is not None:
+            _CACHE.move_to_end(key)
+            return ws
+    ws = Workspace(key[1], threads, key[4], dtype)
+    logger.debug("new FFTW plans for shape %s, %s, %d threads", key[1], key[3], threads)
+    with _LOCK:
+        _CACHE[key] = ws
+        _evict(_LIMIT[0])
     return ws
+
+
+def _evict(limit):
+    """Drop least recently used workspaces until the cache holds at most ``limit`` bytes
+    (the newest one always stays: it is about to be used)."""
+    total = sum(w.nbytes for w in _CACHE.values())
+    while total > limit and len(_CACHE) > 1:
+        _, old = _CACHE.popitem(last=False)
+        total -= old.nbytes
+
+
+def cache_bytes():
+    """Bytes of buffers held by the cache now."""
+    with _LOCK:
+        return sum(w.nbytes for w in _CACHE.values())
+
+
+def cache_limit():
+    """The cache's bound in bytes."""
+    return _LIMIT[0]
+
+
+def set_cache_limit(nbytes):
+    """Bound the cache to ``nbytes`` of buffers (evicting now if it holds more); returns the old bound."""
+    old = _LIMIT[0]
+    _LIMIT[0] = max(0, int(nbytes))
+    with _LOCK:
+        _evict(_LIMIT[0])
+    return old
+
+
+def release(shape, dtype="float64"):
+    """Drop this thread's workspaces of a real shape (any thread count): their memory is freed
+    once no caller holds them. The E-step releases its chunk workspace when its stream of
+    chunks ends, so the M-step does not run beside it."""
+    shape = tuple(int(s) for s in shape)
+    name = np.dtype(dtype).name
+    me = threading.get_ident()
+    with _LOCK:
+        for key in [k for k in _CACHE if k[0] == me and k[1] == shape and k[3] == name]:
+            del _CACHE[key]
 
 
 def clear_cache():

@@ -284,7 +284,6 @@ def _crop_real_image(img, shape_new, workers=None):
     return np.ascontiguousarray(np.roll(y, (M0 // 2, M1 // 2), axis=(0, 1)))
 
 
-
 def downsample_image(img, shape_new):
     """Downsample a (possibly non-square) image by Fourier cropping, values preserved.
 

@@ -1,0 +1,162 @@
+"""The memory plan of an EM iteration: what is held, when, and how big a chunk may be.
+
+``--memory`` is a budget for the whole process. Of it, :data:`INTERPRETER_BYTES` is set
+aside for the interpreter and the libraries (Python, numba, LLVM, SciPy and pyFFTW hold
+0.2-0.3 GiB resident once warm); the rest, the *room*, holds numbaem's arrays. Every
+array that lives longer than a statement is counted, by phase of the iteration (``r``
+and ``c`` are one rotation's ``2L x 2L`` real array and its ``2L x (L + 1)`` complex half
+spectrum, ``a = L^2 M 8`` bytes one rotation's operator):
+
+resident all iteration
+    the operator (all ``K`` rotations if they take at most a quarter of the room, else
+    one block of rotations rebuilt on demand), the projection spectra (``K (r + c)``),
+    the sufficient statistics ``W, G`` (``K (r + c)``), the projections (``K L^2 8``),
+    the rotation-independent images ``Phi``, ``H`` with its factor, the minibatch's
+    indices (8 bytes a patch) and :data:`SMALL_OBJECTS_BYTES` for small objects.
+projection spectra
+    one ``(K, 2L, 2L)`` transform workspace (``K (r + c)``).
+E-step
+    one chunk's work arrays (:func:`numbaem.em.estep.chunk_bytes`), its FFT workspace
+    among them.
+M-step
+    the same ``(K, 2L, 2L)`` workspace, ``h`` and ``g`` (``2 K L^2 8``), the copy
+    ``B = sqrt(h) A`` of a sub-block of rotations (at most :data:`MSTEP_BLOCK_BYTES`),
+    and ``H``'s update.
+
+The plan also bounds the FFT plan cache (:func:`numbaem.runtime.fft.set_cache_limit`)
+to the workspaces it counts, so cached buffers never exceed the budget either.
+"""
+import dataclasses
+import os
+
+from ..runtime.errors import NumbaemError
+from ..runtime.memory import format_size
+from .estep import chunk_bytes
+
+#: Bytes set aside for the interpreter and the libraries (measured 0.2-0.3 GiB resident).
+INTERPRETER_BYTES = 256 << 20
+
+#: Python objects and small arrays of an iteration (index slices, per-chunk scalars, logging).
+SMALL_OBJECTS_BYTES = 256 << 10
+
+#: Largest copy ``B = sqrt(h) A`` of the M-step (a sub-block of rotations).
+MSTEP_BLOCK_BYTES = 16 << 20
+
+# Work arrays of one chunk are kept near this size when the budget allows more: the
+# E-step passes over them several times, and a chunk that stays in cache runs faster
+# than one streamed from main memory. Measured on the 2-core machine (bench, 2 threads):
+# L=7, K=300: 1.15 / 0.98 / 0.88 / 0.91 / 1.35 us per (patch, rotation) at chunks of
+# 8 / 16 / 32 / 64 / 128 MiB; L=11, K=560: 3.69 / 3.49 / 3.56 / 4.31 at 16 / 32 / 64 / 128.
+# Override with NUMBAEM_CHUNK_BYTES.
+CHUNK_TARGET_BYTES = 32 << 20
+
+
+def chunk_target_bytes():
+    try:
+        return int(float(os.environ.get("NUMBAEM_CHUNK_BYTES", CHUNK_TARGET_BYTES)))
+    except ValueError:
+        return CHUNK_TARGET_BYTES
+
+
+def _sizes(K, L):
+    r = (2 * L) ** 2 * 8
+    c = 2 * L * (L + 1) * 16
+    return r, c
+
+
+def phi_bytes(L, lmax, n_ls):
+    """Bytes of the cached rotation-independent images ``Phi`` (:func:`numbaem.model.projection.phi_images`)."""
+    return n_ls * (2 * lmax + 1) * L * L * 16
+
+
+def worker_bytes(K, L, n_chunk):
+    """Bytes one E-step task holds: the projection spectra, its statistics and one chunk."""
+    r, c = _sizes(K, L)
+    return 2 * K * (r + c) + chunk_bytes(n_chunk, K, L)
+
+
+@dataclasses.dataclass(frozen=True)
+class IterationPlan:
+    """How one iteration uses its budget (see the module doc).
+
+    Attributes
+    ----------
+    budget : int
+    n_chunk : int
+        Patches per E-step chunk.
+    operator_block : int
+        Rotations per operator block (``K`` when the whole operator is kept).
+    mstep_block_bytes : int
+        Bound of the M-step's copy ``B``.
+    fft_cache_bytes : int
+        Bound of the FFT plan cache during the iteration.
+    parts : dict
+        Bytes of each counted item (``peak`` is their largest sum over the phases).
+    """
+
+    budget: int
+    n_chunk: int
+    operator_block: int
+    mstep_block_bytes: int
+    fft_cache_bytes: int
+    parts: dict
+
+    @property
+    def keep_operator(self):
+        return self.operator_block >= self.parts["K"]
+
+    @property
+    def peak(self):
+        return self.parts["peak"]
+
+
+def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None):
+    """The :class:`IterationPlan` of an iteration with ``K`` rotations and ``M`` coefficients.
+
+    Parameters
+    ----------
+    budget : int
+        The process's budget in bytes (``--memory``).
+    K, L, M : int
+    n_selected : int
+        Patches in the iteration (a chunk never exceeds it).
+    phi : int
+        Bytes of the cached ``Phi`` images.
+    target : int, optional
+        Preferred chunk bytes (default :data:`CHUNK_TARGET_BYTES`).
+    lmax : int, optional
+        Named in the error message.
+
+    Raises
+    ------
+    NumbaemError
+        When not even one patch fits.
+    """
+    room = int(budget) - INTERPRETER_BYTES
+    r, c = _sizes(K, L)
+    a = L * L * M * 8
+    op_block = K if K * a <= room // 4 else max(1, (room // 8) // a)
+    mstep_b = min(MSTEP_BLOCK_BYTES, op_block * a)
+    mstep_b = max(a, mstep_b - mstep_b % a)
+    workspace_K = K * (r + c)
+    resident = (op_block * a + 2 * K * (r + c) + K * L * L * 8 + phi + 3 * M * M * 8
+                + 8 * int(n_selected) + SMALL_OBJECTS_BYTES)
+    phases = dict(spectra=workspace_K,
+                  mstep=workspace_K + 2 * K * L * L * 8 + mstep_b + M * M * 8)
+    per = chunk_bytes(1, K, L)
+    free = room - resident
+    if free < per or room - resident - max(phases.values()) < 0:
+        need = INTERPRETER_BYTES + resident + max(per, max(phases.values()))
+        order = f"lmax={lmax} ({M} coefficients)" if lmax is not None else f"{M} coefficients"
+        raise NumbaemError(f"the memory budget {format_size(budget)} is too small for {K} rotations and "
+                           f"{order} at L={L}: at least {format_size(need)} is needed (of which "
+                           f"{format_size(INTERPRETER_BYTES)} for the interpreter); raise --memory or lower "
+                           "the rotations of the schedule")
+    target = chunk_target_bytes() if target is None else int(target)
+    n_chunk = int(max(1, min(n_selected, free // per, max(1, target // per))))
+    # the chunk's workspaces ride in the FFT cache beside the (K, 2L, 2L) one
+    cache = chunk_bytes(n_chunk, K, L) + workspace_K + (1 << 20)
+    phases["estep"] = chunk_bytes(n_chunk, K, L)
+    parts = dict(K=K, resident=resident, operator=op_block * a, **{f"phase_{k}": v for k, v in phases.items()})
+    parts["peak"] = resident + max(phases.values())
+    return IterationPlan(int(budget), n_chunk, int(op_block), int(mstep_b), int(cache), parts)
