@@ -44,7 +44,7 @@ from scipy import linalg
 from numbaem.data.patches import PatchSource
 from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra, stream_stats
 from numbaem.em.mstep import normal_equations, solve
-from numbaem.em.run import plan_chunk
+from numbaem.em.run import stage_plan
 from numbaem.model.basis import FBBasis
 from numbaem.model.projection import projection_matrices
 from numbaem.model.rotations import rotation_grid
@@ -187,7 +187,7 @@ def verify_tiny(cfg, sizes=TINY):
     from numbaem.sim.simulate import simulate_micrographs
 
     L, lmax, K = sizes["L"], sizes["lmax"], sizes["K"]
-    sim = simulate_micrographs(synthetic_molecule(21, seed=cfg.seed), L, micrograph_size=sizes["micrograph_size"],
+    sim = simulate_micrographs(synthetic_molecule(21, rng=cfg.seed), L, micrograph_size=sizes["micrograph_size"],
                                method=2, density=0.15, snr=2.0, lmax=lmax, rng=cfg.rng(7))
     source = PatchSource(sim.micrographs, L)
     idx = np.arange(source.n_patches)
@@ -234,12 +234,13 @@ def run(cfg):
     # shared: the operators and the spectra
     build_A, A = time_call(lambda: projection_matrices(basis, rots), reps=reps)
     spec_t, spectra = time_call(lambda: projection_spectra((A @ theta).reshape(K, L, L)), reps=reps)
-    n_chunk = plan_chunk(budget, K, L, M, n, A.nbytes)
+    plan = stage_plan(budget, basis, K, n)            # the chunk and M-step blocks em_iteration would use
+    n_chunk, mblock = plan.n_chunk, plan.mstep_block_bytes
 
     # numbaem: E-step (stream_stats) and M-step; every phase the best of its repetitions
     fft.clear_cache()
     stats_n = stream_stats(source, idx[:n_chunk], spectra, upsilon, sigma2, n_chunk)     # warm plans
-    normal_equations([(slice(None), A)], stats_n.W, stats_n.G, L, M)
+    normal_equations([(slice(None), A)], stats_n.W, stats_n.G, L, M, max_block_bytes=mblock)
     runs_n = []
     with PeakMemory() as pm_n:
         for _ in range(reps):
@@ -250,7 +251,7 @@ def run(cfg):
         for _ in range(mreps):        # the M-step is cheap: more repetitions against the machine's noise
             ph = Phases()
             with ph("normal_equations"):
-                H_n, b_n = normal_equations([(slice(None), A)], stats_n.W, stats_n.G, L, M)
+                H_n, b_n = normal_equations([(slice(None), A)], stats_n.W, stats_n.G, L, M, max_block_bytes=mblock)
             with ph("solve"):
                 solve(H_n, b_n)
             runs_n.append(ph)
@@ -278,7 +279,7 @@ def run(cfg):
             pr.solve(H_p, b_p, phases=ph)
             runs_p.append(ph)
     paper_t = dict(_best(runs_p), **pre.seconds)
-    H_same, b_same = normal_equations([(slice(None), A)], stats_p.W, stats_p.G, L, M)
+    H_same, b_same = normal_equations([(slice(None), A)], stats_p.W, stats_p.G, L, M, max_block_bytes=mblock)
     check = dict(H_rel_diff=_rel(H_p, H_same), b_rel_diff=_rel(b_p, b_same),
                  theta_rel_diff=_rel(pr.solve(H_p, b_p), solve(H_same, b_same).theta),
                  W_rel_diff=_rel(w.sum(axis=0), stats_p.W[:, pr.keep][:, :, pr.keep].reshape(K, -1)),

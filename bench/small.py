@@ -51,7 +51,8 @@ def run(cfg):
         with PeakMemory() as pm:
             ph["estep"], stats = st.estep(reps=reps_heavy)
         ph["normal_equations"], (H, b) = time_call(
-            lambda: normal_equations(st.operator.blocks(), stats.W, stats.G, st.L, st.M), reps=reps_cheap)
+            lambda: normal_equations(st.operator.blocks(), stats.W, stats.G, st.L, st.M,
+                                     max_block_bytes=st.plan.mstep_block_bytes), reps=reps_cheap)
         ph["solve"], sol = time_call(lambda: solve(H, b), reps=reps_cheap)
         return dict(phases=ph, peak_rss_estep=pm.peak, tikhonov=sol.tikhonov,
                     estep_per_patch_us=ph["estep"]["best"] / st.n_selected * 1e6,
