@@ -298,5 +298,10 @@ def linear_fit(x, y):
                 per_unit_spread=float((max(per_unit) - min(per_unit)) / np.mean(per_unit)))
 
 
+def fmt_seconds(x):
+    """Seconds as the tables print them: ``1,038`` from 100 up, three significant digits below."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def gib(n):
     return None if n is None else n / 1024 ** 3

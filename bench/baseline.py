@@ -52,7 +52,7 @@ from numbaem.runtime import fft
 from numbaem.runtime.memory import default_budget, format_size
 
 from . import paper, small
-from ._common import PeakMemory, Phases, time_call
+from ._common import PeakMemory, Phases, fmt_seconds as fs, time_call
 from ._data import prepare
 from ._userrun import start_theta
 
@@ -409,10 +409,11 @@ def table_row(record):
     nb = r["numbaem"]
     return (f"`baseline` (the paper's per-shift M-step, eqs. 28-30, against numbaem's, on the same E-step: "
             f"L = {p['L']}, M = {p['M']}, K = {p['K']}, {p['patches']:,} patches of the `small` data)",
-            f"M-step {r['paper']['mstep']:.3g} s against numbaem's {nb['mstep']:.2g} s ({_x(r['ratio_mstep'])}); "
-            f"numbaem's E-step makes the data sums the paper's M-step does ({nb['estep_data_sums']:.3g} s), and "
-            f"counting them the ratio is {_x(r['ratio_mstep_with_data_sums'])}; the whole iteration "
-            f"{_x(r['ratio_iteration'])} and the per-stage precompute {r['paper']['precompute']:.3g} s; the same "
+            f"M-step {fs(r['paper']['mstep'])} s against numbaem's {fs(nb['mstep'])} s (paper / numbaem "
+            f"{_x(r['ratio_mstep'])}); counting on numbaem's side the data sums its E-step makes in place of the "
+            f"paper's patch sums ({fs(nb['estep_data_sums'])} s), {_x(r['ratio_mstep_with_data_sums'])}; whole "
+            f"iteration {_x(r['ratio_iteration'])}; the paper's per-stage precompute {fs(r['paper']['precompute'])} s; "
+            f"the same "
             f"H and b to {max(c['H_rel_diff'], c['b_rel_diff']):.0e}; at paper-v1 the route would hold "
             f"{big['paper_route_bytes'] / 1e9:.0f} GB (A_kl^T A_kl, A_kl, posteriors) against a "
             f"{format_size(big['budget_bytes'])} budget")

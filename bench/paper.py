@@ -20,6 +20,7 @@ fraction of (patch, rotation) blocks whose exponentials are computed.
 """
 from numbaem.runtime.memory import format_size
 
+from ._common import fmt_seconds as fs
 from ._data import DataSpec
 from ._userrun import RunSpec, measure, plot_user
 
@@ -61,8 +62,8 @@ def plot(record, path):
 
 def summary(record):
     r, m, d = record["results"], record["memory"], record["data"]
-    return (f"iteration {r['iteration_seconds']:.3g} s (E-step {r['estep_seconds']:.3g} s, M-step "
-            f"{r['mstep_seconds']:.3g} s) at SNR {d['snr_requested']:g} (after downsampling "
+    return (f"iteration {fs(r['iteration_seconds'])} s (E-step {fs(r['estep_seconds'])} s, M-step "
+            f"{fs(r['mstep_seconds'])} s) at SNR {d['snr_requested']:g} (after downsampling "
             f"{d['snr_after_downsampling']:.3g}), peak memory {format_size(m['peak_rss'])} vs budget "
             f"{format_size(m['budget_bytes'])}")
 
@@ -73,8 +74,8 @@ def table_row(record):
     k = r["estep"]["kernels"]
     fft = sum(k["steps"][s]["seconds"] for s in ("fft_backward", "fft_forward") if s in k["steps"]) / k["total"] \
         if k.get("available") else None
-    text = (f"**{r['iteration_seconds']:.3g} s per EM iteration** of `numbaem reconstruct` (E-step {r['estep_seconds']:.3g} s, M-step "
-            f"{r['mstep_seconds']:.2g} s), peak memory {format_size(m['peak_rss'])} against the "
+    text = (f"**{fs(r['iteration_seconds'])} s per EM iteration** of `numbaem reconstruct` (E-step "
+            f"{fs(r['estep_seconds'])} s, M-step {fs(r['mstep_seconds'])} s), peak memory {format_size(m['peak_rss'])} against the "
             f"{format_size(m['budget_bytes'])} budget")
     if fft is not None:
         text += (f"; the two FFTs take {100 * fft:.0f}% of the E-step, which runs at {100 * k['fraction_of_peak']:.0f}% "

@@ -22,7 +22,7 @@ from numbaem.em.mstep import normal_equations, solve
 from numbaem.model.projection import projection_matrices
 from numbaem.runtime.memory import default_budget, format_size
 
-from ._common import PeakMemory, time_call
+from ._common import PeakMemory, fmt_seconds as fs, time_call
 from ._data import DataSpec
 from ._userrun import RunSpec, measure, plot_user
 
@@ -100,6 +100,6 @@ def table_row(record):
     r, p, m, d = record["results"], record["params"], record["memory"], record["data"]
     return (f"`small` (L = {p['L']}, lmax = {p['lmax']}, M = {p['M']}, K = {p['K']}, {p['patches']:,} patches; "
             f"simulated at SNR {d['snr_requested']:g}, Method {d['method']})",
-            f"{r['iteration_best']:.3g} s per iteration (E-step {r['iteration_estep']:.3g} s, M-step "
-            f"{r['iteration_mstep']:.2g} s) of `numbaem reconstruct`, peak memory {format_size(m['peak_rss'])} "
+            f"{fs(r['iteration_best'])} s per iteration (E-step {fs(r['iteration_estep'])} s, M-step "
+            f"{fs(r['iteration_mstep'])} s) of `numbaem reconstruct`, peak memory {format_size(m['peak_rss'])} "
             f"against the {format_size(m['budget_bytes'])} budget")

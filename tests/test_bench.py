@@ -139,14 +139,15 @@ def test_paper_route_shift_operator_is_crop_shift_pad():
 def test_table_quotes_the_reference_files(tmp_path):
     """Every row of the README table comes from a reference file's numbers, not from typed text."""
     from bench import table
+    from bench._common import fmt_seconds
 
     records = table.load()
     assert set(records) == set(table.ORDER), "bench/reference/ must hold one file per suite"
     text = table.table(records)
     p = records["paper-v1"]
-    assert f"{p['results']['iteration_seconds']:.3g} s per EM iteration" in text
-    assert f"{records['small']['results']['iteration_best']:.3g} s per iteration" in text
-    assert f"{records['baseline']['results']['paper']['mstep']:.3g} s" in text
+    assert f"{fmt_seconds(p['results']['iteration_seconds'])} s per EM iteration" in text
+    assert f"{fmt_seconds(records['small']['results']['iteration_best'])} s per iteration" in text
+    assert f"M-step {fmt_seconds(records['baseline']['results']['paper']['mstep'])} s" in text
     for suite in table.ORDER:
         assert f"bench/reference/{suite}.json" in text
     # --store strips long lists and writes <suite>.json
