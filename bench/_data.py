@@ -19,7 +19,9 @@ the ``numbaem`` command, so the code path is the command's own.
 The data are cached: :func:`prepare` writes them into ``DATA_DIR/<name>-<digest>/``
 (``digest`` hashes every parameter of :class:`DataSpec`), writes ``dataset.json``
 last, and reuses the directory when that file says the parameters match and every file
-is there with its recorded size. Paper-v1's four 5995 x 5995 micrographs take 575 MB:
+is there with its recorded size (a change of the simulator's code is not noticed: pass
+``--resimulate`` after one; ``dataset.json`` records the commit that made the data).
+Paper-v1's four 5995 x 5995 micrographs take 575 MB:
 the data directory lives under ``--out`` (git-ignored) or ``--data-dir``, never in git.
 """
 import contextlib
@@ -132,6 +134,9 @@ class Dataset:
         True when the cache was reused; False when simulated in this run.
     simulate_seconds : float
         Wall time of the simulation (when it was made).
+    made : dict
+        When and by which checkout the data were made (``created``, ``git_commit``,
+        ``numbaem_uncommitted``).
     commands : list of str
         The ``numbaem`` commands that made the data (for a user to repeat).
     """
@@ -146,6 +151,7 @@ class Dataset:
     reused: bool
     simulate_seconds: float
     commands: list
+    made: dict = None
 
     @property
     def sigma2(self):
@@ -155,7 +161,7 @@ class Dataset:
         """What the suites write into their JSON about the data."""
         sim = self.simulation
         return dict(spec=self.spec.as_json(), directory=str(self.directory), reused=self.reused,
-                    simulate_seconds=self.simulate_seconds, commands=self.commands,
+                    simulate_seconds=self.simulate_seconds, commands=self.commands, made=self.made,
                     micrographs=[p.name for p in self.micrographs], micrograph_bytes=sum(
                         p.stat().st_size for p in self.micrographs),
                     patches=self.spec.patches, snr_requested=sim.get("snr"), snr_after_downsampling=sim.get(
@@ -243,7 +249,10 @@ def prepare(spec, data_dir, threads=None, resimulate=False):
         seconds = time.perf_counter() - t0
         sim = json.loads((tmp / "mic.json").read_text())
         names = list(sim["micrographs"]) + [sim["truth_volume"], "mic.json", "volume.mrc", "init.mrc"]
+        from ._common import git_state
+        git = git_state() or {}
         m = dict(spec=spec.as_json(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), simulate_seconds=seconds,
+                 git_commit=git.get("commit"), numbaem_uncommitted=git.get("numbaem_uncommitted"),
                  commands=[command_line(c) for c in cmds],
                  files={n: (tmp / n).stat().st_size for n in names})
         (tmp / "dataset.json").write_text(json.dumps(m, indent=1) + "\n")
@@ -268,4 +277,5 @@ def _dataset(spec, directory, manifest, reused):
     return Dataset(spec=spec, directory=directory, micrographs=[directory / n for n in sim["micrographs"]],
                    truth=directory / sim["truth_volume"], volume=directory / "volume.mrc",
                    init=directory / "init.mrc", simulation=sim, reused=reused,
-                   simulate_seconds=manifest.get("simulate_seconds"), commands=manifest.get("commands", []))
+                   simulate_seconds=manifest.get("simulate_seconds"), commands=manifest.get("commands", []),
+                   made={k: manifest.get(k) for k in ("created", "git_commit", "numbaem_uncommitted")})
