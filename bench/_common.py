@@ -1,15 +1,12 @@
 """Shared pieces of the benchmark suites: machine and version records, timers, data, fits.
 
 Nothing here is timed itself. The suites call :func:`time_call` (best and median of a
-few repetitions after the caller's warm-up), build their data with
-:func:`synthetic_source` (noise plus a few well-separated projections: the data's
-*shape* is what matters for timing, but the scores must have a realistic spread
-because the posterior kernel skips exponentials far below the best state) and write
-their record through :mod:`bench.main`.
+few repetitions after the caller's warm-up) and write their record through
+:mod:`bench.main`; their data come from :mod:`bench._data` (micrographs simulated by
+``numbaem simulate``, cached on disk).
 """
 import dataclasses
 import hashlib
-import math
 import os
 import platform
 import statistics
@@ -17,11 +14,7 @@ import time
 
 import numpy as np
 
-from numbaem.model.basis import FBBasis
 from numbaem.runtime.memory import current_rss, peak_rss, reset_peak_rss, total_memory
-from numbaem.data.patches import PatchSource
-from numbaem.model.projection import project
-from numbaem.model.rotations import random_rotations
 
 
 @dataclasses.dataclass
@@ -39,8 +32,14 @@ class Config:
     seed : int
     baseline_patches : int or None
         Patches the baseline really runs on (the rest is extrapolated).
-    baseline_rotations : int or None
-        Rotations of the baseline's per-shift precompute (the rest is extrapolated).
+    out : str
+        Directory of the results (and, unless ``data_dir`` says otherwise, of the data).
+    data_dir : str or None
+        Directory of the simulated micrographs (default ``out/data``).
+    resimulate : bool
+        Simulate the data again even when a matching cache exists.
+    iterations : int or None
+        Iterations of the timed ``numbaem reconstruct`` run (default: each suite's own).
     """
 
     quick: bool = False
@@ -48,7 +47,10 @@ class Config:
     memory: int = None
     seed: int = 0
     baseline_patches: int = None
-    baseline_rotations: int = None
+    out: str = "bench/results"
+    data_dir: str = None
+    resimulate: bool = False
+    iterations: int = None
 
     def rng(self, salt=0):
         return np.random.default_rng([self.seed, salt])
@@ -280,58 +282,6 @@ class PeakMemory:
         self.peak = peak_rss()
 
 
-# --------------------------------------------------------------------------- data
-
-def _grid_shape(n):
-    """``(rows, cols)`` with ``rows * cols == n``, as square as the divisors allow."""
-    r = int(math.isqrt(n))
-    while n % r:
-        r -= 1
-    return r, n // r
-
-
-def synthetic_source(L, lmax, n_patches, rng, *, n_micrographs=1, snr=1.0, sigma2=1.0, occupancy=0.25,
-                     dtype=np.float64):
-    """Micrographs of noise plus well-separated projections, with exactly ``n_patches`` patches.
-
-    The micrographs are cut into ``n_micrographs`` equal grids (``n_patches`` must divide
-    evenly); projections of a random volume (Fourier-Bessel coefficients at ``(L, lmax)``,
-    scaled so that the mean ``||p||^2 = snr L^2 sigma2``) at Haar-random rotations sit on a
-    ``2L`` lattice with a 0/1-pixel jitter (separation >= ``2L - 1``), so about
-    ``occupancy`` of the patches hold a part of one.
-
-    Returns
-    -------
-    source : numbaem.data.patches.PatchSource
-    theta : ndarray, shape (M,)
-        The coefficients the projections came from.
-    """
-    if n_patches % n_micrographs:
-        raise ValueError(f"n_patches={n_patches} does not divide into {n_micrographs} micrographs; "
-                         "pick a multiple of the micrograph count")
-    basis = FBBasis(L, lmax)
-    theta = rng.standard_normal(basis.M)
-    probe = project(theta, basis, random_rotations(32, rng))
-    theta *= math.sqrt(snr * L * L * sigma2 / np.mean(np.sum(probe ** 2, axis=(1, 2))))
-    rows, cols = _grid_shape(n_patches // n_micrographs)
-    images = []
-    for _ in range(n_micrographs):
-        img = rng.standard_normal((rows * L, cols * L)) * math.sqrt(sigma2)
-        c0, c1 = (rows * L - 1) // (2 * L), (cols * L - 1) // (2 * L)
-        n_cells = c0 * c1
-        n_proj = min(n_cells, int(round(occupancy * rows * cols / 4)))
-        if n_proj:
-            cells = rng.choice(n_cells, size=n_proj, replace=False)
-            rots = random_rotations(n_proj, rng)
-            projs = project(theta, basis, rots)
-            jit = rng.integers(0, 2, size=(n_proj, 2))
-            for p, cell, (u, v) in zip(projs, cells, jit):
-                s0, s1 = 2 * L * (cell // c1) + u, 2 * L * (cell % c1) + v
-                img[s0:s0 + L, s1:s1 + L] += p
-        images.append(img.astype(dtype, copy=False))
-    return PatchSource(images, L), theta
-
-
 # --------------------------------------------------------------------------- fits
 
 def linear_fit(x, y):
@@ -346,6 +296,11 @@ def linear_fit(x, y):
     per_unit = (y / x).tolist()
     return dict(slope=float(slope), intercept=float(intercept), r2=float(r2), per_unit=per_unit,
                 per_unit_spread=float((max(per_unit) - min(per_unit)) / np.mean(per_unit)))
+
+
+def fmt_seconds(x):
+    """Seconds as the tables print them: ``1,038`` from 100 up, three significant digits below."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def gib(n):

@@ -1,9 +1,9 @@
 """One numbaem EM iteration set up the way ``numbaem.em.run.reconstruct`` sets it up, for timing.
 
-:class:`IterationSetup` holds the patch source, the :class:`numbaem.em.run.Operator`
-(``A_k`` kept when it fits a quarter of the budget, as ``reconstruct`` does), the
-current estimate and the chunk size that :func:`numbaem.em.run.plan_chunk` picks for the
-budget. :meth:`IterationSetup.warm_up` compiles every kernel and builds every FFTW plan
+:class:`IterationSetup` holds the patch source, the :class:`numbaem.model.projection.Operator`
+(``A_k`` kept when the stage's memory plan keeps it, as ``reconstruct`` does), the
+current estimate and the chunk size of that plan (:func:`numbaem.em.run.stage_plan`,
+the one ``em_iteration`` uses). :meth:`IterationSetup.warm_up` compiles every kernel and builds every FFTW plan
 and buffer on exactly the shapes that are timed afterwards (the E-step plan is keyed
 by the chunk size, so the warm-up runs one full chunk).
 """
@@ -14,10 +14,11 @@ import numpy as np
 
 from numbaem.runtime import fft
 from numbaem.model.basis import FBBasis
-from numbaem.em.run import EMState, Operator, Stage, em_iteration, plan_chunk, stream_stats
-from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra
+from numbaem.em.run import EMState, em_iteration, stage_plan
+from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra, stream_stats
+from numbaem.em.schedule import Stage
 from numbaem.em.mstep import normal_equations, solve
-from numbaem.model.projection import projection_matrices
+from numbaem.model.projection import Operator, projection_matrices
 from numbaem.model.rotations import rotation_grid
 
 from ._common import PeakMemory, time_call
@@ -54,13 +55,12 @@ class IterationSetup:
         self.sigma2, self.upsilon = sigma2, upsilon
         self.seed = seed
         self.rots = rotation_grid(K)
-        t0 = time.perf_counter()
-        self.operator = Operator(self.basis, self.rots, self.budget // 4)
-        self.seconds_operator = time.perf_counter() - t0
         self.n_selected = int(math.ceil(frac * source.n_patches)) if frac < 1 else source.n_patches
-        op_bytes = self.operator.nbytes or self.operator.block * self.L ** 2 * self.M * 8
-        self.n_chunk = int(n_chunk) if n_chunk else plan_chunk(self.budget, K, self.L, self.M, self.n_selected,
-                                                               op_bytes)
+        self.plan = stage_plan(self.budget, self.basis, K, self.n_selected)
+        t0 = time.perf_counter()
+        self.operator = Operator(self.basis, self.rots, self.plan.parts["operator"])
+        self.seconds_operator = time.perf_counter() - t0
+        self.n_chunk = int(n_chunk) if n_chunk else self.plan.n_chunk
         self.stage = Stage(lmax, 1, frac, K)
 
     @property
@@ -85,7 +85,8 @@ class IterationSetup:
         n = min(self.n_chunk, self.source.n_patches)
         stats = SufficientStats.zeros(self.K, self.L)
         e_step_chunk(self.source.get(np.arange(n)), spectra, self.upsilon, self.sigma2, stats, n_chunk=self.n_chunk)
-        H, b = normal_equations(self.operator.blocks(), stats.W, stats.G, self.L, self.M)
+        H, b = normal_equations(self.operator.blocks(), stats.W, stats.G, self.L, self.M,
+                                max_block_bytes=self.plan.mstep_block_bytes)
         solve(H + np.trace(H) / self.M * np.eye(self.M), b)
         return time.perf_counter() - t0
 

@@ -36,7 +36,7 @@ def profiled_stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk):
     phases : Phases
         Seconds and calls per step.
     """
-    from numbaem.em.run import stream_stats
+    from numbaem.em.estep import stream_stats
 
     ph = Phases()
     stats = stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, timer=ph)

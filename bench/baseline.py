@@ -1,53 +1,64 @@
-"""Suite ``baseline``: the paper's own route (its eqs. 28-30), written in NumPy, against numbaem.
+"""Suite ``baseline``: the paper's per-shift M-step (its eqs. 28-30) against numbaem's, on the same posteriors.
 
-The paper's route (MODEL section 6, "The paper forms A_{k,l}^T A_{k,l} for every
-rotation and shift"), implemented faithfully and vectorised in :class:`PaperRoute`:
+Both routes share everything but what the paper does differently: the same patches
+(2,000 of the ``small`` suite's simulated micrographs by default, ``--baseline-patches``),
+the same start, the same operators ``A_k`` (``projection_matrices``), the same
+projections and spectra, and the package's own E-step (``e_step_chunk``, in the same
+chunks). They differ only in
 
-1. once per stage: for every rotation ``k`` and every non-empty shift ``l`` form
-   ``A_kl = (C T_l Z) A_k`` explicitly (``L^2 x M``) and ``A_kl^T A_kl`` (``M x M``);
-   both are stored (``K (2L-1)^2 (L^2 M + M^2)`` numbers);
-2. per iteration, E-step: correlations by FFT (the paper's "by utilizing convolutions",
-   ``scipy.fft`` with all threads), scores, a log-sum-exp, and the posteriors of *every*
-   patch, rotation and shift stored (``n x K x (2L-1)^2`` plus the empty state), as the
-   sums of eqs. 29-30 need them;
-3. per iteration, M-step: ``H = sum_{k,l} (sum_j w_jkl) A_kl^T A_kl`` (eq. 29, one
-   ``M x M`` term per rotation and shift), ``b = sum_{k,l} A_kl^T (sum_j w_jkl y_j)``
-   (eq. 30; the paper precomputes ``A_kl^T y_j`` for every patch, which would take
-   ``n K (2L-1)^2 M`` numbers, 276 GB at the ``small`` size, so the patch sum is taken
-   first, one GEMM, and then one ``A_kl^T`` product per rotation and shift), Cholesky.
+1. **the M-step.** numbaem: ``numbaem.em.mstep.normal_equations`` from the sufficient
+   statistics ``W``, ``G`` (MODEL section 6: the sum over shifts collapses into a mask
+   weight ``h_k``, so ``H = sum_k A_k^T diag(h_k) A_k``), then Cholesky. The paper
+   (:class:`PaperRoute`): with ``A_kl = C T_l Z A_k`` formed explicitly for every
+   rotation ``k`` and non-empty shift ``l`` and ``A_kl^T A_kl`` precomputed (once per
+   stage, eq. 29's matrices),
 
-The suite times it at the ``small`` size. The baseline really runs on
-``--baseline-patches`` patches (default 2,000: its posterior store alone is 0.8 GB
-there, 8 GB at 20,000) and the patch-proportional parts (E-step, the patch sums) are
-scaled linearly to the full patch count; ``--baseline-rotations`` caps the rotations of
-the per-shift precompute and of the ``H`` / ``b`` sums, which are then scaled by
-``K / K_pre``. The JSON says which figure was measured and which extrapolated.
+       H = sum_{k,l} W_k[l] A_kl^T A_kl,        W_k[l] = sum_j w_jkl        (eq. 29)
+       b = sum_{j,k,l} w_jkl A_kl^T y_j                                      (eq. 30)
 
-Honesty check: on a tiny case (and on the measured subset when nothing is capped) the
-baseline's posteriors, ``H`` and ``b`` are compared with numbaem's; the relative
-differences are in the JSON.
+   then Cholesky (eq. 28). For ``b`` the paper precomputes ``A_kl^T y_j`` for every
+   patch (``Nd K (2L-1)^2 M`` numbers: 276 GB at the ``small`` size, 514 TB at paper-v1); the route
+   here sums over patches first (``z_kl = sum_j w_jkl y_j``, one GEMM) and then takes
+   ``A_kl^T z_kl``, which is cheaper: the baseline is if anything flattered;
+2. **the posteriors.** The paper's M-step needs ``w_jkl`` of every patch, rotation and
+   shift, so its E-step stores them (``n (K (2L-1)^2 + 1)`` numbers); numbaem's keeps
+   only the sums ``W`` and ``G`` of each chunk. The paper route's E-step is the
+   package's ``e_step_chunk(..., keep_posteriors=True)``, its posteriors copied at the
+   kept shifts into the store; the steps of that E-step that only make numbaem's data
+   sums (``fft_forward``, ``accumulate``) are taken out of its time (measured by the
+   library's ``timer`` hook in the same call).
+
+Reported: the M-step ratio (paper route / ``normal_equations`` + solve), the same with
+numbaem's data sums counted on its side (they replace the paper's patch sums), the
+iteration ratio, the per-stage precompute, both routes' ``H`` and ``b`` from the
+*same* posteriors (relative differences: round-off, about 1e-15 expected, since the two
+sum the same terms in different orders and numbaem's goes through FFTs), the measured
+peak memory of each route, and the paper route's memory at the paper-v1 size
+(computed, not run).
 """
 import math
 
 import numpy as np
-import scipy.fft
 from scipy import linalg
 
-from numbaem.runtime import fft
-from numbaem.model.basis import FBBasis
-from numbaem.em.run import stream_stats
-from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra
-from numbaem.runtime.memory import default_budget
+from numbaem.data.patches import PatchSource
+from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra, stream_stats
 from numbaem.em.mstep import normal_equations, solve
+from numbaem.em.run import stage_plan
+from numbaem.model.basis import FBBasis
 from numbaem.model.projection import projection_matrices
 from numbaem.model.rotations import rotation_grid
+from numbaem.runtime import fft
+from numbaem.runtime.memory import default_budget, format_size
 
-from ._common import Phases, PeakMemory, synthetic_source
-from ._iteration import IterationSetup
+from . import paper, small
+from ._common import PeakMemory, Phases, fmt_seconds as fs, time_call
+from ._data import prepare
+from ._userrun import start_theta
 
-FULL = dict(L=7, lmax=4, K=300, patches=20_000, baseline_patches=2000)
-QUICK = dict(L=7, lmax=4, K=24, patches=400, baseline_patches=100)
-TINY = dict(L=5, lmax=2, K=6, patches=30)
+FULL = dict(K=300, patches=2000, reps=3, mstep_reps=7)
+QUICK = dict(K=24, patches=100, reps=1, mstep_reps=2)
+TINY = dict(L=5, lmax=2, K=6, micrograph_size=60)
 
 
 def kept_shifts(L):
@@ -56,338 +67,357 @@ def kept_shifts(L):
 
 
 class PaperRoute:
-    """The paper's per-shift EM route in NumPy (see the module docstring).
+    """The paper's per-shift M-step (see the module docstring).
 
     Parameters
     ----------
     A : ndarray, shape (K, L^2, M)
         The projection operators (numbaem's, so both routes see the same ``A_k``).
     L : int
-    workers : int
-        Threads for ``scipy.fft``.
     """
 
-    def __init__(self, A, L, workers=1):
+    def __init__(self, A, L):
         self.A = A
         self.K, _, self.M = A.shape
         self.L = L
         self.keep = kept_shifts(L)
         self.S = len(self.keep) ** 2
-        self.workers = workers
         self.Akl = None
         self.AtA = None
 
-    # ------------------------------------------------------------------ once per stage
-    def shifted_operators(self, K_pre):
-        """``A_kl = (C T_l Z) A_k`` for the first ``K_pre`` rotations: (K_pre, S, L^2, M).
+    def shifted_operators(self):
+        """``A_kl = (C T_l Z) A_k``: (K, S, L^2, M), shifts in row-major order of ``(l1, l2)``.
 
-        Shifts in row-major order of ``(l1, l2)`` over :func:`kept_shifts`;
-        ``(C T_l Z u)[q] = u_padded[(q - l) mod 2L]``.
+        ``(C T_l Z u)[q] = u_padded[(q - l) mod 2L]`` for ``q`` in ``[0, L)^2`` (MODEL section 4).
         """
-        L, M = self.L, self.M
-        Z = np.zeros((K_pre, 2 * L, 2 * L, M))
-        Z[:, :L, :L] = self.A[:K_pre].reshape(K_pre, L, L, M)
-        out = np.empty((K_pre, self.S, L * L, M))
+        L, M, K = self.L, self.M, self.K
+        Z = np.zeros((K, 2 * L, 2 * L, M))
+        Z[:, :L, :L] = self.A.reshape(K, L, L, M)
+        out = np.empty((K, self.S, L * L, M))
         q = np.arange(L)
         s = 0
         for l1 in self.keep:
-            rows = (q - l1) % (2 * L)
-            Zr = Z[:, rows]
+            Zr = Z[:, (q - l1) % (2 * L)]
             for l2 in self.keep:
-                out[:, s] = Zr[:, :, (q - l2) % (2 * L)].reshape(K_pre, L * L, M)
+                out[:, s] = Zr[:, :, (q - l2) % (2 * L)].reshape(K, L * L, M)
                 s += 1
         return out
 
-    def precompute(self, K_pre=None, phases=None):
-        """Form and store every ``A_kl`` and ``A_kl^T A_kl`` (eq. 29's matrices)."""
-        K_pre = self.K if K_pre is None else int(K_pre)
+    def precompute(self, phases=None):
+        """Form and store every ``A_kl`` and ``A_kl^T A_kl`` (eq. 29's matrices; once per stage)."""
         ph = phases or Phases()
         with ph("precompute_Akl"):
-            self.Akl = self.shifted_operators(K_pre)
+            self.Akl = self.shifted_operators()
         with ph("precompute_AtA"):
-            self.AtA = np.matmul(self.Akl.transpose(0, 1, 3, 2), self.Akl)   # (K_pre, S, M, M)
+            self.AtA = np.matmul(self.Akl.transpose(0, 1, 3, 2), self.Akl)   # (K, S, M, M)
         return ph
 
-    @property
-    def K_pre(self):
-        return 0 if self.AtA is None else self.AtA.shape[0]
-
-    # ------------------------------------------------------------------ per iteration
-    def spectra(self, theta):
-        """``conj(FFT2(Z p_k))`` and ``e_k`` at the kept shifts (MODEL section 5)."""
-        L, K = self.L, self.K
-        proj = (self.A @ theta).reshape(K, L, L)
-        zp = np.zeros((K, 2 * L, 2 * L))
-        zp[:, :L, :L] = proj
-        Pc = np.conj(scipy.fft.rfft2(zp, workers=self.workers))
-        zp[:, :L, :L] = proj ** 2
-        P2c = np.conj(scipy.fft.rfft2(zp, workers=self.workers))
-        one = np.zeros((2 * L, 2 * L))
-        one[:L, :L] = 1.0
-        e = scipy.fft.irfft2(scipy.fft.rfft2(one)[None] * P2c, s=(2 * L, 2 * L), workers=self.workers)
-        return Pc, e[:, self.keep][:, :, self.keep]
-
-    def e_step(self, patches, theta, upsilon, sigma2, chunk=64, phases=None):
-        """Posteriors of every patch, rotation and non-empty shift, stored.
+    def posteriors(self, source, idx, spectra, upsilon, sigma2, n_chunk, timer=None):
+        """The package's E-step over ``idx``, its posteriors stored at the kept shifts.
 
         Returns
         -------
         w : ndarray, shape (n, K, S)
-        w_empty, loglik : ndarray, shape (n,)
+        w_empty : ndarray, shape (n,)
+        stats : SufficientStats
+            What numbaem's M-step would get from the same E-step.
         """
         L, K, S = self.L, self.K, self.S
-        ph = phases or Phases()
-        with ph("projections_spectra"):
-            Pc, e = self.spectra(theta)
-        n = len(patches)
-        with ph("estep"):
-            w = np.empty((n, K, S))
-            w_empty = np.empty(n)
-            loglik = np.empty(n)
-            lsp = math.log1p(-upsilon) - math.log(S * K)
-            lu = math.log(upsilon)
-            const = 0.5 * L * L * math.log(2 * math.pi * sigma2)
-            for j0 in range(0, n, chunk):
-                y = patches[j0:j0 + chunk]
-                c = len(y)
-                zy = np.zeros((c, 2 * L, 2 * L))
-                zy[:, :L, :L] = y
-                Yh = scipy.fft.rfft2(zy, workers=self.workers)
-                corr = scipy.fft.irfft2(Yh[:, None] * Pc[None], s=(2 * L, 2 * L), workers=self.workers)
-                corr = corr[:, :, self.keep][:, :, :, self.keep]
-                sc = (lsp + (2.0 * corr - e[None]) / (2.0 * sigma2)).reshape(c, K * S)
-                mx = np.maximum(sc.max(axis=1), lu)
-                ex = np.exp(sc - mx[:, None])
-                tot = ex.sum(axis=1) + np.exp(lu - mx)
-                w[j0:j0 + c] = (ex / tot[:, None]).reshape(c, K, S)
-                w_empty[j0:j0 + c] = np.exp(lu - mx) / tot
-                yy = np.einsum("jab,jab->j", y, y)
-                loglik[j0:j0 + c] = mx + np.log(tot) - yy / (2.0 * sigma2) - const
-        return w, w_empty, loglik
+        n = len(idx)
+        w = np.empty((n, K, S))
+        w_empty = np.empty(n)
+        stats = SufficientStats.zeros(K, L)
+        buf = np.empty((n_chunk, L, L))
+        flat = (self.keep[:, None] * (2 * L) + self.keep[None, :]).ravel()    # kept shifts, row-major (l1, l2)
+        for i in range(0, n, n_chunk):
+            sel = idx[i:i + n_chunk]
+            y = source.get(sel, out=buf[:len(sel)])
+            _, post, we = e_step_chunk(y, spectra, upsilon, sigma2, stats, n_chunk=n_chunk, keep_posteriors=True,
+                                       timer=timer)
+            np.take(post.reshape(len(sel), K, 4 * L * L), flat, axis=2, out=w[i:i + len(sel)])
+            w_empty[i:i + len(sel)] = we
+        return w, w_empty, stats
 
     def normal_equations(self, patches, w, phases=None):
-        """``H`` (eq. 29) and ``b`` (eq. 30) over the precomputed rotations (the first ``K_pre``)."""
+        """``H`` (eq. 29) and ``b`` (eq. 30) from the stored posteriors ``w`` (n, K, S) and patches (n, L, L)."""
         if self.AtA is None:
             raise RuntimeError("call precompute() first")
         ph = phases or Phases()
-        Kp, S, M, L = self.K_pre, self.S, self.M, self.L
+        K, S, M, L = self.K, self.S, self.M, self.L
         n = len(patches)
-        wk = w if Kp == self.K else w[:, :Kp]
         with ph("sum_patches_W"):
-            Wkl = wk.sum(axis=0)                                                  # (Kp, S)
+            Wkl = w.sum(axis=0)                                                   # (K, S)
         with ph("H_per_shift"):
             H = np.tensordot(Wkl, self.AtA, axes=([0, 1], [0, 1]))                # sum_kl W_kl A_kl^T A_kl
         with ph("sum_patches_y"):
-            z = wk.reshape(n, Kp * S).T @ patches.reshape(n, L * L)               # sum_j w_jkl y_j
+            z = w.reshape(n, K * S).T @ patches.reshape(n, L * L)                 # sum_j w_jkl y_j
         with ph("b_per_shift"):
-            b = self.Akl.reshape(Kp * S * L * L, M).T @ z.ravel()                 # sum_kl A_kl^T z_kl
+            b = self.Akl.reshape(K * S * L * L, M).T @ z.ravel()                  # sum_kl A_kl^T z_kl
         return H, b
 
-    def solve(self, H, b, phases=None):
+    @staticmethod
+    def solve(H, b, phases=None):
         ph = phases or Phases()
         with ph("solve"):
             theta = linalg.cho_solve(linalg.cho_factor(H, lower=False, check_finite=False), b, check_finite=False)
         return theta
 
-    def iteration(self, patches, theta, upsilon, sigma2, phases=None):
-        """One EM iteration; returns ``(theta_new, upsilon_new, phases)``."""
-        ph = phases or Phases()
-        w, w_empty, _ = self.e_step(patches, theta, upsilon, sigma2, phases=ph)
-        H, b = self.normal_equations(patches, w, phases=ph)
-        theta_new = self.solve(H, b, phases=ph)
-        return theta_new, float(np.mean(w_empty)), ph
 
+def _best(runs):
+    """Per phase, the least seconds over the repetitions (a list of :class:`Phases`)."""
+    out = {}
+    for r in runs:
+        for k, v in r.seconds.items():
+            out[k] = min(v, out.get(k, v))
+    return out
 
-# ---------------------------------------------------------------------------- checks
 
 def _rel(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(b), 1e-300))
 
 
-def verify_tiny(cfg, sizes=TINY, threads=1):
-    """Baseline against numbaem on a tiny case: posteriors, ``H``, ``b`` and the solution."""
-    L, lmax, K, n = sizes["L"], sizes["lmax"], sizes["K"], sizes["patches"]
-    rng = cfg.rng(7)
-    source, theta_true = synthetic_source(L, lmax, n, rng, snr=2.0, occupancy=0.5)
-    theta = theta_true * (1 + 0.3 * rng.standard_normal(theta_true.shape))
-    patches = source.get(np.arange(n))
+# ---------------------------------------------------------------------------- checks
+
+def verify_tiny(cfg, sizes=TINY):
+    """Both M-steps on the same posteriors, on a tiny simulated case: ``H``, ``b`` and the solution.
+
+    The micrograph comes from ``simulate_micrographs`` (Method 2, SNR 2) in memory.
+    """
+    from numbaem.sim.molecule import synthetic_molecule
+    from numbaem.sim.simulate import simulate_micrographs
+
+    L, lmax, K = sizes["L"], sizes["lmax"], sizes["K"]
+    sim = simulate_micrographs(synthetic_molecule(21, rng=cfg.seed), L, micrograph_size=sizes["micrograph_size"],
+                               method=2, density=0.15, snr=2.0, lmax=lmax, rng=cfg.rng(7))
+    source = PatchSource(sim.micrographs, L)
+    idx = np.arange(source.n_patches)
     A = projection_matrices(FBBasis(L, lmax), rotation_grid(K))
     M = A.shape[2]
-    upsilon, sigma2 = 0.4, 1.0
-    # numbaem
-    stats = SufficientStats.zeros(K, L)
+    theta = sim.truth_theta * (1 + 0.3 * cfg.rng(8).standard_normal(sim.truth_theta.shape))
     spectra = projection_spectra((A @ theta).reshape(K, L, L))
-    loglik_n, post, w_empty_n = e_step_chunk(patches, spectra, upsilon, sigma2, stats, keep_posteriors=True)
-    H_n, b_n = normal_equations([(slice(None), A)], stats.W, stats.G, L, M)
-    # paper route
-    pr = PaperRoute(A, L, workers=threads)
+    pr = PaperRoute(A, L)
     pr.precompute()
-    w, w_empty_b, loglik_b = pr.e_step(patches, theta, upsilon, sigma2)
-    H_b, b_b = pr.normal_equations(patches, w)
-    keep = pr.keep
-    post_kept = post[:, :, keep][:, :, :, keep].reshape(n, K, -1)
-    return dict(L=L, lmax=lmax, M=M, K=K, patches=n,
-                posteriors_rel_diff=_rel(w, post_kept), empty_rel_diff=_rel(w_empty_b, w_empty_n),
-                loglik_rel_diff=_rel(loglik_b, loglik_n), H_rel_diff=_rel(H_b, H_n), b_rel_diff=_rel(b_b, b_n),
+    w, w_empty, stats = pr.posteriors(source, idx, spectra, 0.4, sim.sigma2, len(idx))
+    H_b, b_b = pr.normal_equations(source.get(idx), w)
+    H_n, b_n = normal_equations([(slice(None), A)], stats.W, stats.G, L, M)
+    return dict(L=L, lmax=lmax, M=M, K=K, patches=len(idx), H_rel_diff=_rel(H_b, H_n), b_rel_diff=_rel(b_b, b_n),
                 theta_rel_diff=_rel(pr.solve(H_b, b_b), solve(H_n, b_n).theta),
-                posterior_normalisation_error=float(np.abs(post.sum(axis=(1, 2, 3)) + w_empty_n - 1).max()))
+                posterior_normalisation_error=float(np.abs(w.sum(axis=(1, 2)) + w_empty - 1).max()))
 
 
 # ---------------------------------------------------------------------------- suite
 
-LINEAR_IN_PATCHES = ("estep", "sum_patches_W", "sum_patches_y")
-LINEAR_IN_KPRE = ("sum_patches_W", "H_per_shift", "sum_patches_y", "b_per_shift", "precompute_Akl", "precompute_AtA")
-PER_ITERATION = ("projections_spectra", "estep", "sum_patches_W", "H_per_shift", "sum_patches_y", "b_per_shift",
-                 "solve")
-PER_STAGE = ("precompute_Akl", "precompute_AtA")
+PAPER_MSTEP = ("sum_patches_W", "H_per_shift", "sum_patches_y", "b_per_shift", "solve")
+PAPER_STAGE = ("precompute_Akl", "precompute_AtA")
+DATA_SUM_STEPS = ("fft_forward", "accumulate")
 
 
 def run(cfg):
-    sizes = dict(QUICK if cfg.quick else FULL)
-    n_full, K, L, lmax = sizes["patches"], sizes["K"], sizes["L"], sizes["lmax"]
-    n_sub = min(n_full, cfg.baseline_patches or sizes["baseline_patches"])
-    K_pre = min(K, cfg.baseline_rotations or K)
-    reps = 1 if cfg.quick else 2
+    sz = QUICK if cfg.quick else FULL
+    reps, mreps = sz["reps"], sz["mstep_reps"]
+    spec = small.data_spec(cfg)
+    ds = prepare(spec, cfg.data_dir or f"{cfg.out}/data", threads=cfg.threads, resimulate=cfg.resimulate)
+    L, lmax, K = spec.L, (small.QUICK if cfg.quick else small.FULL)["lmax"], sz["K"]
+    source = PatchSource.from_files([str(p) for p in ds.micrographs], L)
+    n = min(source.n_patches, cfg.baseline_patches or sz["patches"])
+    idx = np.sort(cfg.rng(11).choice(source.n_patches, size=n, replace=False))
+    patches = source.get(idx)
+    basis = FBBasis(L, lmax)
+    rots = rotation_grid(K)
+    M = basis.M
+    theta = start_theta(ds, lmax)
+    upsilon, sigma2 = 0.5, ds.sigma2
+    budget = cfg.memory or default_budget()
 
-    tiny = verify_tiny(cfg, threads=cfg.threads)
+    tiny = verify_tiny(cfg)
 
-    # numbaem at the full size: one whole iteration (and its E-step split)
-    rng = cfg.rng(1)
-    source, theta_true = synthetic_source(L, lmax, n_full, rng)
-    theta = theta_true * (1.0 + 0.3 * rng.standard_normal(theta_true.shape))
-    st = IterationSetup(source, lmax, K, theta, cfg.memory or default_budget(), seed=cfg.seed)
-    st.warm_up()
-    it = st.iteration(reps=reps)
-    numbaem_full = dict(iteration=it["seconds"]["best"], estep=it["seconds_estep"], mstep=it["seconds_mstep"],
-                        peak_memory=it["peak_memory"], chunk=st.n_chunk, patches=n_full)
+    # shared: the operators and the spectra
+    build_A, A = time_call(lambda: projection_matrices(basis, rots), reps=reps)
+    spec_t, spectra = time_call(lambda: projection_spectra((A @ theta).reshape(K, L, L)), reps=reps)
+    plan = stage_plan(budget, basis, K, n)            # the chunk and M-step blocks em_iteration would use
+    n_chunk, mblock = plan.n_chunk, plan.mstep_block_bytes
 
-    # numbaem on the subset, phase by phase (same patches as the baseline)
-    patches = source.get(np.arange(n_sub))
-    idx = np.arange(n_sub)
-    ch = min(st.n_chunk, n_sub)
-    A = st.operator.A if st.operator.A is not None else projection_matrices(st.basis, st.rots)
-    sp = st.spectra()
-    fft.clear_cache()                                          # drop the full-size chunk workspace
-    stream_stats(source, idx, sp, st.upsilon, st.sigma2, ch)   # warm the subset's plan
-    nph = Phases()
-    for _ in range(reps):
-        with nph("projections_spectra"):
-            sp = st.spectra()
-        with nph("estep"):
-            stats = stream_stats(source, idx, sp, st.upsilon, st.sigma2, ch)
-        with nph("normal_equations"):
-            H_n, b_n = normal_equations(st.operator.blocks(), stats.W, stats.G, L, st.M)
-        with nph("solve"):
-            solve(H_n, b_n)
-    numbaem_sub = {k: v / reps for k, v in nph.seconds.items()}
-    numbaem_sub_total = sum(numbaem_sub.values())
-
-    # the paper's route on the subset (numbaem's cached FFT workspaces released first, so the
-    # peak memory below is the baseline's own)
+    # numbaem: E-step (stream_stats) and M-step; every phase the best of its repetitions
     fft.clear_cache()
-    pr = PaperRoute(A, L, workers=cfg.threads)
-    with PeakMemory() as pm:
-        pre = pr.precompute(K_pre)
-        bph = Phases()
+    stats_n = stream_stats(source, idx[:n_chunk], spectra, upsilon, sigma2, n_chunk)     # warm plans
+    normal_equations([(slice(None), A)], stats_n.W, stats_n.G, L, M, max_block_bytes=mblock)
+    runs_n = []
+    with PeakMemory() as pm_n:
         for _ in range(reps):
-            w, w_empty, _ = pr.e_step(patches, theta, st.upsilon, st.sigma2, phases=bph)
-            H_b, b_b = pr.normal_equations(patches, w, phases=bph)
-            pr.solve(H_b, b_b, phases=bph)
-    measured = {k: v / reps for k, v in bph.seconds.items()}
-    measured.update(pre.seconds)
-    check_subset = None
-    if K_pre == K:
-        check_subset = dict(H_rel_diff=_rel(H_b, H_n), b_rel_diff=_rel(b_b, b_n), patches=n_sub)
+            ph = Phases()
+            with ph("estep"):
+                stats_n = stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk)
+            runs_n.append(ph)
+        for _ in range(mreps):        # the M-step is cheap: more repetitions against the machine's noise
+            ph = Phases()
+            with ph("normal_equations"):
+                H_n, b_n = normal_equations([(slice(None), A)], stats_n.W, stats_n.G, L, M, max_block_bytes=mblock)
+            with ph("solve"):
+                solve(H_n, b_n)
+            runs_n.append(ph)
+    numbaem_t = _best(runs_n)
+    prof_n = Phases()
+    stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, timer=prof_n)
+    data_sums = sum(prof_n.seconds.get(k, 0.0) for k in DATA_SUM_STEPS)
+
+    # the paper's route: precompute, E-step storing the posteriors, per-shift M-step
+    fft.clear_cache()
+    pr = PaperRoute(A, L)
+    pr.posteriors(source, idx[:n_chunk], spectra, upsilon, sigma2, n_chunk)        # warm plans
+    runs_p = []
+    with PeakMemory() as pm_p:
+        pre = pr.precompute()
+        for _ in range(reps):
+            ph, steps = Phases(), Phases()
+            with ph("estep_storing_posteriors"):
+                w, w_empty, stats_p = pr.posteriors(source, idx, spectra, upsilon, sigma2, n_chunk, timer=steps)
+            ph.add("estep_numbaem_data_sums", sum(steps.seconds.get(k, 0.0) for k in DATA_SUM_STEPS))
+            runs_p.append(ph)
+        for _ in range(mreps):
+            ph = Phases()
+            H_p, b_p = pr.normal_equations(patches, w, phases=ph)
+            pr.solve(H_p, b_p, phases=ph)
+            runs_p.append(ph)
+    paper_t = dict(_best(runs_p), **pre.seconds)
+    H_same, b_same = normal_equations([(slice(None), A)], stats_p.W, stats_p.G, L, M, max_block_bytes=mblock)
+    check = dict(H_rel_diff=_rel(H_p, H_same), b_rel_diff=_rel(b_p, b_same),
+                 theta_rel_diff=_rel(pr.solve(H_p, b_p), solve(H_same, b_same).theta),
+                 W_rel_diff=_rel(w.sum(axis=0), stats_p.W[:, pr.keep][:, :, pr.keep].reshape(K, -1)),
+                 stats_vs_stream_stats_W=_rel(stats_p.W, stats_n.W), stats_vs_stream_stats_G=_rel(stats_p.G, stats_n.G),
+                 patches=n)
     del w
 
-    # extrapolation to the full size
-    scale = {}
-    for k in measured:
-        f = 1.0
-        if k in LINEAR_IN_PATCHES:
-            f *= n_full / n_sub
-        if k in LINEAR_IN_KPRE:
-            f *= K / K_pre
-        scale[k] = f
-    extrapolated = {k: measured[k] * scale[k] for k in measured}
-    base_iter_sub = sum(measured[k] for k in PER_ITERATION)
-    base_iter_full = sum(extrapolated[k] for k in PER_ITERATION)
-    base_stage_full = sum(extrapolated[k] for k in PER_STAGE)
-    S, M = pr.S, pr.M
-    store = dict(posteriors_bytes_full=n_full * (K * S + 1) * 8, posteriors_bytes_measured=n_sub * (K * S + 1) * 8,
-                 Akl_bytes_full=K * S * L * L * M * 8, AtA_bytes_full=K * S * M * M * 8,
-                 peak_rss_measured=pm.peak)
-    paper_size = _paper_size_costs()
+    mstep_paper = sum(paper_t[k] for k in PAPER_MSTEP)
+    mstep_numbaem = numbaem_t["normal_equations"] + numbaem_t["solve"]
+    estep_paper = paper_t["estep_storing_posteriors"] - paper_t["estep_numbaem_data_sums"]
+    iter_paper = spec_t["best"] + estep_paper + mstep_paper
+    iter_numbaem = spec_t["best"] + numbaem_t["estep"] + mstep_numbaem
+    stage_paper = build_A["best"] + paper_t["precompute_Akl"] + paper_t["precompute_AtA"]
+    S = pr.S
     results = dict(
-        ratio_iteration=base_iter_full / numbaem_full["iteration"],
-        ratio_iteration_with_precompute=(base_iter_full + base_stage_full) / numbaem_full["iteration"],
-        ratio_subset_measured=base_iter_sub / numbaem_sub_total,
-        baseline=dict(iteration_full_extrapolated=base_iter_full, precompute_full_extrapolated=base_stage_full,
-                      iteration_subset_measured=base_iter_sub, measured=measured, extrapolated=extrapolated,
-                      scale=scale, fft="scipy.fft (pocketfft), workers=threads", blas="numpy's BLAS"),
-        numbaem=dict(full=numbaem_full, subset=numbaem_sub, subset_total=numbaem_sub_total,
-                     build_A=st.seconds_operator),
-        verify_tiny=tiny, verify_subset=check_subset, storage=store, paper_v1_size=paper_size,
-        measured_patches=n_sub, full_patches=n_full, precompute_rotations=K_pre, rotations=K,
+        ratio_mstep=mstep_paper / mstep_numbaem,
+        ratio_mstep_with_data_sums=mstep_paper / (mstep_numbaem + data_sums),
+        ratio_iteration=iter_paper / iter_numbaem,
+        ratio_iteration_with_precompute=(iter_paper + stage_paper) / (iter_numbaem + build_A["best"]),
+        paper=dict(mstep=mstep_paper, estep=estep_paper, iteration=iter_paper, precompute=stage_paper,
+                   phases=paper_t, phases_all=[r.seconds for r in runs_p], peak_rss=pm_p.peak),
+        numbaem=dict(mstep=mstep_numbaem, estep=numbaem_t["estep"], estep_data_sums=data_sums,
+                     iteration=iter_numbaem, phases=numbaem_t, phases_all=[r.seconds for r in runs_n],
+                     estep_profile=dict(prof_n.seconds), peak_rss=pm_n.peak),
+        reps=reps, mstep_reps=mreps,
+        shared=dict(build_A=build_A, projections_spectra=spec_t, chunk=n_chunk),
+        check_same_posteriors=check, verify_tiny=tiny,
+        storage=dict(posteriors_bytes=n * (K * S + 1) * 8, Akl_bytes=K * S * L * L * M * 8,
+                     AtA_bytes=K * S * M * M * 8, numbaem_A_bytes=A.nbytes),
+        paper_v1_size=paper_size_costs(),
     )
     notes = [
-        f"baseline measured on {n_sub} of {n_full} patches; E-step and the patch sums (sum_patches_W, "
-        "sum_patches_y) scaled linearly by patches to the full count" if n_sub < n_full else
-        "baseline measured on all patches (nothing extrapolated in patches)",
-        f"per-shift precompute and H/b sums over {K_pre} of {K} rotations, scaled by K/K_pre" if K_pre < K else
-        "per-shift precompute over all rotations (nothing extrapolated in K)",
-        "ratio_iteration = baseline per-iteration time (extrapolated to the full size) / numbaem em_iteration "
-        "time measured at the full size; the per-stage precompute (A_kl, A_kl^T A_kl) is excluded there and "
-        "included in ratio_iteration_with_precompute",
-        "ratio_subset_measured: both routes measured on the same subset, nothing extrapolated",
-        "the paper precomputes A_kl^T y_j for every patch (n K (2L-1)^2 M numbers); the baseline sums over "
-        "patches first (one GEMM) instead, which is cheaper, so the baseline is if anything flattered",
+        "both routes: the same patches, start, operators A_k, spectra and the package's E-step (e_step_chunk), "
+        "in the same chunks; they differ in the M-step (per-shift eqs. 28-30 vs numbaem.em.mstep.normal_equations) "
+        "and in storing the posteriors",
+        "ratio_mstep = paper M-step (sum_patches_W + H_per_shift + sum_patches_y + b_per_shift + solve) / numbaem "
+        "(normal_equations + solve); ratio_mstep_with_data_sums counts numbaem's E-step data sums (fft_forward + "
+        "accumulate) on numbaem's side, since they do the work of the paper's patch sums",
+        "ratio_iteration: spectra + E-step + M-step per iteration; the paper's E-step is the package's with the "
+        "posteriors stored, minus its fft_forward and accumulate (numbaem's data sums, which the paper does not "
+        "need); the per-stage precompute (A_k, A_kl, A_kl^T A_kl) is in ratio_iteration_with_precompute",
+        "the paper precomputes A_kl^T y_j for every patch; here the patch sum is taken first (one GEMM), which is "
+        "cheaper: the paper route is if anything flattered",
+        "check_same_posteriors: both M-steps on the posteriors of one E-step run (relative differences, round-off)",
+        "every phase: the least seconds over its repetitions (phases_all has each; E-steps 'reps', M-steps "
+        "'mstep_reps'), after a warm-up chunk",
     ]
-    return dict(params=dict(st.params, baseline_patches=n_sub, baseline_precompute_rotations=K_pre, S=S),
-                results=results, peak_memory=max(pm.peak, it["peak_memory"]), notes=notes)
+    return dict(params=dict(L=L, lmax=lmax, M=M, K=K, patches=n, shifts=S, chunk=n_chunk, budget_bytes=budget,
+                            sigma2=sigma2, upsilon=upsilon),
+                data=ds.record(), results=results, peak_memory=max(pm_p.peak, pm_n.peak), notes=notes)
 
 
-def _paper_size_costs(L=11, lmax=10, K=560, n=60_000, M=219):
-    """What the per-shift route would need at the paper-v1 size (analytic; nothing run)."""
+def paper_size_costs():
+    """What the per-shift route needs at the paper-v1 size (computed from its sizes; nothing run).
+
+    Bytes of float64 arrays: ``A_kl^T A_kl`` (eq. 29's matrices, ``K S M^2``), the
+    shifted operators ``A_kl`` (``K S L^2 M``), the posteriors of one iteration's
+    patches (``n (K S + 1)``), and the per-patch products ``A_kl^T y_j`` the paper
+    precomputes for all ``Nd`` patches (``Nd K S M``); against numbaem's operator
+    (``K L^2 M``) and the paper-v1 budget.
+    """
+    sz = paper.FULL
+    spec = sz["data"]
+    L, K, lmax = spec.L, sz["K"], sz["lmax"]
+    M = FBBasis(L, lmax).M
     S = (2 * L - 1) ** 2
-    return dict(L=L, lmax=lmax, M=M, K=K, patches=n, shifts=S,
-                AtA_bytes=K * S * M * M * 8, Akl_bytes=K * S * L * L * M * 8, posteriors_bytes=n * (K * S + 1) * 8,
-                precompute_flops=2 * K * S * L * L * M * M, H_flops_per_iteration=2 * K * S * M * M,
-                numbaem_H_flops_per_iteration=2 * K * L * L * M * M)
+    Nd = spec.patches
+    n = int(math.ceil(sz["frac"] * Nd))
+    out = dict(L=L, lmax=lmax, M=M, K=K, shifts=S, patches_per_iteration=n, patches_total=Nd,
+               AtA_bytes=K * S * M * M * 8, Akl_bytes=K * S * L * L * M * 8, posteriors_bytes=n * (K * S + 1) * 8,
+               Aty_all_patches_bytes=Nd * K * S * M * 8, numbaem_operator_bytes=K * L * L * M * 8,
+               budget_bytes=sz["budget"], precompute_flops=2 * K * S * L * L * M * M,
+               H_flops_per_iteration=2 * K * S * M * M, numbaem_H_flops_per_iteration=2 * K * L * L * M * M)
+    out["paper_route_bytes"] = out["AtA_bytes"] + out["Akl_bytes"] + out["posteriors_bytes"]
+    out["paper_route_over_budget"] = out["paper_route_bytes"] / sz["budget"]
+    return out
 
 
 def plot(record, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    r = record["results"]
-    fig = Figure(figsize=(11, 4.2), constrained_layout=True)
+    r, p = record["results"], record["params"]
+    fig = Figure(figsize=(12, 4.2), constrained_layout=True)
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[1.6, 1]))
-    ex = r["baseline"]["extrapolated"]
-    keys = [k for k in PER_ITERATION + PER_STAGE if k in ex]
-    ax1.barh(keys[::-1], [ex[k] for k in keys[::-1]], color=["C3" if k in PER_STAGE else "C0" for k in keys[::-1]])
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[1.4, 1]))
+    ph = r["paper"]["phases"]
+    keys = [k for k in PAPER_STAGE + PAPER_MSTEP if k in ph]
+    ax1.barh(keys[::-1], [ph[k] for k in keys[::-1]], color=["C3" if k in PAPER_STAGE else "C0" for k in keys[::-1]])
     for y, k in enumerate(keys[::-1]):
-        ax1.text(ex[k], y, f" {ex[k]:.3g} s", va="center", fontsize=8)
+        ax1.text(ph[k], y, f" {ph[k]:.3g} s", va="center", fontsize=8)
     ax1.set_xscale("log")
-    ax1.set_xlabel("seconds at the full size (extrapolated; red: once per stage)")
-    ax1.set_title(f"paper's per-shift route (NumPy), {r['full_patches']} patches, K={r['rotations']}", fontsize=9)
-    nb = r["numbaem"]["full"]
-    vals = [r["baseline"]["iteration_full_extrapolated"], nb["iteration"]]
-    ax2.bar(["paper route", "numbaem"], vals, color=["C0", "C2"])
-    for x, v in enumerate(vals):
-        ax2.text(x, v, f"{v:.3g} s", ha="center", va="bottom", fontsize=9)
-    ax2.set_ylabel("seconds per iteration")
-    ax2.set_title(f"ratio {r['ratio_iteration']:.1f}x per iteration "
-                  f"({r['ratio_iteration_with_precompute']:.1f}x with the precompute)\n"
-                  f"tiny check: H rel diff {r['verify_tiny']['H_rel_diff']:.1e}, b {r['verify_tiny']['b_rel_diff']:.1e}",
-                  fontsize=9)
+    ax1.set_xlabel("seconds (red: once per stage)")
+    ax1.set_title(f"paper's per-shift M-step: L={p['L']}, M={p['M']}, K={p['K']}, {p['patches']} patches", fontsize=9)
+    labels = ["M-step", "M-step +\nnumbaem data sums", "iteration"]
+    paper_v = [r["paper"]["mstep"], r["paper"]["mstep"], r["paper"]["iteration"]]
+    numbaem_v = [r["numbaem"]["mstep"], r["numbaem"]["mstep"] + r["numbaem"]["estep_data_sums"],
+                 r["numbaem"]["iteration"]]
+    x = np.arange(3)
+    ax2.bar(x - 0.2, paper_v, 0.4, label="paper route", color="C0")
+    ax2.bar(x + 0.2, numbaem_v, 0.4, label="numbaem", color="C2")
+    ax2.set_xticks(x, labels)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("seconds")
+    ax2.legend(fontsize=8)
+    c = r["check_same_posteriors"]
+    ax2.set_title(f"M-step ratio {r['ratio_mstep']:.1f}x ({r['ratio_mstep_with_data_sums']:.1f}x with the data sums), "
+                  f"iteration {r['ratio_iteration']:.2f}x\nsame posteriors: H rel diff {c['H_rel_diff']:.1e}, "
+                  f"b {c['b_rel_diff']:.1e}", fontsize=9)
     fig.savefig(path, dpi=110)
 
 
 def summary(record):
     r = record["results"]
-    return (f"paper route {r['baseline']['iteration_full_extrapolated']:.3g} s/iteration (extrapolated from "
-            f"{r['measured_patches']} patches) vs numbaem {r['numbaem']['full']['iteration']:.3g} s: "
-            f"{r['ratio_iteration']:.1f}x ({r['ratio_iteration_with_precompute']:.1f}x with the precompute); "
-            f"tiny-case H/b rel diff {r['verify_tiny']['H_rel_diff']:.1e}/{r['verify_tiny']['b_rel_diff']:.1e}")
+    c = r["check_same_posteriors"]
+    return (f"M-step: paper route {r['paper']['mstep']:.3g} s vs numbaem {r['numbaem']['mstep']:.3g} s = "
+            f"{r['ratio_mstep']:.1f}x ({r['ratio_mstep_with_data_sums']:.1f}x counting numbaem's data sums); "
+            f"iteration {r['ratio_iteration']:.2f}x; same posteriors: H/b rel diff {c['H_rel_diff']:.1e}/"
+            f"{c['b_rel_diff']:.1e}; at paper-v1 the route needs "
+            f"{format_size(r['paper_v1_size']['paper_route_bytes'])}")
+
+
+def table_row(record):
+    """The README's row for this suite."""
+    r, p = record["results"], record["params"]
+    c, big = r["check_same_posteriors"], r["paper_v1_size"]
+    nb = r["numbaem"]
+    return (f"`baseline` (the paper's per-shift M-step, eqs. 28-30, against numbaem's, on the same E-step: "
+            f"L = {p['L']}, M = {p['M']}, K = {p['K']}, {p['patches']:,} patches of the `small` data)",
+            f"M-step {fs(r['paper']['mstep'])} s against numbaem's {fs(nb['mstep'])} s (paper / numbaem "
+            f"{_x(r['ratio_mstep'])}); counting on numbaem's side the data sums its E-step makes in place of the "
+            f"paper's patch sums ({fs(nb['estep_data_sums'])} s), {_x(r['ratio_mstep_with_data_sums'])}; whole "
+            f"iteration {_x(r['ratio_iteration'])}; the paper's per-stage precompute {fs(r['paper']['precompute'])} s; "
+            f"the same "
+            f"H and b to {max(c['H_rel_diff'], c['b_rel_diff']):.0e}; at paper-v1 the route would hold "
+            f"{big['paper_route_bytes'] / 1e9:.0f} GB (A_kl^T A_kl, A_kl, posteriors) against a "
+            f"{format_size(big['budget_bytes'])} budget")
+
+
+def _x(ratio):
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2g}x"

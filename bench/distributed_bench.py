@@ -115,7 +115,9 @@ def main(argv=None):
 
     from numbaem.model.basis import FBBasis
     from numbaem.em.distributed import DaskExecutor, start_local_cluster
-    from numbaem.em.run import EMState, Operator, Stage, em_iteration, initial_theta
+    from numbaem.em.run import EMState, em_iteration, initial_theta
+    from numbaem.em.schedule import Stage
+    from numbaem.model.projection import Operator
     from numbaem.em.estep import chunk_bytes
     from numbaem.data.patches import PatchSource
     from numbaem.model.rotations import rotation_grid

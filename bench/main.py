@@ -1,4 +1,8 @@
-"""``python -m bench [suite ...] [--out DIR] [--threads T] [--quick]``: run suites, write JSON and a PNG each.
+"""``python -m bench [suite ...] [--out DIR] [--data-dir DIR] [--threads T] [--quick]``: run suites, write JSON and a PNG each.
+
+Every suite's data are micrographs made by ``numbaem simulate``, cached under
+``--data-dir`` (default ``OUT/data``) and reused while their parameters match
+(``bench/_data.py``); ``small`` and ``paper-v1`` time ``numbaem reconstruct`` itself.
 
 With no suite named, ``small``, ``peak`` and ``baseline`` run (the three that take
 minutes, not tens of minutes, on a laptop-class machine); ``all`` runs every suite.
@@ -37,7 +41,7 @@ SUITES = {
 DEFAULT_SUITES = ("small", "peak", "baseline")
 ALL_SUITES = ("small", "peak", "baseline", "sweep", "paper-v1")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-SCHEMA = 1
+SCHEMA = 2
 
 
 def build_parser():
@@ -52,11 +56,16 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="shrink every size for a smoke test")
     p.add_argument("--memory", default=None,
                    help="memory budget of an EM iteration, e.g. 4GiB (default: each suite's own; paper-v1 4GiB)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default %(default)s)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory of the simulated micrographs, reused across runs when the parameters match "
+                        "(default OUT/data; paper-v1's take 575 MB)")
+    p.add_argument("--resimulate", action="store_true", help="simulate the data again even when cached")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="iterations of the timed numbaem reconstruct run (default: small 3, paper-v1 1)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the minibatch draws and of the sampled patches (default %(default)s)")
     p.add_argument("--baseline-patches", type=int, default=None,
-                   help="patches the baseline really runs on; the rest is extrapolated per patch (default 2000)")
-    p.add_argument("--baseline-rotations", type=int, default=None,
-                   help="rotations of the baseline's per-shift precompute; the rest is extrapolated (default: all)")
+                   help="patches both routes of the baseline run on (default 2000)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     return p
 
@@ -132,8 +141,13 @@ def main(argv=None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         suites = _resolve_suites(args.suites)
+        if args.iterations is not None and args.iterations < 1:
+            raise NumbaemError(f"--iterations {args.iterations} must be at least 1")
+        if args.baseline_patches is not None and args.baseline_patches < 1:
+            raise NumbaemError(f"--baseline-patches {args.baseline_patches} must be at least 1")
         cfg = Config(quick=args.quick, memory=parse_size(args.memory) if args.memory else None, seed=args.seed,
-                     baseline_patches=args.baseline_patches, baseline_rotations=args.baseline_rotations)
+                     baseline_patches=args.baseline_patches, out=args.out, data_dir=args.data_dir,
+                     resimulate=args.resimulate, iterations=args.iterations)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         with use_threads(args.threads) as n_threads:

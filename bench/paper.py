@@ -1,110 +1,86 @@
-"""Suite ``paper-v1``: one iteration at the size of the paper's first volume stage.
+"""Suite ``paper-v1``: a user's iteration at the size of the paper's first volume stage, at SNR 1.
 
 The paper (section 4) runs L = 11 patches, K = 560 rotations at ``lmax = 10``
-(M = 219 coefficients here) with a stochastic factor of 0.05 over four 6,000 x 6,000
-micrographs, about 60,000 patches per iteration, and reports 6 to 12 hours per
-iteration across its stages on 96 cores. Here: four in-memory float32 micrographs of 1,650 x 2,200 pixels (30,000 patches
-each) and a stochastic factor of 0.5, so exactly 60,000 patches are drawn per iteration
-through the same sampling path; memory budget 4 GiB unless ``--memory`` says otherwise.
-Recorded: the iteration time (E-step and M-step), each phase, the E-step kernels on a
-few chunks, and the peak resident memory against the budget.
+(M = 219 coefficients here), a stochastic factor of 0.05 over four 6,000 x 6,000
+micrographs (about 60,000 patches per iteration), and reports 6 to 12 hours per
+iteration across its stages on 96 cores.
+
+Here the data are what a user would make: ``numbaem simulate`` at SNR 1, Method 2,
+density 0.15, well-separated, four 5995 x 5995 micrographs at L = 11 (5995 = 545 x 11:
+1,188,100 patches; 575 MB of float32 MRC files, cached under ``--data-dir`` or
+``--out``, see :mod:`bench._data`), from a synthetic molecule of side 41. The figure
+is ``numbaem reconstruct`` on those files (start: a homolog of the molecule; one stage
+``lmax=10, K=560, frac=0.05``, so ``ceil(0.05 x 1,188,100) = 59,405`` patches per
+iteration; ``--memory 4GiB``), run in this process after a warm-up run, its seconds
+per iteration (E-step, M-step) and peak resident memory read from its log
+(:mod:`bench._userrun`). The E-step of the first iteration is then taken apart on
+``profile_patches`` of its own patches: each step's share and its distance from this
+machine's peak (FFT, exponentials, memory bandwidth; :mod:`bench._kernels`), and the
+fraction of (patch, rotation) blocks whose exponentials are computed.
 """
-import numpy as np
-
-from numbaem.em.run import stream_stats
-from numbaem.em.estep import chunk_bytes
 from numbaem.runtime.memory import format_size
-from numbaem.em.mstep import normal_equations, solve
-from numbaem.model.projection import projection_matrices
 
-from ._common import synthetic_source, time_call
-from ._iteration import IterationSetup
-from ._profile import profile_estep
+from ._common import fmt_seconds as fs
+from ._data import DataSpec
+from ._userrun import RunSpec, measure, plot_user
 
-FULL = dict(L=11, lmax=10, K=560, micrographs=4, patches_per_micrograph=30_000, frac=0.5, budget=4 << 30,
-            profile_chunks=3)
-QUICK = dict(L=11, lmax=10, K=20, micrographs=4, patches_per_micrograph=200, frac=0.5, budget=4 << 30,
-             profile_chunks=1)
+FULL = dict(data=DataSpec("paper-v1", L=11, micrograph_size=5995, count=4), lmax=10, K=560, frac=0.05, iterations=1,
+            budget=4 << 30, profile_patches=2000, count_patches=300)
+QUICK = dict(data=DataSpec("paper-v1", L=11, micrograph_size=220, count=4), lmax=10, K=20, frac=0.5, iterations=1,
+             budget=4 << 30, profile_patches=200, count_patches=50)
+
+PAPER_REPORTED = ("roughly 6 to 12 hours per iteration across its three stages on 96 cores of a Xeon Gold 6252 "
+                  "(paper, section 4; which stage took which was lost from the text copy)")
 
 
 def run(cfg):
     sz = QUICK if cfg.quick else FULL
-    rng = cfg.rng(3)
-    source, theta_true = synthetic_source(sz["L"], sz["lmax"], sz["micrographs"] * sz["patches_per_micrograph"],
-                                          rng, n_micrographs=sz["micrographs"], dtype=np.float32)
-    theta = theta_true * (1.0 + 0.3 * rng.standard_normal(theta_true.shape))
-    budget = cfg.memory or sz["budget"]
-    st = IterationSetup(source, sz["lmax"], sz["K"], theta, budget, frac=sz["frac"], seed=cfg.seed)
-    warm = st.warm_up()
-    L, M, K = st.L, st.M, st.K
-    phases = {}
-    phases["build_A"], _ = time_call(lambda: projection_matrices(st.basis, st.rots), reps=2)
-    phases["projections_spectra"], spectra = time_call(st.spectra, reps=3)
-    it = st.iteration(reps=1)
-    phases["iteration"] = it["seconds"]
-    idx = st.indices()
-    sub = idx[:sz["profile_chunks"] * st.n_chunk]
-    profile = profile_estep(st.source, sub, spectra, st.upsilon, st.sigma2, st.n_chunk)
-    stats = stream_stats(st.source, sub[:st.n_chunk], spectra, st.upsilon, st.sigma2, st.n_chunk)
-    phases["normal_equations"], (H, b) = time_call(
-        lambda: normal_equations(st.operator.blocks(), stats.W, stats.G, L, M), reps=2)
-    phases["solve"], _ = time_call(lambda: solve(H + 1e-9 * np.trace(H) / M * np.eye(M), b), reps=3)
-    data_bytes = sum(img.nbytes for img in source.images)
-    peak = it["peak_memory"]
-    pairs = st.n_selected * K
-    results = dict(
-        iteration_seconds=it["seconds"]["best"], estep_seconds=it["seconds_estep"], mstep_seconds=it["seconds_mstep"],
-        phases=phases, estep_profile=profile, estep_profile_patches=len(sub),
-        estep_per_pair_ns=it["seconds_estep"] / pairs * 1e9, warmup_seconds=warm,
-        paper_reported="roughly 6 to 12 hours per iteration across its three stages on 96 cores of a Xeon Gold "
-                       "6252 (paper, section 4; which stage took which was lost from the text copy)",
-    )
-    memory = dict(budget_bytes=budget, peak_rss=peak, peak_over_budget=peak / budget,
-                  rss_before_iteration=it["rss_start"], micrograph_bytes_in_memory=data_bytes,
-                  peak_rss_without_micrographs=peak - data_bytes, peak_without_micrographs_over_budget=(peak - data_bytes) / budget,
-                  planned_chunk_bytes=chunk_bytes(st.n_chunk, K, L), operator_bytes=st.operator.nbytes,
-                  within_budget=bool(peak - data_bytes <= budget))
-    return dict(params=dict(st.params, micrographs=sz["micrographs"],
-                            micrograph_shape=list(source.images[0].shape)),
-                results=results, memory=memory, peak_memory=peak,
-                notes=["the micrographs live in memory here (float32); numbaem reads real ones memory-mapped, so "
-                       "peak_rss_without_micrographs is the figure to hold against the budget",
-                       "normal_equations/solve timed again on one chunk's statistics (their cost does not depend "
-                       "on the patch count); estep_profile covers the first profile_patches of the minibatch"])
+    run_spec = RunSpec(lmax=sz["lmax"], K=sz["K"], frac=sz["frac"], iterations=cfg.iterations or sz["iterations"],
+                       budget=cfg.memory or sz["budget"], seed=cfg.seed)
+    m = measure(cfg, sz["data"], run_spec, sz["profile_patches"], sz["count_patches"])
+    cli = m["cli"]
+    pairs = cli["patches"] * run_spec.K
+    results = dict(cli=cli, iteration_seconds=cli["seconds"]["best"], estep_seconds=cli["estep"]["best"],
+                   mstep_seconds=cli["mstep"]["best"], estep_per_pair_ns=cli["estep"]["best"] / pairs * 1e9,
+                   estep=m["estep"], paper_reported=PAPER_REPORTED)
+    rel = [r.get("relative_error") for r in cli["records"]]
+    if rel and rel[-1] is not None:
+        results["relative_error_after"] = rel
+    return dict(params=m["params"], data=m["data"], results=results, memory=m["memory"], peak_memory=m["peak_memory"],
+                notes=["iteration_seconds, estep_seconds, mstep_seconds: numbaem reconstruct's own log, after a warm-up "
+                       "run of the same command on the same files ('best' over the timed iterations)",
+                       "memory.peak_rss: the process's peak resident size during the iteration (the log's "
+                       "peak_memory); the memory-mapped micrographs' resident pages are page cache counted in it, "
+                       "so peak_rss_without_mapped_micrographs is given too",
+                       "estep: the first iteration's E-step taken apart on profile_patches of its own patches, from "
+                       "the run's own start (bench/_kernels.py)"])
 
 
 def plot(record, path):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    r, m, p = record["results"], record["memory"], record["params"]
-    fig = Figure(figsize=(11, 4.2), constrained_layout=True)
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[1.6, 1]))
-    names = ["build_A", "projections_spectra", "normal_equations", "solve"]
-    vals = [r["phases"][n]["best"] for n in names]
-    names += ["E-step (in iteration)", "iteration"]
-    vals += [r["estep_seconds"], r["iteration_seconds"]]
-    ax1.barh(names[::-1], vals[::-1], color="C0")
-    for y, v in enumerate(vals[::-1]):
-        ax1.text(v, y, f" {v:.3g} s", va="center", fontsize=8)
-    ax1.set_xscale("log")
-    ax1.set_xlabel("seconds")
-    ax1.set_title(f"paper-v1: L={p['L']}, lmax={p['lmax']} (M={p['M']}), K={p['K']}, {p['patches']} patches, "
-                  f"chunk {p['chunk']}, {record['threads']['numba']} threads", fontsize=9)
-    gb = 1024 ** 3
-    bars = [m["budget_bytes"] / gb, m["peak_rss"] / gb, m["peak_rss_without_micrographs"] / gb]
-    ax2.bar(["budget", "peak RSS", "peak RSS\n- micrographs"], bars, color=["C7", "C3", "C1"])
-    for x, v in enumerate(bars):
-        ax2.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=9)
-    ax2.set_ylabel("GiB")
-    ax2.set_title(f"memory: peak {format_size(m['peak_rss'])} vs budget {format_size(m['budget_bytes'])}", fontsize=9)
-    fig.savefig(path, dpi=110)
+    plot_user(record, path, "paper-v1")
 
 
 def summary(record):
-    r, m = record["results"], record["memory"]
-    return (f"iteration {r['iteration_seconds']:.3g} s (E-step {r['estep_seconds']:.3g} s, M-step "
-            f"{r['mstep_seconds']:.3g} s), peak memory {format_size(m['peak_rss'])} "
-            f"({format_size(m['peak_rss_without_micrographs'])} without the micrographs) vs budget "
+    r, m, d = record["results"], record["memory"], record["data"]
+    return (f"iteration {fs(r['iteration_seconds'])} s (E-step {fs(r['estep_seconds'])} s, M-step "
+            f"{fs(r['mstep_seconds'])} s) at SNR {d['snr_requested']:g} (after downsampling "
+            f"{d['snr_after_downsampling']:.3g}), peak memory {format_size(m['peak_rss'])} vs budget "
             f"{format_size(m['budget_bytes'])}")
+
+
+def table_row(record):
+    """The README's row for this suite."""
+    r, p, m, d = record["results"], record["params"], record["memory"], record["data"]
+    k = r["estep"]["kernels"]
+    fft = sum(k["steps"][s]["seconds"] for s in ("fft_backward", "fft_forward") if s in k["steps"]) / k["total"] \
+        if k.get("available") else None
+    text = (f"**{fs(r['iteration_seconds'])} s per EM iteration** of `numbaem reconstruct` (E-step "
+            f"{fs(r['estep_seconds'])} s, M-step {fs(r['mstep_seconds'])} s), peak memory {format_size(m['peak_rss'])} against the "
+            f"{format_size(m['budget_bytes'])} budget")
+    if fft is not None:
+        text += (f"; the two FFTs take {100 * fft:.0f}% of the E-step, which runs at {100 * k['fraction_of_peak']:.0f}% "
+                 f"of this machine's peak for its kernels")
+    text += "; the paper reports about 6 hours per iteration on 96 cores"
+    return (f"`paper-v1` (L = {p['L']}, lmax = {p['lmax']}, M = {p['M']}, K = {p['K']}, {p['patches']:,} patches "
+            f"per iteration of {d['count']} simulated {d['shape'][0]} x {d['shape'][1]} micrographs at SNR "
+            f"{d['snr_requested']:g}, Method {d['method']})", text)

@@ -16,51 +16,30 @@
   ``2 (2L-1)^2 L^2`` flops, and the data sums another GEMM of the same size.
 """
 import math
-import time
 
 import numpy as np
-import pyfftw
 
+from numbaem.data.patches import PatchSource
 from numbaem.runtime import fft
 from numbaem.runtime.memory import default_budget
 
-from ._common import synthetic_source, time_call
+from . import small
+from ._common import time_call
+from ._data import prepare
 from ._iteration import IterationSetup
+from ._kernels import _best_rate, fft_rates
 from ._profile import profile_estep
+from ._userrun import start_theta
 
-FULL = dict(L=7, lmax=4, K=300, patches=20_000, fft_L=(7, 11), batches=(1024, 16384, 131072),
+FULL = dict(L=7, lmax=4, K=300, fft_L=(7, 11), batches=(1024, 16384, 131072),
             measure_max_batch=131072, gemm_n=2048, gemm_rows={7: 256, 11: 64}, K_of={7: 300, 11: 560})
-QUICK = dict(L=7, lmax=4, K=24, patches=400, fft_L=(7,), batches=(256, 2048), measure_max_batch=2048,
+QUICK = dict(L=7, lmax=4, K=24, fft_L=(7,), batches=(256, 2048), measure_max_batch=2048,
              gemm_n=384, gemm_rows={7: 32, 11: 16}, K_of={7: 24, 11: 24})
 
 
 def _rate(fn, batch, min_time=0.3, max_reps=200):
     """Transforms per second of ``fn`` (one batched execute), best of repetitions lasting ~``min_time``."""
-    fn()
-    best, spent, reps = math.inf, 0.0, 0
-    while (spent < min_time or reps < 3) and reps < max_reps:
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        best, spent, reps = min(best, dt), spent + dt, reps + 1
-    return batch / best
-
-
-def fft_rates(n2, batch, threads, effort):
-    """r2c and c2r rates (transforms/s) for a batch of ``n2 x n2`` real transforms; planning seconds."""
-    real = pyfftw.empty_aligned((batch, n2, n2), dtype="float64")
-    spec = pyfftw.empty_aligned((batch, n2, n2 // 2 + 1), dtype="complex128")
-    real[:] = np.random.default_rng(0).standard_normal(real.shape)
-    t0 = time.perf_counter()
-    fwd = pyfftw.FFTW(real, spec, axes=(1, 2), direction="FFTW_FORWARD", flags=(effort,), threads=threads)
-    bwd = pyfftw.FFTW(spec, real, axes=(1, 2), direction="FFTW_BACKWARD", flags=(effort, "FFTW_DESTROY_INPUT"),
-                      threads=threads)
-    plan_s = time.perf_counter() - t0
-    fwd.execute()
-    r2c = _rate(fwd.execute, batch)
-    c2r = _rate(bwd.execute, batch)
-    return dict(n=n2, batch=batch, threads=threads, effort=effort, r2c_per_s=r2c, c2r_per_s=c2r,
-                plan_seconds=plan_s, bytes=real.nbytes + spec.nbytes)
+    return _best_rate(fn, batch, min_time, max_reps)
 
 
 def gemm_rate(m, k, n, rng, reps=3):
@@ -77,10 +56,13 @@ def run(cfg):
     T = cfg.threads
     rng = cfg.rng(5)
 
-    # the E-step at the small size (also gives the E-step's own FFT workspace)
-    src, theta_true = synthetic_source(sz["L"], sz["lmax"], sz["patches"], cfg.rng(1))
-    theta = theta_true * (1.0 + 0.3 * cfg.rng(1).standard_normal(theta_true.shape))
-    st = IterationSetup(src, sz["lmax"], sz["K"], theta, cfg.memory or default_budget(), seed=cfg.seed)
+    # the E-step at the small size, on the small suite's simulated data and start (also gives the
+    # E-step's own FFT workspace)
+    ds = prepare(small.data_spec(cfg), cfg.data_dir or f"{cfg.out}/data", threads=cfg.threads,
+                 resimulate=cfg.resimulate)
+    src = PatchSource.from_files([str(p) for p in ds.micrographs], ds.spec.L)
+    st = IterationSetup(src, sz["lmax"], sz["K"], start_theta(ds, sz["lmax"]), cfg.memory or default_budget(),
+                        seed=cfg.seed, sigma2=ds.sigma2)
     st.warm_up()
     t_e, stats = st.estep(reps=1 if cfg.quick else 2)
     prof = profile_estep(st.source, st.indices(), st.spectra(), st.upsilon, st.sigma2, st.n_chunk, reference=stats)
@@ -152,6 +134,7 @@ def run(cfg):
         route[str(L)] = entry
 
     return dict(params=dict(st.params, fft_sizes=[2 * L for L in sz["fft_L"]], batches=list(sz["batches"])),
+                data=ds.record(),
                 results=dict(fft=rows, fft_peak=peaks, estep=estep, gemm_square=sq, gemm_route=route),
                 peak_memory=None,
                 notes=["rates in transforms per second, best of repeated executes after planning and one warm execute",
@@ -216,3 +199,17 @@ def summary(record):
             f"{e['transforms_per_s'] / 1e6:.2f}M transforms/s = {100 * e['fraction_of_fft_peak']:.0f}% of peak; "
             f"GEMM {r['gemm_square']['gflops']:.1f} GFLOP/s, GEMM route {g['gemm_over_fft_at_peak']:.2f}x the FFT "
             f"route's time at peak")
+
+
+def table_row(record):
+    """The README's row for this suite."""
+    r, p = record["results"], record["params"]
+    e = r["estep"]
+    pk = r["fft_peak"][str(p["L"])]
+    g = r["gemm_route"][str(p["L"])]
+    n2 = 2 * p["L"]
+    return (f"`peak` (batched {n2} x {n2} real FFTs, GEMM; E-step of the `small` size)",
+            f"FFTW peak for {n2} x {n2} real transforms {pk['c2r_per_s'] / 1e6:.2g} M/s (c2r), "
+            f"{pk['r2c_per_s'] / 1e6:.2g} M/s (r2c); the E-step runs {e['transforms_per_s'] / 1e6:.2g} M/s, "
+            f"{100 * e['fraction_of_fft_peak']:.0f}% of it; a GEMM route for the correlations would take "
+            f"{g['gemm_over_fft_at_peak']:.1f}x the FFT route's time at peak")

@@ -9,16 +9,24 @@
   efficiency);
 - chunk size: the E-step at 5,000 patches with chunks of 64, 256, 1,024 patches and the
   size ``plan_chunk`` picks from the budget (a cache effect would show here).
+
+Every point draws its patches (a seeded minibatch) from the ``small`` suite's
+micrographs, simulated by ``numbaem simulate`` at SNR 1 (:mod:`bench._data`), and
+starts from the same homolog.
 """
 import numba
 import numpy as np
 
+from numbaem.data.patches import PatchSource
 from numbaem.runtime.memory import default_budget
 from numbaem.runtime.threads import use_threads
 
-from ._common import PeakMemory, linear_fit, synthetic_source
+from . import small
+from ._common import PeakMemory, linear_fit
+from ._data import prepare
 from ._iteration import IterationSetup
 from ._profile import profile_estep
+from ._userrun import start_theta
 
 FULL = dict(L=7, lmax=4, K=300, patches=[2500, 5000, 10000], K_list=[100, 200, 400], K_patches=5000,
             thread_patches=5000, chunks=[64, 256, 1024, None], reps=2)
@@ -26,12 +34,20 @@ QUICK = dict(L=7, lmax=4, K=24, patches=[100, 200, 400], K_list=[8, 16, 32], K_p
              thread_patches=200, chunks=[16, 64, None], reps=1)
 
 
-def _setup(cfg, sz, n, K, salt, n_chunk=None):
-    rng = cfg.rng(salt)
-    source, theta_true = synthetic_source(sz["L"], sz["lmax"], n, rng)
-    theta = theta_true * (1.0 + 0.3 * rng.standard_normal(theta_true.shape))
-    return IterationSetup(source, sz["lmax"], K, theta, cfg.memory or default_budget(), n_chunk=n_chunk,
-                          seed=cfg.seed)
+def _data(cfg):
+    """The ``small`` suite's simulated micrographs (cached) and its start at ``lmax``."""
+    ds = prepare(small.data_spec(cfg), cfg.data_dir or f"{cfg.out}/data", threads=cfg.threads,
+                 resimulate=cfg.resimulate)
+    return ds, PatchSource.from_files([str(p) for p in ds.micrographs], ds.spec.L)
+
+
+def _setup(cfg, sz, data, n, K, salt, n_chunk=None):
+    """An iteration on ``n`` of the data's patches (a seeded minibatch, ``frac = n / Nd``)."""
+    ds, source = data
+    if n > source.n_patches:
+        raise ValueError(f"{n} patches asked of data holding {source.n_patches}")
+    return IterationSetup(source, sz["lmax"], K, start_theta(ds, sz["lmax"]), cfg.memory or default_budget(),
+                          frac=n / source.n_patches, n_chunk=n_chunk, seed=cfg.seed + salt, sigma2=ds.sigma2)
 
 
 def _point(st, reps):
@@ -46,17 +62,18 @@ def run(cfg):
     sz = QUICK if cfg.quick else FULL
     reps = sz["reps"]
     res = {}
+    data = _data(cfg)
 
-    pts = [_point(_setup(cfg, sz, n, sz["K"], 10 + i), reps) for i, n in enumerate(sz["patches"])]
+    pts = [_point(_setup(cfg, sz, data, n, sz["K"], 10 + i), reps) for i, n in enumerate(sz["patches"])]
     res["patches"] = dict(points=pts, fit_iteration=linear_fit([p["patches"] for p in pts], [p["iteration"] for p in pts]),
                           fit_estep=linear_fit([p["patches"] for p in pts], [p["estep"] for p in pts]))
 
-    pts = [_point(_setup(cfg, sz, sz["K_patches"], K, 20 + i), reps) for i, K in enumerate(sz["K_list"])]
+    pts = [_point(_setup(cfg, sz, data, sz["K_patches"], K, 20 + i), reps) for i, K in enumerate(sz["K_list"])]
     res["rotations"] = dict(points=pts, fit_iteration=linear_fit([p["K"] for p in pts], [p["iteration"] for p in pts]),
                             fit_estep=linear_fit([p["K"] for p in pts], [p["estep"] for p in pts]))
 
     n_all = numba.config.NUMBA_NUM_THREADS
-    st = _setup(cfg, sz, sz["thread_patches"], sz["K"], 30)
+    st = _setup(cfg, sz, data, sz["thread_patches"], sz["K"], 30)
     thr = {}
     for T in sorted({1, n_all}):
         with use_threads(T):
@@ -75,7 +92,7 @@ def run(cfg):
 
     chunk_pts = []
     for c in sz["chunks"]:
-        stc = _setup(cfg, sz, sz["thread_patches"], sz["K"], 30, n_chunk=c)
+        stc = _setup(cfg, sz, data, sz["thread_patches"], sz["K"], 30, n_chunk=c)
         stc.warm_up()
         with PeakMemory() as pm:
             t, _ = stc.estep(reps=reps)
@@ -84,8 +101,9 @@ def run(cfg):
     return dict(params=dict(L=sz["L"], lmax=sz["lmax"], K=sz["K"], patches=sz["patches"], K_list=sz["K_list"],
                             K_patches=sz["K_patches"], thread_patches=sz["thread_patches"], chunks=sz["chunks"],
                             reps=reps),
-                results=res, peak_memory=max(p["peak_memory"] for p in res["patches"]["points"]),
-                notes=["each point: fresh synthetic data, warm-up, best of 'reps' whole em_iteration calls",
+                data=data[0].record(), results=res, peak_memory=max(p["peak_memory"] for p in res["patches"]["points"]),
+                notes=["each point: a seeded minibatch of the small suite's simulated micrographs (frac = patches / Nd), "
+                       "warm-up, best of 'reps' whole em_iteration calls",
                        "fit: least-squares line; per_unit = time / size (constant for cost proportional to size)",
                        "speed-up = time with 1 thread / time with all threads (numba and FFTW together)"])
 
@@ -137,3 +155,14 @@ def summary(record):
     return (f"{1e6 * fp['slope']:.0f} us/patch (R^2 {fp['r2']:.4f}), {1e3 * fk['slope']:.1f} ms/rotation "
             f"(R^2 {fk['r2']:.4f}); 1 -> {r['threads']['all_threads']} threads: "
             f"{r['threads']['speedup']['iteration']:.2f}x")
+
+
+def table_row(record):
+    """The README's row for this suite."""
+    r, p = record["results"], record["params"]
+    fp, fk = r["patches"]["fit_iteration"], r["rotations"]["fit_iteration"]
+    th = r["threads"]
+    return (f"`sweep` (L = {p['L']}, lmax = {p['lmax']}, patches of the `small` data)",
+            f"time linear in patches ({1e6 * fp['slope']:.0f} us per patch, R^2 {fp['r2']:.3f}) and in K "
+            f"({1e3 * fk['slope']:.2g} ms per rotation, R^2 {fk['r2']:.4f}); 1 -> {th['all_threads']} threads "
+            f"{th['speedup']['iteration']:.2f}x")
