@@ -439,6 +439,14 @@ def log_likelihood(source, theta, basis, K, upsilon, sigma2, idx=None, memory=No
     return float(stats.loglik)
 
 
+def _tagged(callback, restart):
+    """``callback`` with each record tagged by its restart."""
+    def cb(state, rec):
+        rec["restart"] = restart
+        callback(state, rec)
+    return cb
+
+
 def _best_of_restarts(source, *, restarts, rng, schedule, truth, callback, memory, **kw):
     """``restarts`` runs from random starts; the one with the highest log-likelihood is returned."""
     rng, _ = as_rng(np.random.default_rng() if rng is None else rng)
@@ -449,11 +457,7 @@ def _best_of_restarts(source, *, restarts, rng, schedule, truth, callback, memor
     children = rng.spawn(restarts)
     runs, records = [], []
     for r, child in enumerate(children):
-        cb = None
-        if callback is not None:
-            def cb(st, rec, r=r):
-                rec["restart"] = r
-                callback(st, rec)
+        cb = None if callback is None else _tagged(callback, r)
         res = reconstruct(source, "random", rng=child, schedule=schedule, truth=truth, callback=cb, memory=memory,
                           restarts=1, **kw)
         ll = log_likelihood(source, res.theta, res.basis, last.rotations, res.upsilon, res.sigma2, idx, memory)
