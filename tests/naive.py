@@ -122,3 +122,25 @@ def brute_normal_equations(patches, A, w, L):
             H += wk.sum() * (Akl.T @ Akl)
             b += Akl.T @ (patches.reshape(n, P).T @ wk)
     return H, b
+
+
+# --------------------------------------------------------------------------- CTF groups (MODEL section 11)
+
+def filter_matrix(flt, L, P):
+    """``Psi`` from its definition, column by column: pad the unit image to P x P (top left),
+    multiply its DFT by the filter on the P-grid frequencies, invert, keep the top-left L x L."""
+    T = flt.transfer((P, P))
+    Psi = np.zeros((L * L, L * L))
+    for r in range(L * L):
+        e = np.zeros((P, P))
+        e[r // L, r % L] = 1.0
+        Psi[:, r] = np.fft.ifft2(np.fft.fft2(e) * T).real[:L, :L].ravel()
+    return Psi
+
+
+def apply_filter(flt, img, P):
+    """``Psi img`` by padding, filtering and cropping one image."""
+    L = img.shape[0]
+    z = np.zeros((P, P))
+    z[:L, :L] = img
+    return np.fft.ifft2(np.fft.fft2(z) * flt.transfer((P, P))).real[:L, :L]
