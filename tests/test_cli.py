@@ -125,8 +125,45 @@ def test_bad_inputs_one_sentence(tmp_path, molecule, capsys):
 
 
 def test_nonpositive_noise_var_exits_2(tmp_path, capsys):
+    """An option's bad value: one sentence under the command's own name, no usage block."""
     with pytest.raises(SystemExit) as exc:
         main(["reconstruct", "m.mrc", "--patch-size", "7", "-o", str(tmp_path / "e.mrc"), "--init", "random",
               "--noise-var", "-1"])
     assert exc.value.code == 2
-    assert "positive" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("numbaem reconstruct: error:") and "positive" in err
+    assert "usage" not in err
+
+
+def test_messages_a_new_user_met(tmp_path, molecule, capsys):
+    """Issue 9's list: each message names the problem in the command line's own words."""
+    mic = tmp_path / "m.mrc"
+    from numbaem.data.io import write_image
+    write_image(mic, np.random.default_rng(0).standard_normal((77, 77)))
+    base = ["reconstruct", str(mic), "--patch-size", "11", "-o", str(tmp_path / "e.mrc"), "--init", "random",
+            "--noise-var", "1"]
+    for schedule, bad in (("lmax=x", "lmax='x'"), ("lmax=x,iters=2", "lmax='x'"), ("lmax=2,iters=two", "iters='two'")):
+        code, _, err = run(base + ["--schedule", schedule], capsys)
+        _assert_one_line_error(code, err, bad)
+        assert "{" not in err and "not a whole number" in err
+    code, _, err = run(base + ["--memory", "1KiB", "--schedule", "lmax=2,iters=1,rotations=100"], capsys)
+    _assert_one_line_error(code, err, "100 rotations and lmax=2 (")
+    # an existing output is refused before any work, in the command line's words
+    (tmp_path / "mic.mrc").write_bytes(b"keep")
+    code, _, err = run(["simulate", str(molecule), "-o", str(tmp_path / "mic.mrc"), "--patch-size", "7",
+                        "--micrograph-size", "5000", "--density", "0.2"], capsys)
+    _assert_one_line_error(code, err, "--force")
+    assert "force=True" not in err and (tmp_path / "mic.mrc").read_bytes() == b"keep"
+    # the usage says that a start is required: --init or --resume
+    with pytest.raises(SystemExit):
+        main(["reconstruct", "--help"])
+    usage = capsys.readouterr().out
+    assert "(--init INIT.mrc|random | --resume)" in " ".join(usage.split())
+
+
+def test_simulate_records_its_seed(tmp_path, molecule, capsys):
+    code, _, err = run(["simulate", str(molecule), "-o", str(tmp_path / "s.mrc"), "--patch-size", "7",
+                        "--micrograph-size", "70", "--seed", "11", "-q"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "s.json").read_text())["seed"] == 11

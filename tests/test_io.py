@@ -151,7 +151,7 @@ def test_refuses_to_overwrite_without_force(tmp_path, rng):
     path = tmp_path / "vol.mrc"
     first = rng.standard_normal((3, 3, 3))
     write_volume(path, first)
-    with pytest.raises(NumbaemError, match="exists; pass --force"):
+    with pytest.raises(NumbaemError, match="exists; pass force=True"):
         write_volume(path, first + 1.0)
     np.testing.assert_allclose(read_volume(path)[0], first, rtol=F32_RTOL, atol=1e-7)
     write_volume(path, first + 1.0, force=True)
@@ -200,7 +200,7 @@ def test_atomic_write_bytes_and_text(tmp_path):
     atomic_write_text(tmp_path / "t.txt", "hello")
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
     assert (tmp_path / "t.txt").read_text() == "hello"
-    with pytest.raises(NumbaemError, match="exists; pass --force"):
+    with pytest.raises(NumbaemError, match="exists; pass force=True"):
         atomic_write_bytes(tmp_path / "b.bin", b"")
     with pytest.raises(NumbaemError, match="not bytes"):
         atomic_write_bytes(tmp_path / "c.bin", "text")
@@ -213,7 +213,7 @@ def test_check_output(tmp_path):
     with pytest.raises(NumbaemError, match="is a directory"):
         check_output(tmp_path, force=True)
     (tmp_path / "x.mrc").write_bytes(b"")
-    with pytest.raises(NumbaemError, match="x.mrc' exists; pass --force"):
+    with pytest.raises(NumbaemError, match="x.mrc' exists; pass force=True"):
         check_output(tmp_path / "x.mrc", force=False)
     assert check_output(tmp_path / "x.mrc", force=True) == tmp_path / "x.mrc"
 

@@ -200,19 +200,39 @@ def test_method1_noise_variance_matches_the_derivation(vol):
     sim = simulate_micrographs(vol, L, micrograph_size=N, method=1, density=0.1, snr=0.5,
                                rng=np.random.default_rng(2))
     Nf = (453, 450)
-    gain = (151 / 453) * (151 / 450)   # odd axis M / Nf, even axis (M + 1) / Nf
+    gain = (151 / 453) * (150 / 450)   # M / Nf per axis: the noise is white at the final size
     assert sim.sigma2 == pytest.approx(sim.sigma2_gen * gain * (L / L0) ** 2, rel=1e-12)
     # sigma2_gen from the full-size projections, L0^2 in the denominator.
     full = project_real_space(vol, sim.rotations[0])
     assert sim.sigma2_gen == pytest.approx(np.mean(np.sum(full**2, axis=(1, 2))) / (L0**2 * 0.5), rel=1e-10)
-    # Measured: 22650 samples, standard error of the variance about sqrt(2 / n) = 0.94 %
-    # (the even axis adds a slight correlation); 5 % is over five standard errors.
+    # Measured: 22650 samples, standard error of the variance about sqrt(2 / n) = 0.94 %;
+    # 5 % is over five standard errors.
     noise = sim.micrographs[0] - sim.clean_micrographs[0]
     assert noise.var() == pytest.approx(sim.sigma2, rel=0.05)
     assert abs(noise.mean()) < 5 * np.sqrt(sim.sigma2 / noise.size) * 2
     # Downsampling averages noise: the SNR grows by about (L0 / L)^2.
     assert sim.snr_downsampled == pytest.approx(0.5 * (L0 / L) ** 2, rel=0.25)
     assert sim.micrographs[0].shape == N and Nf == tuple(round(n * L0 / L) for n in N)
+
+
+@pytest.mark.parametrize("N", [(200, 200), (201, 201)])
+def test_method1_noise_is_white_also_at_even_sizes(vol, N):
+    """Issue 9, defect 6: a Fourier crop to an even size folds the +N/2 bin onto -N/2 and
+    doubles the noise power at Nyquist. The noise of a Method 1 micrograph must be white:
+    the mean periodogram on the Nyquist row and column (400 values, each exponential, so
+    a standard error of 5 %) equals the mean over all frequencies within 25 % (5 standard
+    errors; the fold gives 100 %), and so does the lowest-frequency ring."""
+    sim = simulate_micrographs(vol, L, micrograph_size=N, method=1, density=0.05, snr=1.0,
+                               rng=np.random.default_rng(5))
+    noise = sim.micrographs[0] - sim.clean_micrographs[0]
+    P = np.abs(np.fft.fft2(noise)) ** 2 / noise.size
+    mean = P.mean()
+    assert mean == pytest.approx(sim.sigma2, rel=0.05)
+    edge = np.concatenate([P[N[0] // 2, :], P[:, N[1] // 2]])
+    assert edge.mean() / mean == pytest.approx(1.0, abs=0.25)
+    f0, f1 = np.meshgrid(np.fft.fftfreq(N[0]), np.fft.fftfreq(N[1]), indexing="ij")
+    low = P[(np.hypot(f0, f1) < 0.08) & (np.hypot(f0, f1) > 0)]
+    assert low.mean() / mean == pytest.approx(1.0, abs=5 / np.sqrt(low.size))
 
 
 def test_method1_and_method2_agree_which_pins_scale_and_axes(vol):
@@ -338,7 +358,7 @@ def test_write_simulation_single_micrograph_name(tmp_path, small_sim):
 
 def test_write_simulation_refuses_existing_outputs_and_writes_nothing(tmp_path, small_sim):
     (tmp_path / "mic.truth.mrc").write_text("keep")
-    with pytest.raises(NumbaemError, match="mic.truth.mrc' exists; pass --force"):
+    with pytest.raises(NumbaemError, match="mic.truth.mrc' exists; pass force=True"):
         write_simulation(small_sim, tmp_path / "mic.mrc")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mic.truth.mrc"]
     assert (tmp_path / "mic.truth.mrc").read_text() == "keep"

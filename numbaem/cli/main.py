@@ -8,7 +8,7 @@ import argparse
 import logging
 import sys
 
-from ..runtime.errors import InterruptedRun, NumbaemError
+from ..runtime.errors import InterruptedRun, NumbaemError, OutputExists
 from . import demo
 from . import fsc
 from . import molecule
@@ -27,9 +27,11 @@ COMMANDS = {
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error style: one sentence under the command's own name
+    (``numbaem reconstruct: error: ...``), the fix named, no usage block."""
+
     def error(self, message):
-        self.print_usage(sys.stderr)
-        sys.stderr.write(f"numbaem: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
         raise SystemExit(2)
 
 
@@ -89,8 +91,9 @@ def _run(args):
     except (NumbaemError, InterruptedRun) as exc:
         if args.debug:
             raise
-        sys.stderr.write(f"numbaem {args.command}: error: {exc}\n" if isinstance(exc, NumbaemError)
-                         else f"numbaem {args.command}: {exc}\n")
+        text = exc.cli_message() if isinstance(exc, OutputExists) else str(exc)
+        sys.stderr.write(f"numbaem {args.command}: error: {text}\n" if isinstance(exc, NumbaemError)
+                         else f"numbaem {args.command}: {text}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"numbaem {args.command}: interrupted.\n")

@@ -26,7 +26,8 @@ from ..data.io import atomic_write_text, read_volume, write_volume
 from ..runtime.memory import default_budget, format_size, parse_size
 from ..data.patches import PatchSource
 from ..runtime.threads import use_threads
-from ._common import add_threads, check_outputs, emit_json, fraction, nonneg_float, positive_float, positive_int
+from ._common import (add_threads, check_outputs, emit_json, fraction, nonneg_float, nonneg_int, positive_float,
+                      positive_int)
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,17 @@ def add_args(p):
     p.add_argument("micrographs", nargs="+", metavar="MIC.mrc", help="micrograph MRC files (one pixel size)")
     p.add_argument("--patch-size", type=int, required=True, metavar="L", help="particle / patch side in pixels, odd")
     p.add_argument("-o", "--output", required=True, metavar="EST.mrc", help="estimated volume (side L)")
-    p.add_argument("--init", metavar="INIT.mrc|random",
-                   help="initial volume of side L (e.g. a homolog or AlphaFold map), or 'random' (required unless --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --checkpoint")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--init", metavar="INIT.mrc|random",
+                       help="initial volume of side L (e.g. a homolog or AlphaFold map), or 'random'")
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the last complete checkpoint in --checkpoint instead")
     n = p.add_mutually_exclusive_group()
-    n.add_argument("--noise-var", type=positive_float, metavar="S2", help="noise variance sigma^2 of the pixels")
+    n.add_argument("--noise-var", type=positive_float, metavar="S2",
+                   help="noise variance sigma^2 of one pixel of the micrographs as given (the working, "
+                        "patch pixel size), in the micrographs' units squared")
     n.add_argument("--estimate-noise", action="store_true",
-                   help="estimate sigma^2 by EM (starting from the variance of the micrograph pixels)")
+                   help="estimate sigma^2 by EM, starting from the low-signal patches of a seeded sample")
     p.add_argument("--schedule", default=None,
                    help="stages 'lmax=..,iters=..,frac=..,rotations=..;...' or a .toml file (default: see above)")
     p.add_argument("--downsample-init", action="store_true",
@@ -49,10 +54,13 @@ def add_args(p):
     p.add_argument("--upsilon0", type=fraction, default=0.5, help="initial probability of an empty patch (default 0.5)")
     p.add_argument("--tikhonov", type=nonneg_float, default=0.0, metavar="LAMBDA",
                    help="Tikhonov term lambda added to H (default 0; raised automatically if H is singular)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the minibatch draws and a random start (default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed of the minibatch draws, the start-value samples and a random start (default 0)")
     add_threads(p)
     p.add_argument("--memory", default=None, metavar="SIZE",
-                   help="memory budget of an iteration, e.g. 4GiB (default: a quarter of the RAM)")
+                   help="memory budget of the process, e.g. 4GiB (default: a quarter of the RAM; 256 MiB of it are "
+                        "set aside for the interpreter); the patches stream through the E-step in chunks sized "
+                        "from it")
     p.add_argument("--truth", metavar="TRUTH.mrc", help="true volume (side L) to report the FSC resolution per iteration")
     p.add_argument("--log", metavar="run.jsonl", help="JSON-lines log, one record per iteration")
     p.add_argument("--checkpoint", metavar="DIR", help="write a checkpoint after every iteration into DIR")
@@ -90,8 +98,6 @@ def main(args):
     L = check_L(args.patch_size, "--patch-size")
     schedule = _schedule(args.schedule)
     budget = parse_size(args.memory) if args.memory else default_budget()
-    if not args.init and not args.resume:
-        raise NumbaemError("no initial volume: pass --init INIT.mrc (or --init random), or --resume with --checkpoint")
     if args.resume and not args.checkpoint:
         raise NumbaemError("--resume needs --checkpoint DIR, the directory of the run to continue")
     outputs = [args.output] + [x for x in (args.log, args.plot) if x]

@@ -11,13 +11,11 @@ import logging
 import shlex
 import sys
 
-import numpy as np
-
 from ..runtime.validate import check_L
 from ..runtime.errors import NumbaemError
 from ..data.io import read_volume
 from ..runtime.threads import use_threads
-from ._common import add_threads, emit_json, positive_float, positive_int
+from ._common import add_threads, check_outputs, emit_json, nonneg_int, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -33,33 +31,39 @@ def add_args(p):
                    help="1: generate at full size and downsample the micrograph (default); "
                         "2: downsample the volume and generate with the band-limited operator")
     p.add_argument("--density", type=positive_float, default=0.1, metavar="G",
-                   help="projection density T L^2 / N^2 (default 0.1)")
+                   help="projection density T L^2 / N^2, with T the number of projections in each N x N "
+                        "micrograph: the fraction of the micrograph their boxes cover (default 0.1)")
     p.add_argument("--snr", type=positive_float, default=1.0, metavar="S",
-                   help="SNR = mean ||projection||^2 / (L^2 sigma^2) at generation size (default 1)")
+                   help="SNR = mean ||projection||^2 / (L^2 sigma^2) at the generation size (default 1). With "
+                        "--method 1 that is the volume's own pixel size; the Fourier crop to side L averages "
+                        "noise, so the SNR at the patch scale (reported as snr_downsampled) is about "
+                        "(L0/L)^2 times higher")
     p.add_argument("--spacing", choices=("separated", "arbitrary"), default="separated",
                    help="separated: positions >= 2L-1 apart (each patch holds at most one projection); "
                         "arbitrary: only no overlap (default separated)")
     p.add_argument("--count", type=positive_int, default=1, metavar="C", help="number of micrographs (default 1)")
     p.add_argument("--lmax", type=int, default=None, help="band limit of the truth (default: the highest for L)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (positions, rotations, noise; default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="random seed (positions, rotations, noise; default 0; recorded in MIC.json)")
     add_threads(p)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
 def main(args):
-    from ..sim.simulate import simulate_micrographs, write_simulation
+    from ..sim.simulate import output_paths, simulate_micrographs, write_simulation
 
     L = check_L(args.patch_size, "--patch-size")
+    mics, json_path, truth_path = output_paths(args.output, args.count)
+    check_outputs(mics + [json_path, truth_path], args.force)   # before minutes of simulation
     vol, voxel = read_volume(args.volume)
     if vol.shape[0] < L:
         raise NumbaemError(f"--patch-size {L} is larger than the map ({vol.shape[0]}^3); use L <= {vol.shape[0]}")
     N = args.micrograph_size or 100 * L
-    rng = np.random.default_rng(args.seed)
     command = "numbaem " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     with use_threads(args.threads):
         sim = simulate_micrographs(vol, L, micrograph_size=N, method=args.method, density=args.density,
-                                   snr=args.snr, spacing=args.spacing, count=args.count, lmax=args.lmax, rng=rng)
+                                   snr=args.snr, spacing=args.spacing, count=args.count, lmax=args.lmax, rng=args.seed)
     paths = write_simulation(sim, args.output, force=args.force, command=command, pixel_size=voxel)
     if args.json:
         emit_json(dict(outputs=[str(p) for p in paths] if paths else None, sigma2=sim.sigma2, snr=sim.snr,

@@ -42,7 +42,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from ..runtime.errors import NumbaemError
+from ..runtime.errors import NumbaemError, OutputExists
 from ..runtime.validate import pixel_size as check_pixel_size
 
 logger = logging.getLogger(__name__)
@@ -106,9 +106,7 @@ def check_output(path, force):
             f"output {str(target)!r} is a directory; give a file name inside it instead"
         )
     if target.exists() and not force:
-        raise NumbaemError(
-            f"output {str(target)!r} exists; pass --force (force=True) to overwrite it"
-        )
+        raise OutputExists(target)
     return target
 
 

@@ -120,7 +120,7 @@ class IterationPlan:
         return self.parts["peak"]
 
 
-def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, n_groups=None):
+def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None, n_groups=None):
     """The :class:`IterationPlan` of an iteration with ``K`` rotations and ``M`` coefficients.
 
     Parameters
@@ -134,6 +134,8 @@ def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, n_groups=
         Bytes of the cached ``Phi`` images.
     target : int, optional
         Preferred chunk bytes (default :data:`CHUNK_TARGET_BYTES`).
+    lmax : int, optional
+        Named in the error message.
     n_groups : int, optional
         CTF groups (None: no filters, MODEL sections 4-6).
 
@@ -167,8 +169,9 @@ def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, n_groups=
     free = room - resident - beside
     if free < per or room - resident - max(phases.values()) < 0:
         need = INTERPRETER_BYTES + resident + max(per + beside, max(phases.values()))
-        raise NumbaemError(f"the memory budget {format_size(budget)} is too small for K={K} rotations at L={L} "
-                           f"with M={M} coefficients: at least {format_size(need)} is needed (of which "
+        order = f"lmax={lmax} ({M} coefficients)" if lmax is not None else f"{M} coefficients"
+        raise NumbaemError(f"the memory budget {format_size(budget)} is too small for {K} rotations and "
+                           f"{order} at L={L}: at least {format_size(need)} is needed (of which "
                            f"{format_size(INTERPRETER_BYTES)} for the interpreter); raise --memory or lower "
                            "the rotations of the schedule")
     target = chunk_target_bytes() if target is None else int(target)

@@ -65,7 +65,7 @@ class LocalExecutor:
 def stage_plan(budget, basis, K, n_selected):
     """The memory plan of a stage's iterations (:func:`numbaem.em.plan.plan_iteration`)."""
     return plan_iteration(budget, K, basis.L, basis.M, n_selected,
-                          phi=phi_bytes(basis.L, basis.lmax, len(basis.ls_pairs)))
+                          phi=phi_bytes(basis.L, basis.lmax, len(basis.ls_pairs)), lmax=basis.lmax)
 
 
 def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhonov=0.0,

@@ -40,30 +40,37 @@ class Stage:
         return dataclasses.asdict(self)
 
 
+_KINDS = dict(lmax="a whole number >= 0", iters="a whole number >= 1", frac="a fraction in (0, 1]",
+              rotations="a whole number >= 1")
+
+
+def _number(d, key, where, whole):
+    """``d[key]`` as an int (``whole``) or float, or one sentence naming the key and value."""
+    raw = d[key]
+    try:
+        val = float(raw)
+        if not math.isfinite(val) or (whole and val != int(val)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise NumbaemError(f"schedule {where}: {key}={raw!r} is not {_KINDS[key]}; write stages like "
+                           "'lmax=4,iters=5,frac=0.1,rotations=300'") from None
+    return int(val) if whole else val
+
+
 def _stage_from_mapping(d, where):
     unknown = set(d) - set(STAGE_KEYS)
     if unknown:
         raise NumbaemError(f"schedule {where} has unknown key(s) {', '.join(sorted(unknown))}; "
                            f"the keys are {', '.join(STAGE_KEYS)}")
-    if "lmax" not in d or "iters" not in d:
+    vals = {k: _number(d, k, where, k != "frac") for k in STAGE_KEYS if k in d}
+    if "lmax" not in vals or "iters" not in vals:
         raise NumbaemError(f"schedule {where} needs at least lmax and iters, e.g. 'lmax=4,iters=5,frac=0.1,rotations=300'")
-    try:
-        lmax, iters = int(d["lmax"]), int(d["iters"])
-        frac = float(d.get("frac", 1.0))
-        K = int(d.get("rotations", 300))
-        if float(d["lmax"]) != lmax or float(d["iters"]) != iters or float(d.get("rotations", K)) != K:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise NumbaemError(f"schedule {where} has a value that is not a number of the right kind: {d}; "
-                           "lmax, iters and rotations are whole numbers, frac a fraction") from None
-    if lmax < 0:
-        raise NumbaemError(f"schedule {where}: lmax={lmax} must be >= 0")
-    if iters < 1:
-        raise NumbaemError(f"schedule {where}: iters={iters} must be >= 1")
-    if not (0 < frac <= 1) or not math.isfinite(frac):
-        raise NumbaemError(f"schedule {where}: frac={frac} must lie in (0, 1]")
-    if K < 1:
-        raise NumbaemError(f"schedule {where}: rotations={K} must be >= 1")
+    lmax, iters = vals["lmax"], vals["iters"]
+    frac, K = vals.get("frac", 1.0), vals.get("rotations", 300)
+    for key, val, ok in (("lmax", lmax, lmax >= 0), ("iters", iters, iters >= 1), ("frac", frac, 0 < frac <= 1),
+                         ("rotations", K, K >= 1)):
+        if not ok:
+            raise NumbaemError(f"schedule {where}: {key}={val} must be {_KINDS[key]}")
     return Stage(lmax, iters, frac, K)
 
 

@@ -30,17 +30,21 @@ Method 1 summed ``L0``, so the two methods give micrographs on the same scale.
 By linearity the clean micrograph and the noise are cropped separately (the noisy
 micrograph is their sum), which keeps only one full-size array in memory at a time.
 
-Noise variance after downsampling. A Fourier crop of one axis from ``Nf`` to ``M``
-samples maps white noise ``x`` to ``y_m = (1/Nf) sum_{k in K} X_k e^{2 pi i k m / M}``,
-``K`` the kept frequencies; by Parseval ``Var y_m = sigma2 |K| / Nf`` for every ``m``.
-``|K| = M`` for odd ``M`` (and then ``y`` is white again); for even ``M < Nf`` the
-``+M/2`` bin is folded onto ``-M/2`` (:mod:`numbaem.runtime.fourier`), so ``|K| = M + 1``.
-Hence the returned ::
+Noise after downsampling. A Fourier crop of one axis from ``Nf`` to an odd ``M``
+samples maps white noise ``x`` of variance ``sigma2_gen`` to
+``y_m = (1/Nf) sum_{|k| <= (M-1)/2} X_k e^{2 pi i k m / M}``: by Parseval every ``y_m``
+has variance ``sigma2_gen M / Nf`` and the kept frequencies stay uncorrelated, so ``y``
+is white Gaussian noise again. The cropped noise is therefore drawn directly at the
+final size, white, with the variance ::
 
-    sigma2 = sigma2_gen * g(N0, Nf0) * g(N1, Nf1) * (L / L0)^2,
-    g(M, Nf) = (M + [M even and M < Nf]) / Nf      (= 1 when M = Nf),
+    sigma2 = sigma2_gen (N0 N1 / (Nf0 Nf1)) (L / L0)^2,
 
-i.e. ``sigma2_gen (N0 N1 / (Nf0 Nf1)) (L / L0)^2`` for odd sizes.
+which has the same distribution as cropping full-size noise for odd sizes and saves the
+full-size noise image and its transform. For an even ``M`` a crop would fold the
+``+M/2`` bin onto ``-M/2`` (:mod:`numbaem.runtime.fourier`) and double the noise power
+at the Nyquist frequency; drawing the noise at the final size keeps it white there too
+(issue 9: the spectrum is tested). The clean micrograph is still Fourier-cropped from
+the full size, so the signal is what a detector at the coarse pixel size records.
 
 Positions. A Fourier crop keeps the origin at index ``N // 2`` of each axis, so the
 final pixel ``m`` sits at full-size position ``(m - N//2) Nf / N + Nf//2``. A
@@ -164,13 +168,6 @@ class Simulation:
     def count(self):
         """Number of micrographs."""
         return len(self.micrographs)
-
-
-def _crop_gain(M, Nf):
-    """Variance gain ``|K| / Nf`` of a Fourier crop of white noise from ``Nf`` to ``M``."""
-    if M == Nf:
-        return 1.0
-    return (M + (1 if M % 2 == 0 else 0)) / Nf
 
 
 def _full_positions(pos, N, Nf, L, L0):
@@ -327,14 +324,8 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
             clean.append(downsample_image(img, N) * scale if Nf != N else img)
             del img
         sigma2_gen = energy / (count * T) / (L_gen**2 * snr)
-        sigma2 = sigma2_gen * _crop_gain(N[0], Nf[0]) * _crop_gain(N[1], Nf[1]) * scale**2
-        micrographs = []
-        for c in clean:
-            noise = rng.normal(0.0, math.sqrt(sigma2_gen), Nf)
-            if Nf != N:
-                noise = downsample_image(noise, N) * scale
-            micrographs.append(c + noise)
-            del noise
+        sigma2 = sigma2_gen * (N[0] * N[1]) / (Nf[0] * Nf[1]) * scale**2
+        micrographs = [c + rng.normal(0.0, math.sqrt(sigma2), N) for c in clean]
 
     if not sigma2 > 0:
         raise NumbaemError(
@@ -375,7 +366,7 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
 # --------------------------------------------------------------------------- output
 
 
-def _output_paths(out_path, count):
+def output_paths(out_path, count):
     """The micrograph, truth-JSON and truth-volume paths for base ``out_path``."""
     if not isinstance(out_path, (str, os.PathLike)) or str(out_path) == "":
         raise NumbaemError(f"out_path={out_path!r} is not a file name; pass a path such as 'mic.mrc'")
@@ -433,7 +424,7 @@ def write_simulation(sim, out_path, force=False, command=None, pixel_size=None):
         out_pixel = None
     if command is not None and not isinstance(command, str):
         command = " ".join(str(c) for c in command)
-    mics, json_path, truth_path = _output_paths(out_path, sim.count)
+    mics, json_path, truth_path = output_paths(out_path, sim.count)
     paths = mics + [json_path, truth_path]
     for p in paths:
         nio.check_output(p, force)
