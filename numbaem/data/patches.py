@@ -100,6 +100,18 @@ class PatchSource:
         """Number of CTF groups (None without filters)."""
         return None if self.filters is None else len(self.filters)
 
+    def filter_matrices(self):
+        """``Psi_g`` of every group, ndarray (G, L^2, L^2) (built once; None without filters).
+
+        See :func:`numbaem.model.ctf.filter_matrix`.
+        """
+        if self.filters is None:
+            return None
+        if getattr(self, "_psi", None) is None:
+            from ..model.ctf import filter_matrices
+            self._psi = filter_matrices(self.filters, self.L)
+        return self._psi
+
     def patch_groups(self, indices):
         """The CTF group of each of the given patches (all 0 without groups): ndarray of int64."""
         mic = self.locate(indices)[0]

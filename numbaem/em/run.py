@@ -28,7 +28,7 @@ from ..runtime.errors import NumbaemError
 from ..runtime.threads import prefer_passive_openmp
 from ..runtime.validate import as_rng
 from ..runtime.memory import default_budget, format_size, peak_rss, reset_peak_rss
-from .estep import projection_spectra, stream_stats
+from .estep import GroupSpectra, projection_spectra, stream_stats
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
 from .plan import phi_bytes, plan_iteration
 from .schedule import Stage, default_schedule, load_schedule, parse_schedule, validate_schedule  # noqa: F401
@@ -62,10 +62,17 @@ class LocalExecutor:
         return stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress)
 
 
-def stage_plan(budget, basis, K, n_selected):
+def stage_plan(budget, basis, K, n_selected, n_groups=None):
     """The memory plan of a stage's iterations (:func:`numbaem.em.plan.plan_iteration`)."""
     return plan_iteration(budget, K, basis.L, basis.M, n_selected,
-                          phi=phi_bytes(basis.L, basis.lmax, len(basis.ls_pairs)), lmax=basis.lmax)
+                          phi=phi_bytes(basis.L, basis.lmax, len(basis.ls_pairs)), lmax=basis.lmax,
+                          n_groups=n_groups)
+
+
+def _filters(source):
+    """``Psi_g`` of the source's CTF groups (G, L^2, L^2), or None (MODEL sections 4-6 as they are)."""
+    get = getattr(source, "filter_matrices", None)
+    return get() if get is not None else None
 
 
 def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhonov=0.0,
@@ -75,6 +82,11 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     ``progress`` is an optional callable ``progress(n_done)`` called after each chunk;
     ``executor`` computes the sufficient statistics (default :class:`LocalExecutor`).
     The FFT plan cache is bounded to the plan's workspaces for the iteration.
+
+    When ``source`` has CTF groups (``source.filters``, MODEL section 11) the E-step of
+    each group uses its filtered projections ``Psi_g A_k x`` (:class:`GroupSpectra`) and
+    the M-step sums the groups' statistics through ``Psi_g``; without, the iteration is
+    that of sections 5 and 6, unchanged.
     """
     t0 = time.perf_counter()
     reset_peak_rss()
@@ -82,18 +94,20 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     L, M, K = basis.L, basis.M, operator.K
     budget = default_budget() if budget is None else budget
     idx = source.sample(stage.frac, state.rng)
-    plan = stage_plan(budget, basis, K, len(idx))
+    filters = _filters(source)
+    plan = stage_plan(budget, basis, K, len(idx), n_groups=None if filters is None else len(filters))
     n_chunk = plan.n_chunk if n_chunk is None else int(n_chunk)
     old_limit = fft.set_cache_limit(plan.fft_cache_bytes)
     try:
         proj = operator.project(state.theta)
-        spectra = projection_spectra(proj)
+        spectra = projection_spectra(proj) if filters is None else GroupSpectra(proj, filters)
         del proj
         executor = executor or LocalExecutor()
         stats = executor.sufficient_stats(source, idx, spectra, state.upsilon, state.sigma2, n_chunk, progress)
         del spectra
         t_e = time.perf_counter()
-        H, b = normal_equations(operator.blocks(), stats.W, stats.G, L, M, max_block_bytes=plan.mstep_block_bytes)
+        H, b = normal_equations(operator.blocks(), stats.W, stats.G, L, M, max_block_bytes=plan.mstep_block_bytes,
+                                filters=filters)
     finally:
         fft.set_cache_limit(old_limit)
     sol = solve(H, b, tikhonov)
@@ -297,7 +311,8 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                 state.lmax = stage.lmax
             fft.clear_cache()  # the previous stage's chunk buffers (another K) are not reused
             n_sel = int(math.ceil(stage.frac * source.n_patches))
-            plan = stage_plan(budget, basis, stage.rotations, n_sel)
+            filters = _filters(source)
+            plan = stage_plan(budget, basis, stage.rotations, n_sel, None if filters is None else len(filters))
             op = Operator(basis, rotation_grid(stage.rotations), plan.parts["operator"])
             logger.info("stage %d/%d: lmax=%d (M=%d), K=%d, frac=%g, %d iterations", state.stage + 1,
                         len(schedule), stage.lmax, basis.M, stage.rotations, stage.frac, stage.iters)
