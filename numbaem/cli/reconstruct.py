@@ -8,12 +8,24 @@ stage by stage; the stochastic factor draws a fraction of the patches per iterat
 Schedule: "lmax=2,iters=5,frac=0.1,rotations=300;lmax=4,iters=5,frac=0.05,rotations=600"
 (or a TOML file with [[stage]] tables with the same keys). Default: three stages up to
 the highest lmax of L (about L-1) with K = 100, 300, 1000 and full batches.
+
+Real micrographs (MODEL section 11): by default each micrograph has its mean and a
+smooth background removed, is brought to a common noise scale, and is whitened by its
+estimated noise spectrum (--noise coloured); --particle-diameter Fourier-crops to the
+working pixel size diameter / L; --ctf MICROGRAPHS.star puts each micrograph's CTF
+(CTFFIND's sign: raw micrographs, particles dark) into the model, by defocus groups.
+Without a CTF the model expects particles bright (positive density): use
+--invert-contrast for raw micrographs then. --no-preprocess --noise white runs on the
+micrographs exactly as given.
 """
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -24,7 +36,8 @@ from ..runtime.errors import InterruptedRun, NumbaemError
 from ..runtime.fourier import downsample
 from ..data.io import atomic_write_text, read_volume, write_volume
 from ..runtime.memory import default_budget, format_size, parse_size
-from ..data.patches import PatchSource
+from ..data.preprocess import micrograph_pixel_size, prepare_micrographs
+from ..data.star import check_pixel_sizes, read_micrographs_star
 from ..runtime.threads import use_threads
 from ._common import (add_threads, check_outputs, emit_json, fraction, nonneg_float, nonneg_int, positive_float,
                       positive_int)
@@ -43,8 +56,8 @@ def add_args(p):
                        help="continue from the last complete checkpoint in --checkpoint instead")
     n = p.add_mutually_exclusive_group()
     n.add_argument("--noise-var", type=positive_float, metavar="S2",
-                   help="noise variance sigma^2 of one pixel of the micrographs as given (the working, "
-                        "patch pixel size), in the micrographs' units squared")
+                   help="noise variance sigma^2 of one pixel of the micrographs as given, in their units squared "
+                        "(with --particle-diameter it is scaled by the crop, as white noise's is)")
     n.add_argument("--estimate-noise", action="store_true",
                    help="estimate sigma^2 by EM, starting from the low-signal patches of a seeded sample")
     p.add_argument("--schedule", default=None,
@@ -70,6 +83,32 @@ def add_args(p):
     p.add_argument("--plot", metavar="PNG", help="write a convergence plot (log-likelihood, FSC) as PNG")
     p.add_argument("--json", action="store_true", help="print a final JSON summary on standard output")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    d = p.add_argument_group("real micrographs (MODEL section 11)")
+    d.add_argument("--pixel-size", type=positive_float, default=None, metavar="ANGSTROM",
+                   help="pixel size of the micrographs as given (default: their MRC headers)")
+    d.add_argument("--particle-diameter", type=positive_float, default=None, metavar="ANGSTROM",
+                   help="diameter of the box you would extract around a particle: the working pixel size becomes "
+                        "DIAMETER / L and the micrographs are Fourier-cropped to it (default: no resampling)")
+    d.add_argument("--invert-contrast", action="store_true",
+                   help="multiply the micrographs by -1: for data whose particles are dark where the model expects "
+                        "them bright (raw micrographs without --ctf), or the reverse")
+    d.add_argument("--ctf", metavar="MICROGRAPHS.star",
+                   help="RELION 3.1 micrographs STAR file (CTFFIND / RELION): put each micrograph's CTF in the model")
+    d.add_argument("--defocus-tolerance", type=nonneg_float, default=None, metavar="ANGSTROM",
+                   help="micrographs whose defocus differs by at most this share one CTF group (default: a phase "
+                        "error of pi/10 at the working Nyquist frequency, 0.4 a^2 / lambda)")
+    d.add_argument("--noise", choices=("coloured", "white"), default="coloured",
+                   help="coloured: estimate each group's noise power spectrum and whiten by it (default); white: "
+                        "assume white noise")
+    d.add_argument("--noise-plot", metavar="PNG",
+                   help="where to write the estimated noise spectra (default with --noise coloured: EST_noise.png)")
+    d.add_argument("--background-degree", type=nonneg_int, default=2, metavar="D",
+                   help="degree of the polynomial background removed from each micrograph (default 2; 1: a ramp)")
+    d.add_argument("--no-preprocess", action="store_true",
+                   help="do not remove the mean and background nor equalise the noise scale")
+    d.add_argument("--work-dir", metavar="DIR",
+                   help="where the prepared micrographs are written and kept (default: a temporary directory "
+                        "beside the output, removed afterwards); workers of a Dask cluster must see it")
 
 
 def _schedule(text):
@@ -100,10 +139,13 @@ def main(args):
     budget = parse_size(args.memory) if args.memory else default_budget()
     if args.resume and not args.checkpoint:
         raise NumbaemError("--resume needs --checkpoint DIR, the directory of the run to continue")
-    outputs = [args.output] + [x for x in (args.log, args.plot) if x]
+    noise_plot = args.noise_plot
+    if noise_plot is None and args.noise == "coloured":
+        noise_plot = str(Path(args.output).with_suffix("")) + "_noise.png"
+    outputs = [args.output] + [x for x in (args.log, args.plot, noise_plot) if x]
     if not args.resume:
         check_outputs(outputs, args.force)
-    source = PatchSource.from_files(args.micrographs, L)
+    star = _read_star(args)
     truth = None
     if args.truth:
         truth, _ = read_volume(args.truth)
@@ -115,19 +157,76 @@ def main(args):
     sigma2 = args.noise_var
     if sigma2 is None and not args.estimate_noise:
         raise NumbaemError("the noise variance is unknown: pass --noise-var S2 or --estimate-noise")
-    logger.info("%d micrograph(s), %d patches of %dx%d, budget %s", len(args.micrographs), source.n_patches,
-                L, L, format_size(budget))
+    work_dir, own_work_dir = _work_dir(args)
+    try:
+        prepared = prepare_micrographs(
+            args.micrographs, L, work_dir, pixel_size=star.pixel_size if star else args.pixel_size,
+            particle_diameter=args.particle_diameter, invert_contrast=args.invert_contrast,
+            ctf=star.params if star else None, defocus_tolerance=args.defocus_tolerance, noise=args.noise,
+            background=not args.no_preprocess, background_degree=args.background_degree)
+        _run(args, L, schedule, budget, prepared, star, truth, init, sigma2, noise_plot, t_start)
+    finally:
+        if own_work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _read_star(args):
+    """The STAR file's CTFs, checked against the micrographs' pixel size (nothing is written yet)."""
+    if not args.ctf:
+        return None
+    star = read_micrographs_star(args.ctf, args.micrographs)
+    header = args.pixel_size or micrograph_pixel_size(args.micrographs)
+    check_pixel_sizes(star.pixel_size, header, args.ctf)
+    if header is not None:
+        star.pixel_size = header
+    return star
+
+
+def _work_dir(args):
+    """``(directory, created_here)``: --work-dir (made if missing), else a temporary one beside the output."""
+    if args.work_dir:
+        created = not os.path.isdir(args.work_dir)
+        os.makedirs(args.work_dir, exist_ok=True)
+        return args.work_dir, created
+    parent = Path(args.output).resolve().parent
+    if not parent.is_dir():
+        raise NumbaemError(f"the output's directory {parent} does not exist; create it first")
+    return tempfile.mkdtemp(prefix=".numbaem-work-", dir=parent), True
+
+
+def _run(args, L, schedule, budget, prepared, star, truth, init, sigma2, noise_plot, t_start):
+    source = prepared.source()
+    raw_shapes = _input_shapes(prepared)
+    if sigma2 is not None and [tuple(s) for s in prepared.shapes] != raw_shapes:
+        # a Fourier crop from N to M pixels per axis keeps white noise white with variance x M/N per axis
+        factor = float(np.mean([np.prod(w) / np.prod(r) for w, r in zip(prepared.shapes, raw_shapes)]))
+        sigma2 = sigma2 * factor
+        logger.info("--noise-var scaled by the Fourier crop (x%.4g) to %.4g per working pixel", factor, sigma2)
+    if args.no_preprocess:
+        from ..data.preprocess import check_offset
+        check_offset(source.images, L, sigma2)
+    logger.info("%d micrograph(s), %d patches of %dx%d at %s, %s, budget %s", len(args.micrographs),
+                source.n_patches, L, L, f"{prepared.pixel_size:.4g} A/pixel" if prepared.pixel_size else
+                "an unknown pixel size", f"{len(prepared.filters)} filter group(s)" if prepared.filters else
+                "no CTF or noise filter", format_size(budget))
+    if noise_plot and prepared.group_spectra is not None and not args.resume:
+        _plot_spectra(prepared, noise_plot, force=args.force)
 
     ckpt = None
     state = None
     rng = np.random.default_rng(args.seed)
     if args.checkpoint:
-        from ..em.checkpoint import Checkpointer, run_inputs
+        from ..em.checkpoint import Checkpointer, file_fingerprint, run_inputs
         inputs = run_inputs(args.micrographs, L=L, sigma2=sigma2, estimate_noise=bool(args.estimate_noise),
                             schedule=schedule, seed=args.seed, tikhonov=args.tikhonov, upsilon0=args.upsilon0,
                             init=init if args.init else None, memory=budget)
         # the split of an iteration into Dask tasks depends on the cluster: part of the inputs
         inputs["distributed"] = dict(workers=args.workers, scheduler=args.scheduler)
+        # what the micrographs were made into is part of what the run computes on
+        inputs["preprocess"] = dict(
+            pixel_size=args.pixel_size, particle_diameter=args.particle_diameter, invert=bool(args.invert_contrast),
+            ctf=file_fingerprint(args.ctf) if args.ctf else None, defocus_tolerance=args.defocus_tolerance,
+            noise=args.noise, background=not args.no_preprocess, background_degree=args.background_degree)
         ckpt = Checkpointer(args.checkpoint, inputs, force=args.force and not args.resume)
         state = ckpt.begin(resume=args.resume)
         if args.resume and state is None:
@@ -166,13 +265,19 @@ def main(args):
         raise InterruptedRun(f"stopped by {stop.signal_name or 'a signal'} after iteration {state.total_iterations}; the estimate so far is "
                              f"in {args.output}" + (f" and the checkpoint in {args.checkpoint}: rerun with --resume "
                                                     "to continue" if args.checkpoint else ""))
+    density = float(np.sum(result.volume))
+    if density < 0:
+        logger.warning("the estimate's total density is negative (%.3g): its contrast is inverted relative to the "
+                       "model; rerun %s --invert-contrast", density, "without" if args.invert_contrast else "with")
     summary = dict(output=args.output, L=L, lmax=state.lmax, M=basis.M, iterations=state.total_iterations,
                    upsilon=state.upsilon, sigma2=state.sigma2, patches=source.n_patches,
+                   pixel_size=result.pixel_size, total_density=density, preprocess=prepared.summary(),
                    seconds=time.perf_counter() - t_start, history=state.history)
     if truth is not None:
         from ..analysis.compare import compare_to_truth
         summary.update(compare_to_truth(state.theta, basis, truth))
-    logger.info("wrote %s after %d iterations", args.output, state.total_iterations)
+    logger.info("wrote %s after %d iterations (pixel size %s)", args.output, state.total_iterations,
+                f"{result.pixel_size:.4g} A" if result.pixel_size else "unknown")
     if args.json:
         emit_json(summary)
 
@@ -219,6 +324,37 @@ def _plot(history, path, force):
         ax.set_xlabel("iteration")
         ax.set_ylabel("relative error after alignment")
         ax.set_title("error against the truth")
+    fig.tight_layout()
+    with atomic_path(path, force=force) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _input_shapes(prepared):
+    from ..data.io import read_image
+    return [tuple(read_image(p, mmap=True)[0].shape) for p in prepared.inputs]
+
+
+def _plot_spectra(prepared, path, force):
+    """The estimated noise power spectra against the radial frequency (per micrograph and per group)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..data.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, s in enumerate(prepared.spectra or []):
+        ax.semilogy(s.radius, s.values * prepared.scale[i] ** 2, color="0.75", lw=0.7,
+                    label="micrographs (scaled)" if i == 0 else None)
+    for g, s in enumerate(prepared.group_spectra):
+        ax.semilogy(s.radius, s.values, lw=1.6, label=f"group {g}")
+    ax.axvline(0.5, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("radial frequency (cycles / pixel)" + (f", pixel {prepared.pixel_size:.3g} A"
+                                                         if prepared.pixel_size else ""))
+    ax.set_ylabel("noise power per pixel")
+    ax.set_title("estimated noise power spectra (whitened by 1/sqrt)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path, force=force) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

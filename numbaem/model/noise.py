@@ -22,6 +22,14 @@ displace: with ``q = 0.25`` and tiles the size of a patch, ``f`` is the fraction
 tiles a particle touches (about 0.4 at density 0.1) and the estimate stays within a few
 percent of the noise's own spectrum where the mean is off by the particles' power
 (``tests/test_noise.py`` measures both).
+
+Refinement (:func:`estimate_noise_spectrum`). A tile's periodogram is the spectrum
+smoothed over the tile's frequency resolution ``1/T`` (the Fejer kernel), which flattens
+a sharp low-frequency peak: whitening pink noise by the first estimate leaves 40% excess
+power at ``k = 0``. The estimate is therefore refined on the whitened image: its residual
+spectrum, much flatter and so little biased by the smoothing, multiplies the estimate, a
+few times (pink noise, T = 11: 1.40, 1.13, 1.06, 1.03 at ``k = 0`` after 0-3 refinements;
+every other bin within 0.3% after 2).
 """
 import dataclasses
 import math
@@ -30,8 +38,8 @@ import numpy as np
 
 from ..runtime.errors import NumbaemError
 
-__all__ = ["RadialProfile", "tile_periodograms", "estimate_psd", "mean_power", "whitening_filter",
-           "apply_radial_filter", "DEFAULT_QUANTILE"]
+__all__ = ["RadialProfile", "tile_periodograms", "estimate_psd", "estimate_noise_spectrum", "mean_power",
+           "whitening_filter", "apply_radial_filter", "DEFAULT_QUANTILE"]
 
 #: Quantile of the pooled periodogram values taken per radial bin (module doc).
 DEFAULT_QUANTILE = 0.25
@@ -195,3 +203,26 @@ def apply_radial_filter(img, profile):
     spec = np.fft.rfft2(img)
     spec *= profile(np.hypot(f0, f1))
     return np.fft.irfft2(spec, s=(n0, n1))
+
+
+def estimate_noise_spectrum(img, T, quantile=DEFAULT_QUANTILE, refinements=3):
+    """:func:`estimate_psd` refined on the whitened image ``refinements`` times (module doc).
+
+    Parameters
+    ----------
+    img : ndarray, shape (N0, N1)
+    T : int
+        Odd tile side.
+    quantile : float
+    refinements : int
+
+    Returns
+    -------
+    RadialProfile
+        ``S(|k|)``, cycles per pixel.
+    """
+    prof = estimate_psd(img, T, quantile)
+    for _ in range(int(refinements)):
+        resid = estimate_psd(apply_radial_filter(img, whitening_filter(prof)), T, quantile)
+        prof = RadialProfile(prof.radius, prof.values * resid.values / mean_power(resid))
+    return prof
