@@ -26,6 +26,8 @@ API_FLOORS = {
     "threadpoolctl": ("3.1", "threadpool_limits(...).restore_original_limits() (use_threads)"),
     "tqdm": ("4.66", "tqdm.auto"),
     "matplotlib": ("3.8", "Figure.savefig(format='png') to an open file"),
+    "starfile": ("0.5", "starfile.read(path, always_dict=True) and write of a dict of DataFrames (data.star)"),
+    "pandas": ("1.5", "DataFrame from a dict of lists (the blocks data.star writes)"),
 }
 
 

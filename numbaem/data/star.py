@@ -63,7 +63,7 @@ def _blocks(path):
         raise NumbaemError(f"the STAR file {path} does not exist; give the micrographs STAR file written by "
                            "CTFFIND / RELION (--ctf MICROGRAPHS.star)")
     try:
-        data = starfile.read(path, always_dict=True, parse_as_string=["rlnMicrographName"])
+        data = starfile.read(path, always_dict=True)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file
         raise NumbaemError(f"{path} is not a readable STAR file ({type(exc).__name__}: {exc}); give a RELION 3.1 "
                            "micrographs STAR file with data_optics and data_micrographs blocks") from None
@@ -201,7 +201,7 @@ def write_micrographs_star(path, names, params, pixel_size, force=False):
             keys.append(k)
     optics = pd.DataFrame({
         "rlnOpticsGroupName": [f"opticsGroup{i + 1}" for i in range(len(keys))],
-        "rlnOpticsGroup": np.arange(1, len(keys) + 1),
+        "rlnOpticsGroup": list(range(1, len(keys) + 1)),
         "rlnMicrographOriginalPixelSize": [float(pixel_size)] * len(keys),
         "rlnVoltage": [k[0] for k in keys],
         "rlnSphericalAberration": [k[1] for k in keys],
