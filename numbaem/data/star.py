@@ -162,7 +162,7 @@ def read_micrographs_star(path, micrographs):
     px = sizes.pop()
     if not px > 0:
         raise NumbaemError(f"{path}: rlnMicrographPixelSize is {px}; give the micrographs' pixel size in Angstrom")
-    logger.info("read the CTF of %d micrograph(s) from %s (pixel size %g A)", len(params), path, px)
+    logger.debug("read the CTF of %d micrograph(s) from %s (pixel size %g A)", len(params), path, px)
     return StarCTF(params, float(px), path)
 
 
