@@ -131,12 +131,18 @@ def _shaped_noise(white, psd):
 
 
 def _apply_ctf(img, params, pixel_size):
-    """Filter a whole (clean) micrograph by its CTF at ``pixel_size`` Angstrom (real FFT)."""
-    from ..model.ctf import evaluate_ctf
+    """Filter a whole (clean) micrograph by its CTF at ``pixel_size`` Angstrom (real FFT).
+
+    The result is the real part of the complex-FFT filter: the CTF enters as its even part on
+    the DFT grid, ``(c(k) + c(-k)) / 2`` with ``-k`` the mirrored grid index, which differs from
+    ``c`` only on the Nyquist row / column of an even axis of an astigmatic CTF.
+    """
+    from ..model.ctf import ctf_on_grid
 
     n0, n1 = img.shape
-    c = evaluate_ctf(params, np.fft.fftfreq(n0, pixel_size)[:, None], np.fft.rfftfreq(n1, pixel_size)[None, :])
-    return np.fft.irfft2(np.fft.rfft2(img) * c, s=(n0, n1))
+    c = ctf_on_grid(params, (n0, n1), pixel_size)
+    c = 0.5 * (c + c[(-np.arange(n0)) % n0][:, (-np.arange(n1)) % n1])
+    return np.fft.irfft2(np.fft.rfft2(img) * c[:, :n1 // 2 + 1], s=(n0, n1))
 
 
 # --------------------------------------------------------------------------- placement
