@@ -170,3 +170,20 @@ def test_particle_diameter_that_does_not_fit(ctf_sim, tmp_path, capsys, diameter
                         "--init", "random", "--estimate-noise", "--particle-diameter", diameter], capsys)
     _one_line(code, err, match)
     assert list(out.iterdir()) == []
+
+
+def test_no_preprocess_white_is_the_micrographs_as_given(tmp_path, molecule, capsys):
+    """--no-preprocess --noise white: the run of the library on the files as given, to the bit."""
+    from numbaem.data.patches import PatchSource
+    from numbaem.em.run import parse_schedule, reconstruct
+    mic, truth = _sim(tmp_path, molecule)
+    out = tmp_path / "e.mrc"
+    code, _, err = run(["reconstruct", str(mic), "--patch-size", "7", "-o", str(out), "--init",
+                        str(tmp_path / "m.truth.mrc"), "--noise-var", str(truth["sigma2"]), "--schedule", SCHEDULE,
+                        "--no-preprocess", "--noise", "white", "-q"], capsys)
+    assert code == 0, err
+    res = reconstruct(PatchSource.from_files([str(mic)], 7), read_volume(tmp_path / "m.truth.mrc")[0],
+                      sigma2=truth["sigma2"], schedule=parse_schedule(SCHEDULE), rng=np.random.default_rng(0),
+                      progress=False)
+    assert np.array_equal(read_volume(out)[0], res.volume.astype(np.float32))
+    assert not list(tmp_path.glob(".numbaem-work-*"))

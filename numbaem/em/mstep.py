@@ -21,7 +21,9 @@ multiply-adds), then ``A_k^T (Q_k A_k)`` (``L^4 M + L^2 M^2``), instead of formi
 ``Psi_g A_k`` for every group (``G (L^4 M + L^2 M^2)``): cheaper from two groups on
 whenever ``L^2 M + M^2 > 2 L^4`` (L = 11: from lmax = 6, M = 132, on; at the paper's
 lmax = 10, M = 219: 7.4e4 against 2.9e4), and its cost in ``M`` does not grow with ``G``.
-A rotation's groups with no posterior weight (``h_{g,k} = 0``) are skipped.
+The direct route, ``H += B^T B`` with ``B = sqrt(h_{g,k}) Psi_g A_k`` over sub-blocks of
+rotations, is taken when it costs less (one group, e.g. whitening without a CTF). A
+rotation's groups with no posterior weight (``h_{g,k} = 0``) are skipped.
 """
 import dataclasses
 import logging
@@ -61,7 +63,7 @@ def data_images(G, L):
     return ws.backward()[:, :L, :L].reshape(K, L * L).copy()
 
 
-def normal_equations(A_blocks, W, G, L, M, max_block_bytes=16 << 20, filters=None):
+def normal_equations(A_blocks, W, G, L, M, max_block_bytes=16 << 20, filters=None, route=None):
     """``H`` and ``b`` of section 6 (of section 11 with ``filters``).
 
     Parameters
@@ -78,6 +80,8 @@ def normal_equations(A_blocks, W, G, L, M, max_block_bytes=16 << 20, filters=Non
         ``sqrt(h_{g,k}) Psi_g`` instead (at least one group).
     filters : ndarray, shape (n_groups, L^2, L^2), optional
         ``Psi_g`` of the CTF groups (module doc).
+    route : {None, 'gram', 'direct'}
+        With ``filters``: ``Q_k = X^T X`` or ``B^T B`` (module doc); None takes the cheaper.
 
     Returns
     -------
@@ -85,7 +89,7 @@ def normal_equations(A_blocks, W, G, L, M, max_block_bytes=16 << 20, filters=Non
     b : ndarray, shape (M,)
     """
     if filters is not None:
-        return _normal_equations_groups(A_blocks, W, G, L, M, max_block_bytes, filters)
+        return _normal_equations_groups(A_blocks, W, G, L, M, max_block_bytes, filters, route)
     h = np.sqrt(mask_weights(W, L))
     g = data_images(G, L)
     H = np.zeros((M, M))
@@ -103,13 +107,17 @@ def normal_equations(A_blocks, W, G, L, M, max_block_bytes=16 << 20, filters=Non
     return H, b
 
 
-def _normal_equations_groups(A_blocks, W, G, L, M, max_block_bytes, filters):
+def _normal_equations_groups(A_blocks, W, G, L, M, max_block_bytes, filters, route):
     """``H``, ``b`` with CTF groups (module doc)."""
     filters = np.asarray(filters, dtype=np.float64)
     n_g, P = len(filters), L * L
     if W.ndim != 4 or len(W) != n_g or len(G) != n_g or filters.shape[1:] != (P, P):
         raise NumbaemError(f"statistics of {W.shape[0] if W.ndim == 4 else 'no'} groups and {n_g} group filters "
                            f"of shape {filters.shape[1:]}: give one filter (L^2 x L^2) per group of statistics")
+    if route is None:
+        route = "direct" if n_g * (P * P * M + P * M * M) <= n_g * P ** 3 + P * P * M + P * M * M else "gram"
+    if route not in ("gram", "direct"):
+        raise NumbaemError(f"route={route!r} is not 'gram' or 'direct'")
     K = W.shape[1]
     sh = np.empty((n_g, K, P))
     u = np.zeros((K, P))
@@ -117,23 +125,37 @@ def _normal_equations_groups(A_blocks, W, G, L, M, max_block_bytes, filters):
         sh[g] = np.sqrt(mask_weights(W[g], L))
         u += data_images(G[g], L) @ filters[g]           # rows: (Psi_g^T g_{g,k})^T
     live = [np.nonzero(np.any(sh[:, k] > 0, axis=1))[0] for k in range(K)]
-    step = max(1, int(max_block_bytes // (P * P * 8)))
     H = np.zeros((M, M))
     b = np.zeros(M)
-    Q = np.empty((P, P))
+    if route == "gram":
+        step = max(1, int(max_block_bytes // (P * P * 8)))
+        Q = np.empty((P, P))
+        for sl, A in A_blocks:
+            k0 = sl.start or 0
+            for i in range(len(A)):
+                k = k0 + i
+                Q[...] = 0.0
+                gs = live[k]
+                for j in range(0, len(gs), step):
+                    sub = gs[j:j + step]
+                    X = (sh[sub, k, :, None] * filters[sub]).reshape(-1, P)
+                    Q += X.T @ X
+                    del X
+                if len(gs):
+                    H += A[i].T @ (Q @ A[i])
+            b += A.reshape(-1, M).T @ u[k0:k0 + len(A)].ravel()
+        return H, b
+    step = max(1, int(max_block_bytes // (P * M * 8)))
     for sl, A in A_blocks:
         k0 = sl.start or 0
-        for i in range(len(A)):
-            k = k0 + i
-            Q[...] = 0.0
-            gs = live[k]
-            for j in range(0, len(gs), step):
-                sub = gs[j:j + step]
-                X = (sh[sub, k, :, None] * filters[sub]).reshape(-1, P)
-                Q += X.T @ X
-                del X
-            if len(gs):
-                H += A[i].T @ (Q @ A[i])
+        for i in range(0, len(A), step):
+            Ab = A[i:i + step]
+            for g in range(n_g):
+                B = np.matmul(filters[g], Ab)                  # Psi_g A_k for the sub-block
+                B *= sh[g, k0 + i:k0 + i + len(Ab), :, None]
+                B = B.reshape(-1, M)
+                H += B.T @ B
+                del B
         b += A.reshape(-1, M).T @ u[k0:k0 + len(A)].ravel()
     return H, b
 
