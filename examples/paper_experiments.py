@@ -41,7 +41,7 @@ def run_one(vol, method, spacing, args, out):
     source = numbaem.PatchSource.from_files([str(p) for p in paths], args.L)
     state = numbaem.reconstruct(source, init, sigma2=sim.sigma2, schedule=schedule, rng=rng, truth=truth,
                                 progress=False)
-    f0, c0 = numbaem.analysis.fsc(init, truth)
+    f0, c0 = numbaem.fsc(init, truth)
     res = [numbaem.resolution(f0, c0)] + [r["fsc_resolution"] for r in state.history]
     import matplotlib
     matplotlib.use("Agg")

@@ -51,12 +51,11 @@ def main():
     paths = write_simulation(sim, os.path.join(args.out, "mic.mrc"), force=True, pixel_size=voxel)[:-2]
     truth = sim.truth_volume
     init = scrambled(truth, rng)
-    f0, c0 = numbaem.analysis.fsc(init, truth)
+    f0, c0 = numbaem.fsc(init, truth)
     source = numbaem.PatchSource.from_files([str(q) for q in paths], 11)
     state = numbaem.reconstruct(source, init, sigma2=sim.sigma2, schedule=numbaem.parse_schedule(args.schedule),
                                 rng=rng, truth=truth, progress=False)
-    numbaem.write_volume(os.path.join(args.out, "estimate.mrc"),
-                         numbaem.synthesize(state.theta, numbaem.FBBasis(11, state.lmax)), force=True)
+    numbaem.write_volume(os.path.join(args.out, "estimate.mrc"), state.volume, force=True)
     with open(os.path.join(args.out, "run.jsonl"), "w") as fh:
         fh.write("\n".join(json.dumps(r) for r in state.history) + "\n")
     summary = dict(snr=args.snr, snr_downsampled=sim.snr_downsampled, sigma2=sim.sigma2,

@@ -45,7 +45,8 @@ import logging
 import numpy as np
 
 from numbaem.em.distributed import DaskExecutor
-from numbaem.em.run import parse_schedule, reconstruct
+from numbaem.em.run import reconstruct
+from numbaem.em.schedule import parse_schedule
 from numbaem.runtime.errors import NumbaemError
 from numbaem.data.io import write_volume
 from numbaem.data.patches import PatchSource
@@ -119,9 +120,8 @@ def main():
         client.close()
         cluster.close()
 
-    from numbaem.model.basis import FBBasis, synthesize
-    write_volume(args.out, synthesize(state.theta, FBBasis(args.L, state.lmax)), source.pixel_size, force=True)
-    print(f"wrote {args.out}: {state.total_iterations} iterations, "
+    write_volume(args.out, state.volume, state.pixel_size, force=True)
+    print(f"wrote {args.out}: {len(state.history)} iterations, "
           f"log-likelihood per patch {state.history[-1]['loglik_per_patch']:.6g}")
 
 

@@ -4,13 +4,14 @@ The public names are re-exported here; importing does nothing else (no logging
 set-up, no numba configuration).
 """
 from ._version import __version__
-from .analysis.align import align_volumes
+from .analysis.align import VolumeAlignment, align_volumes
 from .analysis.fsc import fsc, relative_error, resolution
 from .data.io import read_image, read_volume, write_image, write_volume
 from .data.patches import PatchSource
 from .em.estep import SufficientStats, e_step_chunk, projection_spectra
 from .em.mstep import normal_equations, solve
-from .em.run import Stage, default_schedule, parse_schedule, reconstruct
+from .em.run import Reconstruction, reconstruct
+from .em.schedule import Stage, default_schedule, parse_schedule
 from .model.basis import FBBasis, expand, synthesize
 from .model.projection import project, projection_matrices
 from .model.rotations import random_rotations, rotation_grid, wigner_D
@@ -20,9 +21,9 @@ from .sim.molecule import synthetic_molecule
 
 
 __all__ = [
-    "FBBasis", "expand", "synthesize", "Stage", "default_schedule", "parse_schedule", "reconstruct",
+    "__version__", "FBBasis", "expand", "synthesize", "Reconstruction", "Stage", "default_schedule", "parse_schedule", "reconstruct",
     "InterruptedRun", "NumbaemError", "SufficientStats", "e_step_chunk", "projection_spectra", "fsc",
     "relative_error", "resolution", "read_image", "read_volume", "write_image", "write_volume",
     "synthetic_molecule", "normal_equations", "solve", "PatchSource", "project", "projection_matrices",
-    "random_rotations", "rotation_grid", "wigner_D", "use_threads", "align_volumes",
+    "random_rotations", "rotation_grid", "wigner_D", "use_threads", "align_volumes", "VolumeAlignment",
 ]

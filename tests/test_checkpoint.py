@@ -25,7 +25,8 @@ from numbaem.model.basis import FBBasis
 from numbaem.cli.signals import GracefulStop
 from numbaem.em.plan import INTERPRETER_BYTES
 from numbaem.em.checkpoint import Checkpointer, file_fingerprint, run_hash, run_inputs
-from numbaem.em.run import EMState, Stage, reconstruct
+from numbaem.em.run import EMState, reconstruct
+from numbaem.em.schedule import Stage
 from numbaem.runtime.errors import InterruptedRun, NumbaemError
 from numbaem.data.io import write_image
 from numbaem.data.patches import PatchSource

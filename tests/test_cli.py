@@ -167,3 +167,41 @@ def test_simulate_records_its_seed(tmp_path, molecule, capsys):
                         "--micrograph-size", "70", "--seed", "11", "-q"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "s.json").read_text())["seed"] == 11
+
+
+def test_demo_reports_each_stage_as_it_ends(tmp_path, capsys, monkeypatch):
+    """The demo (at a toy size): Method 1 data, one line per stage printed when the stage
+    ends (not all at the end), no progress bars when stderr is not a terminal, and the
+    files its help names, with numbers that agree with each other."""
+    from numbaem.cli import demo
+    from numbaem.em.schedule import Stage
+    monkeypatch.setattr(demo, "settings", lambda quick: dict(
+        L0=15, L=5, N=150, count=1, density=0.1, homolog_strength=0.6,
+        schedule=[Stage(1, 1, 1.0, 20), Stage(2, 2, 1.0, 40)]))
+    printed, done = [], [0]
+    real_say, real_reconstruct = demo._say, demo.reconstruct
+
+    def counting_reconstruct(*a, callback=None, **kw):
+        def cb(state, rec):
+            done[0] += 1
+            callback(state, rec)
+        return real_reconstruct(*a, callback=cb, **kw)
+
+    monkeypatch.setattr(demo, "reconstruct", counting_reconstruct)
+    monkeypatch.setattr(demo, "_say", lambda text: (printed.append((text, done[0])), real_say(text)))
+    out = tmp_path / "demo"
+    code, stdout, err = run(["demo", "-o", str(out), "--quick"], capsys)
+    assert code == 0, err
+    assert "it/s" not in err and "\r" not in err            # no tqdm bars into a redirected stream
+    stage_lines = [(t, n) for t, n in printed if t.startswith("after stage")]
+    assert [n for _, n in stage_lines] == [1, 3]            # printed as each stage ends
+    assert "aligned relative error" in stage_lines[0][0]
+    for name in ("estimate.mrc", "truth.mrc", "init.mrc", "micrograph.mrc", "micrograph.json", "run.jsonl",
+                 "fsc.png", "convergence.png", "slices.png", "micrograph.png"):
+        assert (out / name).exists(), name
+    sim = json.loads((out / "micrograph.json").read_text())
+    assert sim["method"] == 1 and sim["seed"] == 0
+    recs = [json.loads(x) for x in (out / "run.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in recs] == [1, 2, 2]
+    final = [t for t, _ in printed if t.startswith("final estimate")][0]
+    assert f"{recs[-1]['relative_error']:.3f}" in final

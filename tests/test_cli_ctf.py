@@ -175,7 +175,8 @@ def test_particle_diameter_that_does_not_fit(ctf_sim, tmp_path, capsys, diameter
 def test_no_preprocess_white_is_the_micrographs_as_given(tmp_path, molecule, capsys):
     """--no-preprocess --noise white: the run of the library on the files as given, to the bit."""
     from numbaem.data.patches import PatchSource
-    from numbaem.em.run import parse_schedule, reconstruct
+    from numbaem.em.run import reconstruct
+    from numbaem.em.schedule import parse_schedule
     mic, truth = _sim(tmp_path, molecule)
     out = tmp_path / "e.mrc"
     code, _, err = run(["reconstruct", str(mic), "--patch-size", "7", "-o", str(out), "--init",

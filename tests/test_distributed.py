@@ -17,7 +17,8 @@ distributed = pytest.importorskip("distributed")
 from numbaem.model.basis import FBBasis  # noqa: E402
 from numbaem.em.distributed import (DaskExecutor, executor_from_options, split_tasks,  # noqa: E402
                                  start_local_cluster, tree_pairs)
-from numbaem.em.run import Stage, reconstruct  # noqa: E402
+from numbaem.em.run import reconstruct  # noqa: E402
+from numbaem.em.schedule import Stage  # noqa: E402
 from numbaem.runtime.errors import NumbaemError  # noqa: E402
 from numbaem.data.io import write_image  # noqa: E402
 from numbaem.data.patches import PatchSource  # noqa: E402

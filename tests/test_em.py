@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from numbaem.em import run as em
+from numbaem.em import schedule
 from numbaem.model.basis import FBBasis, synthesize
 from numbaem.runtime.errors import NumbaemError
 from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra
@@ -46,7 +47,7 @@ def test_full_batch_loglik_never_decreases(rng, estimate_noise):
     mic, s2 = make_micrograph(rng, theta, basis, rots, 112, 20, snr=2.0)
     src = PatchSource([mic], L)
     st = em.reconstruct(src, synthesize(perturbed(rng, theta, 0.5), basis), sigma2=s2 * (1.5 if estimate_noise else 1),
-                        estimate_noise=estimate_noise, schedule=[em.Stage(lmax, 6, 1.0, K)],
+                        estimate_noise=estimate_noise, schedule=[schedule.Stage(lmax, 6, 1.0, K)],
                         rng=rng, progress=False)
     ll = np.array([r["loglik"] for r in st.history])
     y = src.get(np.arange(src.n_patches))
@@ -77,7 +78,7 @@ def test_recovery_on_grid(rng):
     r0 = resolution(f, c)
     assert 0.12 < r0 < 0.32, r0  # FSC 0.5 at about half the band (the last shell is 3/7)
     st = em.reconstruct(PatchSource([mic], L), synthesize(th0, basis), sigma2=s2,
-                        schedule=[em.Stage(lmax, 18, 1.0, K)], rng=rng, progress=False)
+                        schedule=[schedule.Stage(lmax, 18, 1.0, K)], rng=rng, progress=False)
     res = align(st.theta, theta, basis, n_coarse=500)
     est = synthesize(res.theta_aligned, basis)
     f, c = fsc(est, truth)
@@ -93,7 +94,7 @@ def test_stochastic_minibatch_seeded(rng):
     src = PatchSource([mic], L)
     runs = []
     for seed in (3, 3, 4):
-        st = em.reconstruct(src, synthesize(theta, basis), sigma2=s2, schedule=[em.Stage(lmax, 2, 0.3, K)],
+        st = em.reconstruct(src, synthesize(theta, basis), sigma2=s2, schedule=[schedule.Stage(lmax, 2, 0.3, K)],
                             rng=np.random.default_rng(seed), progress=False)
         runs.append(st.theta)
         assert all(r["patches"] == math.ceil(0.3 * src.n_patches) for r in st.history)
@@ -112,31 +113,31 @@ def test_frequency_marching_copies_coefficients(rng):
 
 
 def test_schedule_parsing():
-    st = em.parse_schedule("lmax=2,iters=5,frac=0.1,rotations=300;lmax=4,iters=5,frac=0.05,rotations=600")
-    assert st == [em.Stage(2, 5, 0.1, 300), em.Stage(4, 5, 0.05, 600)]
+    st = schedule.parse_schedule("lmax=2,iters=5,frac=0.1,rotations=300;lmax=4,iters=5,frac=0.05,rotations=600")
+    assert st == [schedule.Stage(2, 5, 0.1, 300), schedule.Stage(4, 5, 0.05, 600)]
     for bad, match in [("lmax=2,iters=5,colour=red", "unknown key"), ("lmax=2", "iters"),
                        ("lmax=2,iters=0", "iters"), ("lmax=2,iters=3,frac=1.5", "frac"),
                        ("lmax=2,iters=3,rotations=0", "rotations"), ("lmax=x,iters=3", "number"),
                        ("", "empty"), ("lmax 2", "key=value")]:
         with pytest.raises(NumbaemError, match=match):
-            em.parse_schedule(bad)
+            schedule.parse_schedule(bad)
     with pytest.raises(NumbaemError, match="lmax <= 5"):
-        em.validate_schedule([em.Stage(9, 1)], 7)
+        schedule.validate_schedule([schedule.Stage(9, 1)], 7)
 
 
 def test_schedule_toml(tmp_path):
     p = tmp_path / "s.toml"
     p.write_text("[[stage]]\nlmax = 2\niters = 3\nfrac = 0.5\nrotations = 50\n[[stage]]\nlmax = 3\niters = 1\n")
-    assert em.load_schedule(p) == [em.Stage(2, 3, 0.5, 50), em.Stage(3, 1, 1.0, 300)]
+    assert schedule.load_schedule(p) == [schedule.Stage(2, 3, 0.5, 50), schedule.Stage(3, 1, 1.0, 300)]
     p.write_text("not toml [")
     with pytest.raises(NumbaemError, match="TOML"):
-        em.load_schedule(p)
+        schedule.load_schedule(p)
 
 
 def test_default_schedule_is_valid():
     for L in (7, 11, 15):
-        s = em.default_schedule(L)
-        em.validate_schedule(s, L)
+        s = schedule.default_schedule(L)
+        schedule.validate_schedule(s, L)
         assert [x.lmax for x in s] == sorted(x.lmax for x in s) and s[-1].lmax == FBBasis.max_lmax(L)
 
 
@@ -162,7 +163,7 @@ def test_memory_budget_is_honoured(rng, arrays_mib, whole_operator, groups):
         src = PatchSource([mic], L)
     room = int(arrays_mib * 2 ** 20)
     budget = INTERPRETER_BYTES + room
-    stage = em.Stage(lmax, 1, 1.0, K)
+    stage = schedule.Stage(lmax, 1, 1.0, K)
     fft.clear_cache()
     tracemalloc.start()
     tracemalloc.reset_peak()
@@ -221,11 +222,11 @@ def test_reconstruct_rejects_bad_input(rng):
     with pytest.raises(NumbaemError, match="noise variance"):
         em.reconstruct(src, "random", sigma2=-1.0, progress=False)
     with pytest.raises(NumbaemError, match="downsample"):
-        em.reconstruct(src, np.zeros((9, 9, 9)), sigma2=1.0, schedule=[em.Stage(2, 1, 1.0, 10)], progress=False)
+        em.reconstruct(src, np.zeros((9, 9, 9)), sigma2=1.0, schedule=[schedule.Stage(2, 1, 1.0, 10)], progress=False)
     with pytest.raises(NumbaemError, match="NaN"):
         bad = rng.standard_normal((50, 50))
         bad[3, 4] = np.nan
-        em.reconstruct(PatchSource([bad], 7), "random", sigma2=1.0, schedule=[em.Stage(2, 1, 1.0, 10)],
+        em.reconstruct(PatchSource([bad], 7), "random", sigma2=1.0, schedule=[schedule.Stage(2, 1, 1.0, 10)],
                        progress=False)
 
 
@@ -240,7 +241,7 @@ def test_without_ctf_or_whitening_the_iteration_is_that_of_sections_5_and_6_to_t
     basis = FBBasis(L, lmax)
     theta = rng.standard_normal(basis.M)
     mic, s2 = make_micrograph(rng, theta, basis, rotation_grid(K), 140, 12, snr=2.0)
-    stage = em.Stage(lmax, 1, 1.0, K)
+    stage = schedule.Stage(lmax, 1, 1.0, K)
     op = em.Operator(basis, rotation_grid(K), 1 << 30)
     start = perturbed(rng, theta, 0.3)
 

@@ -1,11 +1,13 @@
-"""FSC, resolution, relative error and the FSC plot (MODEL section 9)."""
+"""FSC, resolution, relative error (MODEL section 9), and the numbaem fsc command."""
+import json
 import math
 
 import numpy as np
 import pytest
 
+from numbaem.data.io import read_volume
 from numbaem.runtime.errors import NumbaemError
-from numbaem.analysis.fsc import fsc, plot_fsc, relative_error, resolution, resolution_angstrom, shell_indices
+from numbaem.analysis.fsc import fsc, relative_error, resolution, resolution_angstrom, shell_indices
 
 # float64 FFTs of O(1) volumes at these sizes: round-off ~1e-15 relative per shell.
 TOL = 1e-12
@@ -142,23 +144,102 @@ def test_relative_error(rng):
         relative_error(t, t[0])
 
 
-def test_plot_fsc_writes_png(rng, tmp_path):
-    import matplotlib.image
+# --------------------------------------------------------------------------- numbaem fsc
 
-    v = rng.standard_normal((11, 11, 11))
-    curves = {"self": fsc(v, v), "noisy": fsc(v, v + 2 * rng.standard_normal(v.shape))}
-    path = tmp_path / "fsc.png"
-    plot_fsc(curves, path)
-    img = matplotlib.image.imread(path)
-    assert img.shape == (400, 600, 4)  # 6 x 4 inches at 100 dpi
-    assert img[..., :3].std() > 0.05  # something was drawn
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fsc.png"]  # no temporary left behind
-    with pytest.raises(NumbaemError, match="exists"):
-        plot_fsc(curves, path)
-    plot_fsc(curves, path, pixel_size=1.5, force=True, title="half maps")
-    assert matplotlib.image.imread(path).shape == (400, 600, 4)
-    with pytest.raises(NumbaemError, match="curves"):
-        plot_fsc({}, tmp_path / "empty.png")
-    with pytest.raises(NumbaemError, match="pair"):
-        plot_fsc({"a": np.ones(3)}, tmp_path / "bad.png")
-    assert not (tmp_path / "empty.png").exists() and not (tmp_path / "bad.png").exists()
+
+def _run(argv, capsys):
+    from numbaem.cli.main import main
+
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def maps(tmp_path, rng):
+    """A synthetic molecule at L = 11 (header 2.5 A/pixel), and a copy point-reflected and
+    rotated exactly in the comparison basis (same header)."""
+    from numbaem.analysis.align import comparison_basis, reflect_coefficients, rotate_coefficients
+    from numbaem.data.io import write_volume
+    from numbaem.model.basis import expand, synthesize
+    from numbaem.model.rotations import random_rotations
+    from numbaem.runtime.fourier import downsample
+    from numbaem.sim.molecule import synthetic_molecule
+
+    vol = downsample(synthetic_molecule(41, rng=5), 11)
+    basis = comparison_basis(11)
+    copy = synthesize(rotate_coefficients(reflect_coefficients(expand(vol, basis), basis), basis,
+                                          random_rotations(1, rng)[0]), basis)
+    a, b = tmp_path / "a.mrc", tmp_path / "b.mrc"
+    write_volume(a, vol, voxel_size=2.5)
+    write_volume(b, copy, voxel_size=2.5)
+    return a, b
+
+
+def test_cli_fsc_align_compares_like_with_like(maps, tmp_path, capsys):
+    # Defect 3 of issue 9: a map against itself, aligned, gave a relative error of 0.3-0.8.
+    # The maps are float32 on disk, but the same file is read twice: round-off only (1e-11).
+    a, b = maps
+    code, out, err = _run(["fsc", str(a), str(a), "--align", "--json", "-q"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["aligned"] and not res["reflected"] and res["relative_error"] < 1e-11
+    assert res["rotation_degrees"] < 1e-6
+    np.testing.assert_allclose(res["fsc"], 1.0, atol=1e-12)  # the FSC of the same pair
+    assert res["resolution_is_lower_bound"] and res["resolution_per_pixel"] == pytest.approx(5 / 11)
+    assert res["band_limit_per_pixel"] == pytest.approx(5 / 11)
+    assert res["resolution_angstrom"] == pytest.approx(2.5 * 11 / 5, rel=1e-6)  # header pixel size
+    assert "Fourier-Bessel basis L=11, lmax=10" in res["compared"] and "|k| <= 0.5" in res["compared"]
+    assert 0.9 < res["held_a"] == res["held_b"] <= 1.0
+    assert res["pixel_size_source"] == "MRC header"
+    # against its reflected, rotated copy: the rotation alone, exact in the basis (float32 files: 1e-6)
+    code, out, err = _run(["fsc", str(a), str(b), "--align", "--json", "-q"], capsys)
+    res = json.loads(out)
+    assert res["reflected"] and res["relative_error"] < 1e-6 and res["correlation"] > 1 - 1e-10
+
+
+def test_cli_fsc_text_plot_size_and_pixel_size(maps, tmp_path, capsys):
+    a, b = maps
+    plot = tmp_path / "fsc.png"
+    code, out, err = _run(["fsc", str(a), str(b), "--align", "--plot", str(plot), "--pixel-size", "2.0", "-q"],
+                          capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].endswith("11^3, 2 A/pixel (--pixel-size)")
+    assert lines[1].startswith("aligned: A point-reflected and rotated by ")
+    assert lines[2].startswith("compared: both maps expanded in the Fourier-Bessel basis") and "% of A's norm" in lines[2]
+    assert lines[3].startswith("relative error ||A - B|| / ||B||: ")
+    assert "not reached" in lines[4] and "band limit 0.4545 cycles/pixel (4.40 A)" in lines[4]
+    import matplotlib.image
+    assert matplotlib.image.imread(plot).shape[1] == 600
+    # not aligned: the maps as given
+    code, out, err = _run(["fsc", str(a), str(b), "--json", "-q"], capsys)
+    res = json.loads(out)
+    assert res["compared"] == "the maps as given, voxel by voxel" and "reflected" not in res
+    va, _ = read_volume(a)
+    vb, _ = read_volume(b)
+    assert res["relative_error"] == pytest.approx(np.linalg.norm(va - vb) / np.linalg.norm(vb), rel=1e-12)
+    # --size: both Fourier-cropped; the pixel size grows by 11/7
+    code, out, err = _run(["fsc", str(a), str(a), "--size", "7", "--json", "-q"], capsys)
+    res = json.loads(out)
+    assert res["L"] == 7 and res["pixel_size"] == pytest.approx(2.5 * 11 / 7) and len(res["fsc"]) == 4
+
+
+def test_cli_fsc_bad_input_one_sentence(maps, tmp_path, capsys):
+    from numbaem.data.io import write_volume
+
+    a, b = maps
+    other = tmp_path / "other.mrc"
+    write_volume(other, read_volume(a)[0], voxel_size=3.0)
+    for argv, match in [([str(a), str(other)], "2.5 A/pixel but"),
+                        ([str(a), str(b), "--size", "13"], "larger than the maps"),
+                        ([str(a), str(b), "--size", "8"], "even"),
+                        ([str(a), str(b), "--threshold", "2"], "not an FSC level"),
+                        ([str(a), str(b), "--align", "--lmax", "11"], "lmax_search=11 is above")]:
+        code, out, err = _run(["fsc", *argv], capsys)
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert code == 2 and "Traceback" not in err and len(lines) == 1 and match in lines[0], (argv, err)
+    big = tmp_path / "big.mrc"
+    write_volume(big, np.ones((27, 27, 27)))
+    code, out, err = _run(["fsc", str(big), str(big), "--align"], capsys)
+    assert code == 2 and "--size 25" in err

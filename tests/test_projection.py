@@ -13,7 +13,10 @@ import naive
 
 @pytest.mark.parametrize("L,lmax", [(7, 4), (11, 6), (15, 8)])
 def test_projection_matches_direct_quadrature(rng, L, lmax):
-    """Section 9: relative error below 1e-6 (measured: about 1e-15)."""
+    """Section 9 asks for 1e-6; the Hankel route reaches round-off (measured 1.2e-15, 5.7e-15,
+    9.1e-15 at L = 7, 11, 15), so assert 1e-13: the margin covers the accumulation of
+    round-off over the ~M (up to 132) columns and the quadrature of the twin, whose own
+    error is below 1e-15 at these node counts; a wrong sign or axis gives O(1)."""
     b = FBBasis(L, lmax)
     theta = rng.standard_normal(b.M)
     rots = random_rotations(2, rng)
@@ -21,7 +24,7 @@ def test_projection_matches_direct_quadrature(rng, L, lmax):
     for k in range(2):
         d = naive.direct_projection(theta, b, rots[k])
         p = (A[k] @ theta).reshape(L, L)
-        assert np.linalg.norm(p - d) / np.linalg.norm(d) < 1e-6
+        assert np.linalg.norm(p - d) / np.linalg.norm(d) < 1e-13
         assert np.abs(d.imag).max() < 1e-12 * np.abs(d).max()  # A_w U is real
 
 

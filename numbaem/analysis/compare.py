@@ -1,25 +1,47 @@
-"""An estimate against the truth: FSC and relative error after alignment (MODEL sections 8 and 9)."""
-from ..model.basis import expand, synthesize
-from .align import align
-from .fsc import fsc as fsc_curve, relative_error, resolution
+"""An estimate against a known truth, as the EM records it per iteration (theory sections 8-9)."""
+
+from ..model.basis import synthesize
+from .align import align_to_reference
+from .fsc import fsc, resolution
 
 
-def compare_to_truth(theta, basis, truth, n_coarse=1000, return_aligned=False):
-    """FSC resolution and relative error of an estimate against a true volume (section 8).
+__all__ = ["compare_to_truth"]
 
-    The estimate is first aligned to the truth's expansion in the same basis over
-    rotations and reflection (coarse grid of ``n_coarse`` rotations, then local
-    refinement). Returns a dict with ``fsc_resolution`` and ``relative_error`` (aligned)
-    and ``fsc_resolution_unaligned``; with ``return_aligned`` also the aligned volume.
+
+def compare_to_truth(theta, basis, truth, n_coarse=1000, return_alignment=False):
+    """FSC resolution and relative error of an estimate against a true volume (sections 8-9).
+
+    The estimate (coefficients, already in the Fourier-Bessel span) is aligned over
+    rotations and the reflection to the truth's expansion in the largest basis for its
+    side, and the two are compared there, like with like
+    (:func:`numbaem.analysis.align.align_to_reference`; the module docstring of
+    :mod:`numbaem.analysis.align` says why). Orders above ``basis.lmax`` that the truth
+    holds and the estimate lacks count as error.
+
+    Parameters
+    ----------
+    theta : ndarray, shape (basis.M,)
+    basis : FBBasis
+    truth : ndarray, shape (L, L, L)
+    n_coarse : int, optional
+        Size of the coarse rotation grid.
+    return_alignment : bool, optional
+        Also return the :class:`~numbaem.analysis.align.VolumeAlignment`, whose
+        ``estimate`` and ``reference`` are the compared pair (use ``alignment.fsc()``
+        for the curve).
+
+    Returns
+    -------
+    out : dict
+        ``fsc_resolution`` and ``relative_error`` of the aligned pair;
+        ``fsc_resolution_unaligned`` of ``synthesize(theta)`` against ``truth`` as given.
+    alignment : VolumeAlignment, with ``return_alignment``
     """
-    from ..analysis.align import align
-    from ..analysis.fsc import fsc as fsc_curve, relative_error, resolution
-
-    est = synthesize(theta, basis)
-    f, c = fsc_curve(est, truth)
-    res = align(theta, expand(truth, basis), basis, n_coarse=n_coarse)
-    aligned = synthesize(res.theta_aligned, basis)
-    fa, ca = fsc_curve(aligned, truth)
-    out = dict(fsc_resolution=float(resolution(fa, ca)), relative_error=float(relative_error(aligned, truth)),
+    pair = align_to_reference(theta, basis, truth, n_coarse=n_coarse)
+    f, c = fsc(synthesize(theta, basis), truth)
+    fa, ca = pair.fsc()
+    out = dict(fsc_resolution=float(resolution(fa, ca)), relative_error=float(pair.relative_error),
                fsc_resolution_unaligned=float(resolution(f, c)))
-    return (out, aligned) if return_aligned else out
+    if return_alignment:
+        return out, pair
+    return out

@@ -1,4 +1,4 @@
-"""Measures of a reconstruction (MODEL section 9): FSC, resolution, relative error, plots.
+"""Measures of a reconstruction (MODEL section 9): FSC, resolution, relative error, the FSC plot.
 
 Fourier shell correlation
 -------------------------
@@ -23,6 +23,7 @@ threshold and the first shell below it (see its docstring for the edge cases).
 import logging
 import math
 import numbers
+import textwrap
 
 import numpy as np
 
@@ -201,63 +202,85 @@ def relative_error(est, truth):
     return float(np.linalg.norm(est - truth) / norm)
 
 
-def plot_fsc(curves, path, pixel_size=None, threshold=0.5, force=False, title=None):
-    """Plot FSC curves to a PNG file, written atomically (:func:`numbaem.data.io.atomic_path`).
+def plot_fsc(curves, path, pixel_size=None, threshold=0.5, force=False, title=None, note=None):
+    """Plot FSC curves (:func:`numbaem.analysis.fsc.fsc`) to a PNG file.
 
-    Draws every curve, the threshold line, and puts each curve's resolution
-    (:func:`resolution`) in the legend. Uses matplotlib's object API with the Agg canvas,
-    so it neither needs a display nor changes the global pyplot backend.
+    The bottom axis is in cycles per pixel; when ``pixel_size`` is known a top axis gives
+    the same frequencies in 1/Angstrom. The legend gives each curve's resolution at
+    ``threshold`` (:func:`numbaem.analysis.fsc.resolution`). When a curve never falls
+    below the threshold its resolution is only a bound: the last shell is the band limit
+    of the grid (``(L // 2) / L``), so the legend says "at least", a dotted line marks
+    the last shell and a note on the plot says so.
 
     Parameters
     ----------
     curves : dict
-        ``label -> (freq, curve)`` as :func:`fsc` returns them.
+        ``label -> (freq, curve)`` as :func:`~numbaem.analysis.fsc.fsc` returns them.
     path : str or os.PathLike
-        Output PNG file.
+        Output PNG file, 600 pixels wide, ``430 + 30 n`` high for ``n`` lines of title
+        and note.
     pixel_size : float, optional
-        Angstrom per pixel; if given the axis is in 1/Angstrom and resolutions in Angstrom.
+        Angstrom per pixel: adds the 1/Angstrom axis and resolutions in Angstrom.
     threshold : float, optional
         The horizontal line drawn and the level the legend's resolution uses.
     force : bool, optional
         Whether an existing file may be overwritten.
     title : str, optional
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    note : str, optional
+        Small text under the title, wrapped at 90 characters (e.g. what was compared).
 
-    from ..data.io import atomic_path
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+    """
+    from ._figure import check_force, new_figure, save_png
 
     if not isinstance(curves, dict) or not curves:
         raise NumbaemError(f"curves is {type(curves).__name__} {curves!r:.60}; pass a non-empty dict label -> (freq, curve)")
     if pixel_size is not None:
         pixel_size = check_pixel_size("pixel_size", pixel_size, allow_none=False)
+    force = check_force(force)
     checked = {}
     for label, pair in curves.items():
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise NumbaemError(f"curves[{label!r}] is not a (freq, curve) pair; pass the tuple that fsc returns")
         checked[label] = _check_curve(*pair)
 
-    fig = Figure(figsize=(6.0, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
+    head = [str(title)] if title else []
+    if note:
+        head += textwrap.wrap(str(note), 90)
+    fig = new_figure(6.0, 4.0 + 0.3 * (len(head) + 1))
     ax = fig.add_subplot(1, 1, 1)
-    scale = 1.0 if pixel_size is None else 1.0 / pixel_size
+    saturated = []
     for label, (freq, curve) in checked.items():
         res = resolution(freq, curve, threshold)
-        if pixel_size is None:
-            tag = f"{res:.3f} 1/px"
+        valid = freq[~np.isnan(curve)]
+        at_limit = not np.any(curve[~np.isnan(curve)] < threshold)
+        if at_limit:
+            saturated.append(float(valid[-1]))
+        if pixel_size is None:  # a bound when the curve stays above the threshold
+            tag = ("\u2265 " if at_limit else "") + f"{res:.3f} 1/px"
         else:
-            tag = f"{resolution_angstrom(res, pixel_size):.2f} \u00c5"
-        ax.plot(freq * scale, curve, marker="o", markersize=3, label=f"{label} ({tag})")
-    ax.axhline(threshold, color="0.4", linestyle="--", linewidth=1, label=f"FSC = {threshold:g}")
+            tag = ("\u2264 " if at_limit else "") + f"{resolution_angstrom(res, pixel_size):.2f} \u00c5"
+        ax.plot(freq, curve, marker="o", markersize=3, label=f"{label} ({tag})")
+    ax.axhline(threshold, color="0.4", linestyle="--", linewidth=1, label=f"FSC = {threshold:g}", gid="threshold")
     ax.axhline(0.0, color="0.8", linewidth=0.8)
-    ax.set_xlabel("spatial frequency (1/pixel)" if pixel_size is None else "spatial frequency (1/\u00c5)")
+    if saturated:
+        edge = max(saturated)
+        ax.axvline(edge, color="tab:red", linestyle=":", linewidth=1.2, gid="band-limit",
+                   label=f"last shell = band limit ({edge:.3f} 1/px)")
+        fig.text(0.5, 0.01, f"FSC \u2265 {threshold:g} up to the last shell ({edge:.3f} cycles/pixel, the band limit "
+                 "of the grid): the resolution is at least that, and the FSC cannot show more.",
+                 ha="center", va="bottom", fontsize="x-small", color="tab:red", wrap=True, gid="band-limit-note")
+    ax.set_xlabel("spatial frequency (cycles/pixel)")
+    if pixel_size is not None:
+        top = ax.secondary_xaxis("top", functions=(lambda f: f / pixel_size, lambda g: g * pixel_size))
+        top.set_xlabel(f"spatial frequency (1/\u00c5; pixel {pixel_size:.4g} \u00c5)", fontsize="small")
     ax.set_ylabel("FSC")
     ax.set_ylim(-0.2, 1.05)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small")
-    if title:
-        ax.set_title(str(title))
-    fig.tight_layout()
-    with atomic_path(path, force=force) as tmp:
-        fig.savefig(tmp, format="png")
-    logger.info("wrote FSC plot %s", path)
+    ax.legend(loc="lower left", fontsize="x-small")
+    if head:
+        fig.suptitle("\n".join(head), fontsize="small")
+    fig.tight_layout(rect=(0, 0.05 if saturated else 0, 1, 1))
+    return save_png(fig, path, force, "FSC plot")

@@ -32,7 +32,7 @@ def add_args(p):
 
 def main(args):
     L0 = check_L(args.size, "--size")
-    vol = synthetic_molecule(L0, seed=args.seed, n_atoms=args.atoms, homolog_of=args.homolog_of,
+    vol = synthetic_molecule(L0, rng=args.seed, n_atoms=args.atoms, homolog_of=args.homolog_of,
                              homolog_strength=args.homolog_strength)
     write_volume(args.output, vol, voxel_size=args.voxel_size, force=args.force)
     logger.info("wrote %s (%d^3 voxels, seed %d%s)", args.output, L0, args.seed,

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model.basis import FBBasis, synthesize
 from ..runtime.validate import check_L
-from ..em.run import load_schedule, parse_schedule, reconstruct
+from ..em.run import reconstruct
+from ..em.schedule import load_schedule, parse_schedule
 from ..runtime.errors import InterruptedRun, NumbaemError
 from ..runtime.fourier import downsample
 from ..data.io import atomic_write_text, read_volume, write_volume
@@ -210,7 +210,9 @@ def _run(args, L, schedule, budget, prepared, star, truth, init, sigma2, noise_p
                 "an unknown pixel size", f"{len(prepared.filters)} filter group(s)" if prepared.filters else
                 "no CTF or noise filter", format_size(budget))
     if noise_plot and prepared.group_spectra is not None and not args.resume:
-        _plot_spectra(prepared, noise_plot, force=args.force)
+        from ..analysis.plots import plot_noise_spectra
+        plot_noise_spectra(prepared.group_spectra, noise_plot, micrographs=prepared.spectra, scale=prepared.scale,
+                           pixel_size=prepared.pixel_size, force=args.force)
 
     ckpt = None
     state = None
@@ -260,7 +262,8 @@ def _run(args, L, schedule, budget, prepared, star, truth, init, sigma2, noise_p
     state, basis = result.state, result.basis
     write_volume(args.output, result.volume, voxel_size=result.pixel_size, force=True if args.resume else args.force)
     if args.plot and state.history:
-        _plot(state.history, args.plot, force=True if args.resume else args.force)
+        from ..analysis.plots import plot_convergence
+        plot_convergence(state.history, args.plot, force=True if args.resume else args.force, L=L)
     if interrupted:
         raise InterruptedRun(f"stopped by {stop.signal_name or 'a signal'} after iteration {state.total_iterations}; the estimate so far is "
                              f"in {args.output}" + (f" and the checkpoint in {args.checkpoint}: rerun with --resume "
@@ -290,72 +293,6 @@ def _executor(args):
     except ImportError:
         raise NumbaemError("--workers and --scheduler need Dask: pip install 'numbaem[distributed]'") from None
     return executor_from_options(workers=args.workers, scheduler=args.scheduler, threads=args.threads)
-
-
-def _plot(history, path, force):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..data.io import atomic_path
-
-    it = [r["iteration"] for r in history]
-    has_fsc = any("fsc_resolution" in r for r in history)
-    has_err = any("relative_error" in r for r in history)
-    n = 1 + has_fsc + has_err
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6), squeeze=False)
-    ax = axes[0, 0]
-    ax.plot(it, [r["loglik_per_patch"] for r in history], "o-")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("log-likelihood per patch")
-    ax.set_title("convergence")
-    for r0, r1 in zip(history, history[1:]):
-        if r1["stage"] != r0["stage"]:
-            ax.axvline(r1["iteration"] - 0.5, color="grey", lw=0.5)
-    if has_fsc:
-        ax = axes[0, 1]
-        ax.plot(it, [r.get("fsc_resolution", np.nan) for r in history], "o-")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("FSC 0.5 after alignment (1/pixel)")
-        ax.set_title("resolution against the truth")
-    if has_err:
-        ax = axes[0, n - 1]
-        ax.plot(it, [r.get("relative_error", np.nan) for r in history], "o-")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("relative error after alignment")
-        ax.set_title("error against the truth")
-    fig.tight_layout()
-    with atomic_path(path, force=force) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
 def _input_shapes(prepared):
     from ..data.io import read_image
     return [tuple(read_image(p, mmap=True)[0].shape) for p in prepared.inputs]
-
-
-def _plot_spectra(prepared, path, force):
-    """The estimated noise power spectra against the radial frequency (per micrograph and per group)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..data.io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, s in enumerate(prepared.spectra or []):
-        ax.semilogy(s.radius, s.values * prepared.scale[i] ** 2, color="0.75", lw=0.7,
-                    label="micrographs (scaled)" if i == 0 else None)
-    for g, s in enumerate(prepared.group_spectra):
-        ax.semilogy(s.radius, s.values, lw=1.6, label=f"group {g}")
-    ax.axvline(0.5, color="grey", lw=0.5, ls=":")
-    ax.set_xlabel("radial frequency (cycles / pixel)" + (f", pixel {prepared.pixel_size:.3g} A"
-                                                         if prepared.pixel_size else ""))
-    ax.set_ylabel("noise power per pixel")
-    ax.set_title("estimated noise power spectra (whitened by 1/sqrt)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path, force=force) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

@@ -27,11 +27,11 @@ from ..runtime import fft
 from ..runtime.errors import NumbaemError
 from ..runtime.threads import prefer_passive_openmp
 from ..runtime.validate import as_rng
-from ..runtime.memory import default_budget, format_size, peak_rss, reset_peak_rss
+from ..runtime.memory import default_budget, peak_rss, reset_peak_rss
 from .estep import GroupSpectra, projection_spectra, stream_stats
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
 from .plan import phi_bytes, plan_iteration
-from .schedule import Stage, default_schedule, load_schedule, parse_schedule, validate_schedule  # noqa: F401
+from .schedule import default_schedule, validate_schedule
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from numba import prange
 from scipy import special
 
 from ..runtime.jit import jit, pjit
-from .basis import C_BAND, FBBasis
+from .basis import C_BAND
 from ..runtime.errors import NumbaemError
 from .rotations import _wigner_d_all, euler_zyz
 

@@ -5,7 +5,7 @@ backbone through three to five chained lobes (domains) of different sizes, so th
 density is compact, textured and asymmetric (it has no point or mirror symmetry to
 speak of), like a small protein at low resolution. Everything is drawn in units of
 ``L`` from ``numpy.random.default_rng(seed)`` and only then scaled to the grid, so
-``synthetic_molecule(L1, seed)`` and ``synthetic_molecule(L2, seed)`` are the same
+``synthetic_molecule(L1, rng=seed)`` and ``synthetic_molecule(L2, rng=seed)`` are the same
 continuous molecule sampled at two pixel sizes (atom widths scale as ``L / 41``:
 1 to 1.5 voxels at ``L = 41``), which is what a Method 1 / Method 2 comparison
 (MODEL.md section 1) needs.
@@ -174,22 +174,24 @@ def _render(L, pos, width, amp):
     return vol
 
 
-def synthetic_molecule(L=41, seed=0, n_atoms=300, homolog_of=None, homolog_strength=0.2):
+def synthetic_molecule(L=41, rng=0, n_atoms=300, homolog_of=None, homolog_strength=0.2):
     """A seeded synthetic molecule (or a homolog of one) on an ``L^3`` grid.
 
     Parameters
     ----------
     L : int, optional
         Side of the volume, odd, at least 5.
-    seed : int, optional
-        Seed of the molecule (non-negative). With ``homolog_of``, the seed of the
-        perturbation instead.
+    rng : int or numpy.random.Generator, optional
+        The molecule's randomness: a seed (non-negative; the same seed gives the same
+        continuous molecule at every ``L``) or a generator. With ``homolog_of``, the
+        randomness of the perturbation instead (a seed ``s`` draws it from
+        ``SeedSequence([homolog_of, s])``).
     n_atoms : int, optional
         Number of Gaussian atoms.
     homolog_of : int or None, optional
-        If given, return a homolog of ``synthetic_molecule(L, seed=homolog_of,
+        If given, return a homolog of ``synthetic_molecule(L, rng=homolog_of,
         n_atoms=n_atoms)``: that molecule perturbed (deterministically given
-        ``(homolog_of, seed)``) into a nearby structure.
+        ``(homolog_of, rng)``) into a nearby structure.
     homolog_strength : float, optional
         Size of the homolog's perturbation: lobe turns of ``0.75 *
         homolog_strength`` radians and shifts of ``2 * homolog_strength`` atom
@@ -212,15 +214,16 @@ def synthetic_molecule(L=41, seed=0, n_atoms=300, homolog_of=None, homolog_stren
 
     Examples
     --------
-    >>> truth = synthetic_molecule(41, seed=0)
-    >>> start = synthetic_molecule(41, seed=1, homolog_of=0)   # a nearby model
+    >>> truth = synthetic_molecule(41, rng=0)
+    >>> start = synthetic_molecule(41, rng=1, homolog_of=0)   # a nearby model
     """
     if isinstance(L, numbers.Integral) and not isinstance(L, bool) and L >= 5 and L % 2 == 0:
         raise NumbaemError(
             f"L={L} is even; numbaem works with odd sizes, use L={L + 1}"
         )
     L = whole_number("L", L, 5)
-    seed = whole_number("seed", seed, 0)
+    if not isinstance(rng, np.random.Generator):
+        rng = whole_number("rng", rng, 0)   # a seed: kept as a number (homologs mix it with homolog_of)
     n_atoms = whole_number("n_atoms", n_atoms, 1)
     if homolog_of is not None:
         homolog_of = whole_number("homolog_of", homolog_of, 0)
@@ -235,10 +238,11 @@ def synthetic_molecule(L=41, seed=0, n_atoms=300, homolog_of=None, homolog_stren
         )
 
     if homolog_of is None:
-        pos, width, amp, _ = _base_atoms(np.random.default_rng(seed), n_atoms)
+        pos, width, amp, _ = _base_atoms(np.random.default_rng(rng), n_atoms)
     else:
         pos, width, amp, lobe = _base_atoms(np.random.default_rng(homolog_of), n_atoms)
-        rng = np.random.default_rng(np.random.SeedSequence([homolog_of, seed]))
+        if not isinstance(rng, np.random.Generator):
+            rng = np.random.default_rng(np.random.SeedSequence([homolog_of, rng]))
         pos, width, amp = _perturb(rng, pos, width, amp, lobe, strength)
     vol = _render(L, pos, width, amp)
     vol /= np.max(vol)
