@@ -59,7 +59,7 @@ def test_quantile_estimate_is_robust_to_particles(rng):
     estimate by less than 30% (measured 18%, with the noise alone as the reference)."""
     from numbaem.sim.molecule import synthetic_molecule
     from numbaem.sim.simulate import simulate_micrographs
-    sim = simulate_micrographs(synthetic_molecule(15, seed=3), 11, micrograph_size=660, method=2, density=0.05,
+    sim = simulate_micrographs(synthetic_molecule(15, rng=3), 11, micrograph_size=660, method=2, density=0.05,
                                snr=10.0, rng=1, noise_psd="pink")
     img = sim.micrographs[0]
     noise = img - sim.clean_micrographs[0]

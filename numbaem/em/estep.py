@@ -537,17 +537,22 @@ def _stream_groups(source, idx, spectra, upsilon, sigma2, n_chunk, progress, tim
         raise NumbaemError(f"the patches belong to groups up to {int(groups.max())} but only {n_g} group filters "
                            "were given; give one filter per group")
     stats = SufficientStats.zeros(K, L, n_groups=n_g) if stats is None else stats
+    sizes = set()
     for g in range(n_g):
         sel = idx[groups == g]
         if len(sel) == 0:
             continue
+        # a group smaller than a chunk gets plans of its own size: the FFTs of a chunk's padding rows
+        # cost as much as real ones, and there is a partial chunk per group
+        n = min(int(n_chunk), len(sel))
+        sizes.add(n)
         part = SufficientStats(stats.W[g], stats.G[g])     # views: the kernels add into the group's slices
-        stream_stats(source, sel, spectra.group(g), upsilon, sigma2, n_chunk, progress, timer, stats=part,
-                     release=False)
+        stream_stats(source, sel, spectra.group(g), upsilon, sigma2, n, progress, timer, stats=part, release=False)
         stats.n_patches += part.n_patches
         stats.sum_empty += part.sum_empty
         stats.sum_yy += part.sum_yy
         stats.loglik += part.loglik
-    fft.release((n_chunk, K, 2 * L, 2 * L))
-    fft.release((n_chunk, 2 * L, 2 * L))
+    for n in sizes:
+        fft.release((n, K, 2 * L, 2 * L))
+        fft.release((n, 2 * L, 2 * L))
     return stats

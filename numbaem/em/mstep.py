@@ -16,13 +16,13 @@ CTF groups (MODEL section 11). With a filter ``Psi_g`` per group and statistics 
     b = sum_k A_k^T u_k,       u_k = sum_g Psi_g^T g_{g,k}
 
 which is ``sum_g sum_k (Psi_g A_k)^T diag(h_{g,k}) (Psi_g A_k)`` regrouped: per rotation,
-``Q_k = X^T X`` with ``X`` the ``G`` blocks ``sqrt(h_{g,k}) Psi_g`` stacked (``G L^6``
-multiply-adds), then ``A_k^T (Q_k A_k)`` (``L^4 M + L^2 M^2``), instead of forming
+``Q_k = sum_g Y_g^T Y_g`` with ``Y_g = sqrt(h_{g,k}) Psi_g`` (``G L^6`` multiply-adds), then
+``A_k^T (Q_k A_k)`` (``L^4 M + L^2 M^2``), instead of forming
 ``Psi_g A_k`` for every group (``G (L^4 M + L^2 M^2)``): cheaper from two groups on
 whenever ``L^2 M + M^2 > 2 L^4`` (L = 11: from lmax = 6, M = 132, on; at the paper's
 lmax = 10, M = 219: 7.4e4 against 2.9e4), and its cost in ``M`` does not grow with ``G``.
-The direct route, ``H += B^T B`` with ``B = sqrt(h_{g,k}) Psi_g A_k`` over sub-blocks of
-rotations, is taken when it costs less (one group, e.g. whitening without a CTF). A
+The direct route, ``H += B^T B`` with ``B = sqrt(h_{g,k}) Psi_g A_k``, is taken when it
+costs less (one group, e.g. whitening without a CTF). A
 rotation's groups with no posterior weight (``h_{g,k} = 0``) are skipped.
 """
 import dataclasses
@@ -76,12 +76,13 @@ def normal_equations(A_blocks, W, G, L, M, max_block_bytes=16 << 20, filters=Non
     max_block_bytes : int
         ``H`` accumulates ``B^T B`` with ``B = sqrt(h_k) A_k`` over sub-blocks of
         rotations whose copy ``B`` takes at most this many bytes (at least one rotation);
-        the memory plan counts it. With ``filters``, it bounds the stack ``X`` of
-        ``sqrt(h_{g,k}) Psi_g`` instead (at least one group).
+        the memory plan counts it. Not used with ``filters`` (one rotation and group at a
+        time: ``2 L^4 + 2 L^2 M`` numbers).
     filters : ndarray, shape (n_groups, L^2, L^2), optional
         ``Psi_g`` of the CTF groups (module doc).
     route : {None, 'gram', 'direct'}
-        With ``filters``: ``Q_k = X^T X`` or ``B^T B`` (module doc); None takes the cheaper.
+        With ``filters``: the Gram route (``Q_k``) or the direct one (``B^T B``), module doc;
+        None takes the cheaper.
 
     Returns
     -------
@@ -116,6 +117,7 @@ def _normal_equations_groups(A_blocks, W, G, L, M, max_block_bytes, filters, rou
                            f"of shape {filters.shape[1:]}: give one filter (L^2 x L^2) per group of statistics")
     if route is None:
         route = "direct" if n_g * (P * P * M + P * M * M) <= n_g * P ** 3 + P * P * M + P * M * M else "gram"
+    # the sums run in a fixed order (rotations, then groups), so the bits do not depend on threads
     if route not in ("gram", "direct"):
         raise NumbaemError(f"route={route!r} is not 'gram' or 'direct'")
     K = W.shape[1]
@@ -125,38 +127,33 @@ def _normal_equations_groups(A_blocks, W, G, L, M, max_block_bytes, filters, rou
         sh[g] = np.sqrt(mask_weights(W[g], L))
         u += data_images(G[g], L) @ filters[g]           # rows: (Psi_g^T g_{g,k})^T
     live = [np.nonzero(np.any(sh[:, k] > 0, axis=1))[0] for k in range(K)]
+    from threadpoolctl import threadpool_limits
     H = np.zeros((M, M))
     b = np.zeros(M)
-    if route == "gram":
-        step = max(1, int(max_block_bytes // (P * P * 8)))
-        Q = np.empty((P, P))
+    Q = np.empty((P, P))
+    # The products here are small (L^2 x L^2 by L^2 x M): a multithreaded BLAS spends more on
+    # waking its threads than on them (50x slower measured on a loaded 2-core machine); one
+    # thread does L = 11, M = 219, 16 groups in about 5 ms per rotation.
+    with threadpool_limits(limits=1, user_api="blas"):
         for sl, A in A_blocks:
             k0 = sl.start or 0
             for i in range(len(A)):
                 k = k0 + i
-                Q[...] = 0.0
                 gs = live[k]
-                for j in range(0, len(gs), step):
-                    sub = gs[j:j + step]
-                    X = (sh[sub, k, :, None] * filters[sub]).reshape(-1, P)
-                    Q += X.T @ X
-                    del X
-                if len(gs):
+                if not len(gs):
+                    continue
+                if route == "gram":
+                    Q[...] = 0.0
+                    for g in gs:
+                        Y = sh[g, k, :, None] * filters[g]      # diag(sqrt(h_gk)) Psi_g
+                        Q += Y.T @ Y
                     H += A[i].T @ (Q @ A[i])
+                else:
+                    for g in gs:
+                        B = filters[g] @ A[i]                   # Psi_g A_k
+                        B *= sh[g, k, :, None]
+                        H += B.T @ B
             b += A.reshape(-1, M).T @ u[k0:k0 + len(A)].ravel()
-        return H, b
-    step = max(1, int(max_block_bytes // (P * M * 8)))
-    for sl, A in A_blocks:
-        k0 = sl.start or 0
-        for i in range(0, len(A), step):
-            Ab = A[i:i + step]
-            for g in range(n_g):
-                B = np.matmul(filters[g], Ab)                  # Psi_g A_k for the sub-block
-                B *= sh[g, k0 + i:k0 + i + len(Ab), :, None]
-                B = B.reshape(-1, M)
-                H += B.T @ B
-                del B
-        b += A.reshape(-1, M).T @ u[k0:k0 + len(A)].ravel()
     return H, b
 
 

@@ -28,9 +28,8 @@ With CTF groups (MODEL section 11; ``G`` groups): the filters ``Psi_g`` (``G L^4
 resident, the statistics take ``G K (r + c)`` (the spectra stay ``K (r + c)``: one group's
 at a time), the spectra phase also holds the filtered projections (``K L^2 8``), and the
 M-step holds ``sqrt(h)`` of every group (``G K L^2 8``), ``u`` and one group's ``g``
-(``2 K L^2 8``), the stack ``X`` or the copy ``Psi_g A`` of a sub-block of rotations
-(at most :data:`MSTEP_BLOCK_BYTES`, at least one group or rotation), ``Q_k`` and
-``Q_k A_k`` (``L^4 8 + L^2 M 8``) instead of the copy ``B``.
+(``2 K L^2 8``), ``Y_g`` and ``Y_g^T Y_g`` or the copy ``Psi_g A_k`` (one group and rotation
+at a time), ``Q_k`` and ``Q_k A_k`` (``L^4 8 + L^2 M 8``) instead of the copy ``B``.
 
 The plan also bounds the FFT plan cache (:func:`numbaem.runtime.fft.set_cache_limit`)
 to the workspaces it counts, so cached buffers never exceed the budget either.
@@ -159,8 +158,8 @@ def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None
                       mstep=workspace_K + 2 * K * L * L * 8 + mstep_b + M * M * 8)
     else:
         G, P = int(n_groups), L * L
-        # the stack X of the Gram route, or the copy Psi_g A of the direct route (numbaem.em.mstep)
-        mstep_b = max(P * P * 8, P * M * 8, min(MSTEP_BLOCK_BYTES, max(G * P * P * 8, op_block * P * M * 8)))
+        # Y_g and its product of the Gram route, or the copy Psi_g A_k of the direct route (numbaem.em.mstep)
+        mstep_b = max(2 * P * P * 8, P * M * 8)
         resident = (op_block * a + (1 + G) * K * (r + c) + K * L * L * 8 + G * P * P * 8 + phi + 3 * M * M * 8
                     + 8 * int(n_selected) + SMALL_OBJECTS_BYTES)
         phases = dict(spectra=workspace_K + K * L * L * 8,
