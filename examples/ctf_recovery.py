@@ -27,7 +27,8 @@ Experiments
 ``pixel``
     micrographs simulated at 4x the working pixel count (L = 45, 6.5 A pixels) run with
     ``--particle-diameter 292.5`` (= 45 x 6.5 A, so diameter / 11 = 26.6 A), against the same
-    micrographs Fourier-cropped beforehand to the same odd size and run without it.
+    micrographs Fourier-cropped beforehand to the same odd size (and scaled by the pixel
+    size ratio, as numbaem's crop and the simulator do) and run without it.
 
 ``--quick`` shrinks everything to a smoke test.
 """
@@ -190,7 +191,9 @@ def main():
 
     if "pixel" in todo:
         big = 4 * args.size + 1 if (4 * args.size) % 2 == 0 else 4 * args.size
-        raw, rmeta, d2 = run.simulate("pixel4x", args.map, 45, big, args.count, args.snr)
+        # --lmax 2: the simulator's band-limited truth at L = 45 (not used here; the truth is the L = 11
+        # one) would otherwise be a least-squares fit of thousands of coefficients
+        raw, rmeta, d2 = run.simulate("pixel4x", args.map, 45, big, args.count, args.snr, ["--lmax", 2])
         a_raw = rmeta["pixel_size"]
         diameter = 45 * a_raw
         shapes = [working_shape(read_image(m, mmap=True)[0].shape, a_raw, diameter / 11) for m in raw]
@@ -199,7 +202,9 @@ def main():
             img, _ = read_image(m)
             q = os.path.join(args.out, "pixel4x_cropped", os.path.basename(m))
             os.makedirs(os.path.dirname(q), exist_ok=True)
-            write_image(q, downsample_image(img, shp), pixel_size=a_raw * img.shape[0] / shp[0], force=True)
+            work = a_raw * np.mean([img.shape[0] / shp[0], img.shape[1] / shp[1]])
+            # the crop numbaem makes (Fourier crop, values times a_raw / a_work: the simulator's scale)
+            write_image(q, downsample_image(img, shp) * (a_raw / work), pixel_size=work, force=True)
             pre.append(q)
         r1, e1 = run.reconstruct("pixel4x_diameter", raw, init_path, truth_path, ["--particle-diameter", diameter])
         r2, e2 = run.reconstruct("pixel4x_precropped", pre, init_path, truth_path)

@@ -75,7 +75,7 @@ def test_offset_ramp_and_inversion_leave_the_prepared_micrograph_unchanged(tmp_p
 
 def test_crop_to_the_particle_diameter(tmp_path, rng):
     """--particle-diameter: working pixel = diameter / L (to the odd size's rounding), the micrograph
-    Fourier-cropped to it (equal to downsample_image when nothing else is done)."""
+    Fourier-cropped to it and multiplied by a_raw / a_work (line integrals in units of the pixel)."""
     img = rng.standard_normal((200, 180))
     raw = _write(tmp_path / "raw.mrc", img, 2.0)
     (tmp_path / "w").mkdir()
@@ -84,7 +84,8 @@ def test_crop_to_the_particle_diameter(tmp_path, rng):
     assert pr.pixel_size == pytest.approx(2.0 * np.mean([200 / 49, 180 / 45]))
     got, px = read_image(pr.paths[0])
     assert px == pytest.approx(pr.pixel_size, rel=1e-6)
-    ref = downsample_image(read_image(raw)[0], (49, 45))
+    ref = downsample_image(read_image(raw)[0], (49, 45)) * (2.0 / pr.pixel_size)
+    assert pr.crop_gain == pytest.approx(2.0 / pr.pixel_size)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 

@@ -198,8 +198,10 @@ def _run(args, L, schedule, budget, prepared, star, truth, init, sigma2, noise_p
     source = prepared.source()
     raw_shapes = _input_shapes(prepared)
     if sigma2 is not None and [tuple(s) for s in prepared.shapes] != raw_shapes:
-        # a Fourier crop from N to M pixels per axis keeps white noise white with variance x M/N per axis
+        # a Fourier crop from N to M pixels per axis keeps white noise white with variance x M/N per axis,
+        # and the crop's values are multiplied by a_raw / a_work (numbaem.data.preprocess)
         factor = float(np.mean([np.prod(w) / np.prod(r) for w, r in zip(prepared.shapes, raw_shapes)]))
+        factor *= prepared.crop_gain ** 2
         sigma2 = sigma2 * factor
         logger.info("--noise-var scaled by the Fourier crop (x%.4g) to %.4g per working pixel", factor, sigma2)
     if args.no_preprocess:

@@ -24,8 +24,12 @@ memory whole):
    round-off.
 3. **Working pixel size** (``particle_diameter``): the working pixel size is
    ``diameter / L``, so the particle's box is the patch, and each micrograph is
-   Fourier-cropped to it (:func:`numbaem.runtime.fourier.downsample_image`, values
-   preserved). The cropped side is the odd size nearest ``N a_raw / a_work``: an even
+   Fourier-cropped to it (:func:`numbaem.runtime.fourier.downsample_image`) and multiplied
+   by ``a_raw / a_work``: a pixel value is a line integral in units of the pixel (the
+   simulator's scale, MODEL section 1: Method 1 multiplies its crop by ``L / L0`` alike),
+   and a pixel ``a_work / a_raw`` times longer integrates that much more, so micrographs
+   simulated at 4x the pixel count and cropped here give the scale of those simulated at
+   the working size. The cropped side is the odd size nearest ``N a_raw / a_work``: an even
    size folds the Nyquist bin and colours white noise (:mod:`numbaem.runtime.fourier`).
    The actual working pixel size, ``a_raw N / N_crop`` (within ``1/N_crop`` relative of the
    target; the mean over the axes), is the one reported and written to the headers.
@@ -89,7 +93,8 @@ class Prepared:
     shapes : list of (int, int)
         Working micrograph shapes.
     scale : ndarray, shape (n,)
-        Factor each micrograph was multiplied by (common noise scale).
+        Factor each micrograph was multiplied by (common noise scale; the crop's
+        ``a_raw / a_work`` comes on top, see ``crop_gain``).
     noise_variance : ndarray, shape (n,) or None
         ``sigma_m^2`` before scaling (working pixels).
     spectra : list of RadialProfile or None
@@ -103,6 +108,8 @@ class Prepared:
     contrast : dict
         :func:`contrast_check`'s result.
     work_dir : str or None
+    crop_gain : float
+        ``a_raw / a_work``, the factor of the Fourier crop (1 without one).
     """
 
     paths: list
@@ -119,6 +126,7 @@ class Prepared:
     group_spectra: list = None
     contrast: dict = None
     work_dir: str = None
+    crop_gain: float = 1.0
 
     def source(self):
         """A :class:`~numbaem.data.patches.PatchSource` of the working micrographs (memory-mapped)."""
@@ -389,6 +397,7 @@ def prepare_micrographs(paths, L, work_dir=None, *, pixel_size=None, particle_di
             img -= fit_background(img, background_degree, box_raw)
         if resample[i]:
             img = downsample_image(img, crop[i])
+            img *= raw_px / work_px
         if background or coloured:
             prof = estimate_noise_spectrum(img, L, quantile, refinements if coloured else 0)
             spectra.append(prof)
@@ -448,7 +457,8 @@ def prepare_micrographs(paths, L, work_dir=None, *, pixel_size=None, particle_di
                 f"{len(groups_info['filters'])} filter group(s)" if groups_info["filters"] else "no filter")
     return Prepared(paths=out_paths, inputs=paths, L=L, pixel_size=work_px, raw_pixel_size=raw_px, shapes=crop,
                     scale=scale, noise_variance=var if spectra else None, spectra=spectra or None,
-                    group_spectra=group_spectra, contrast=contrast, work_dir=str(work_dir), **groups_info)
+                    group_spectra=group_spectra, contrast=contrast, work_dir=str(work_dir),
+                    crop_gain=float(raw_px / work_px) if any(resample) else 1.0, **groups_info)
 
 
 def _ctf_groups(ctf, work_px, tolerance, n):
