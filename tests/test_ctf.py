@@ -142,7 +142,12 @@ def test_default_tolerance_is_a_phase_bound():
     a = 5.0
     tol = default_defocus_tolerance(a, 300)
     lam = electron_wavelength(300)
-    assert math.pi * lam * tol / (2 * a) ** 2 == pytest.approx(math.pi / 10)
+    assert math.pi * lam * tol / (2 * a) ** 2 == pytest.approx(0.1)
+    # so the CTFs of two micrographs that far apart differ by at most 0.1 inside the band
+    s = np.linspace(0, 1 / (2 * a), 200)
+    c1 = evaluate_ctf(CTFParams(1e4, 1e4), s, 0 * s)
+    c2 = evaluate_ctf(CTFParams(1e4 + tol, 1e4 + tol), s, 0 * s)
+    assert 0.05 < np.max(np.abs(c1 - c2)) <= 0.1 + 1e-12
 
 
 @pytest.mark.parametrize("kw,match", [(dict(defocus_u=-1.0), "defocus_u"), (dict(defocus_v=float("nan")), "defocus_v"),

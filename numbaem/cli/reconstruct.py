@@ -96,7 +96,8 @@ def add_args(p):
                    help="RELION 3.1 micrographs STAR file (CTFFIND / RELION): put each micrograph's CTF in the model")
     d.add_argument("--defocus-tolerance", type=nonneg_float, default=None, metavar="ANGSTROM",
                    help="micrographs whose defocus differs by at most this share one CTF group (default: a phase "
-                        "error of pi/10 at the working Nyquist frequency, 0.4 a^2 / lambda)")
+                        "error of 0.1 rad at the working Nyquist frequency, 0.127 a^2 / lambda, so the CTFs of a "
+                        "group differ by at most 0.1)")
     d.add_argument("--noise", choices=("coloured", "white"), default="coloured",
                    help="coloured: estimate each group's noise power spectrum and whiten by it (default); white: "
                         "assume white noise")

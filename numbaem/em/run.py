@@ -124,7 +124,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
                 loglik=float(loglik), loglik_per_patch=float(loglik / len(idx)),
                 upsilon=state.upsilon, sigma2=state.sigma2, tikhonov=sol.tikhonov,
                 seconds=t1 - t0, seconds_estep=t_e - t0, seconds_mstep=t1 - t_e, peak_memory=peak_rss(),
-                planned_peak_bytes=int(plan.peak))
+                planned_peak_bytes=int(plan.peak), filter_groups=None if filters is None else len(filters))
 
 
 def sample_patches(source, rng, n=2000):

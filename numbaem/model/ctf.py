@@ -292,13 +292,19 @@ def apply_filter(psi, images):
 
 
 #: Default grouping tolerance: the phase error ``pi lambda |d df| s^2`` at the working
-#: Nyquist frequency ``s = 1/(2a)`` that two micrographs of one group may differ by
-#: (``cos(pi/10) = 0.95``: at most 5% of the CTF's amplitude at the band edge).
-DEFAULT_PHASE_TOLERANCE = math.pi / 10
+#: Nyquist frequency ``s = 1/(2a)`` (the band limit of the volume, MODEL section 2) that two
+#: micrographs of one group may differ by. Since ``|d CTF / d chi| <= 1``, the CTFs of a group
+#: then differ by at most 0.1 (their range is [-1, 1]) at every frequency of the band. (A
+#: bound on the phase alone, like pi/10, is loose where ``chi`` is small: at 26.6 A pixels
+#: the CTF at the band edge is -0.29 at 1 um and -0.55 at 2.5 um, 0.33 rad apart.)
+DEFAULT_PHASE_TOLERANCE = 0.1
 
 
 def default_defocus_tolerance(pixel_size, voltage=300.0):
-    """The defocus tolerance (Angstrom) of :data:`DEFAULT_PHASE_TOLERANCE`: ``4 a^2 (pi/10) / (pi lambda)``."""
+    """The defocus tolerance (Angstrom) of :data:`DEFAULT_PHASE_TOLERANCE`: ``4 a^2 0.1 / (pi lambda)``.
+
+    4,580 A at 26.6 A pixels and 300 kV; 320 A at 7 A pixels.
+    """
     a = positive_number("pixel_size", pixel_size, 1.06, " (Angstrom per pixel)")
     return 4.0 * a * a * DEFAULT_PHASE_TOLERANCE / (math.pi * electron_wavelength(voltage))
 
