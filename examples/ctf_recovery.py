@@ -61,8 +61,9 @@ def scrambled(truth, rng, start=0.18, strength=1.0):
 
 
 class Runner:
-    def __init__(self, out, schedule, seed, threads):
+    def __init__(self, out, schedule, seed, threads, reuse=()):
         self.out, self.schedule, self.seed, self.threads = out, schedule, seed, threads
+        self.reuse = set(reuse)
         self.commands = []
 
     def cli(self, *argv):
@@ -91,13 +92,19 @@ class Runner:
         js = os.path.join(self.out, f"est_{tag}.json")
         import contextlib
         import io
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            secs = self.cli("reconstruct", *mics, "--patch-size", 11, "-o", est, "--init", init, "--estimate-noise",
-                            "--schedule", self.schedule, "--truth", truth, "--seed", self.seed, "--json", *extra)
-        summary = json.loads(buf.getvalue())
-        with open(js, "w") as fh:
-            json.dump(summary, fh, indent=1)
+        if tag in self.reuse and os.path.exists(js):
+            summary = json.load(open(js))
+            secs = summary["seconds"]
+            logging.info("%s: reusing %s", tag, js)
+        else:
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                secs = self.cli("reconstruct", *mics, "--patch-size", 11, "-o", est, "--init", init,
+                                "--estimate-noise", "--schedule", self.schedule, "--truth", truth, "--seed", self.seed,
+                                "--json", *extra)
+            summary = json.loads(buf.getvalue())
+            with open(js, "w") as fh:
+                json.dump(summary, fh, indent=1)
         rec = dict(relative_error=summary["relative_error"], fsc_resolution=summary["fsc_resolution"],
                    pixel_size=summary["pixel_size"], seconds=secs,
                    groups=None if summary["preprocess"]["groups"] is None else max(summary["preprocess"]["groups"]) + 1,
@@ -121,12 +128,15 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="a smoke test: small micrographs, a short schedule")
+    p.add_argument("--reuse", default="", help="comma-separated run tags (e.g. plain) whose results in --out are "
+                                                "reused instead of run again (same data and schedule)")
+    p.add_argument("--results", default="results.json", help="name of the JSON file written in --out")
     args = p.parse_args()
     if args.quick:
         args.size, args.count, args.schedule = 154, 1, "lmax=2,iters=1,rotations=30"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.makedirs(args.out, exist_ok=True)
-    run = Runner(args.out, args.schedule, args.seed, args.threads)
+    run = Runner(args.out, args.schedule, args.seed, args.threads, [t for t in args.reuse.split(",") if t])
     todo = set(args.experiments.split(","))
     results = dict(map=args.map, voxel_size=VOXEL, size=args.size, count=args.count, snr=args.snr,
                    schedule=args.schedule, seed=args.seed, loadavg_start=list(os.getloadavg()))
@@ -214,9 +224,9 @@ def main():
 
     results["commands"] = run.commands
     results["loadavg_end"] = list(os.getloadavg())
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
+    with open(os.path.join(args.out, args.results), "w") as fh:
         json.dump(results, fh, indent=1)
-    logging.info("wrote %s", os.path.join(args.out, "results.json"))
+    logging.info("wrote %s", os.path.join(args.out, args.results))
 
 
 if __name__ == "__main__":
