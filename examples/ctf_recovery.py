@@ -106,6 +106,8 @@ class Runner:
             with open(js, "w") as fh:
                 json.dump(summary, fh, indent=1)
         rec = dict(relative_error=summary["relative_error"], fsc_resolution=summary["fsc_resolution"],
+                   relative_error_to_truth_at_final_lmax=_error_at_lmax(read_volume(est)[0], read_volume(truth)[0],
+                                                                        summary["lmax"]),
                    pixel_size=summary["pixel_size"], seconds=secs,
                    groups=None if summary["preprocess"]["groups"] is None else max(summary["preprocess"]["groups"]) + 1,
                    contrast_z=(summary["preprocess"].get("contrast") or {}).get("z"),
@@ -113,6 +115,15 @@ class Runner:
         logging.info("%s: aligned relative error %.4f, FSC 0.5 at %.3f 1/px", tag, rec["relative_error"],
                      rec["fsc_resolution"])
         return rec, read_volume(est)[0]
+
+
+def _error_at_lmax(est, truth, lmax):
+    """Aligned relative error against the truth cut to the run's final ``lmax``: the part of the error
+    the run could remove (the rest, the truth's orders above ``lmax``, is the same floor for every run)."""
+    from numbaem.analysis.compare import compare_to_truth
+    from numbaem.model.basis import FBBasis, expand, synthesize
+    basis = FBBasis(truth.shape[0], lmax)
+    return float(compare_to_truth(expand(est, basis), basis, synthesize(expand(truth, basis), basis))["relative_error"])
 
 
 def main():
