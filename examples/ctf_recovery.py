@@ -30,6 +30,9 @@ Experiments
     micrographs Fourier-cropped beforehand to the same odd size (and scaled by the pixel
     size ratio, as numbaem's crop and the simulator do) and run without it.
 
+``ctfpair``
+    only the first two runs of ``ctf`` (for a longer schedule).
+
 ``--quick`` shrinks everything to a smoke test.
 """
 import argparse
@@ -160,25 +163,26 @@ def main():
                  force=True)
     results["snr_downsampled_plain"] = meta["snr_downsampled"]
 
-    if todo & {"ctf", "invariance"}:
+    if todo & {"ctf", "ctfpair", "invariance"}:
         results["plain"], est_plain = run.reconstruct("plain", plain, init_path, truth_path)
 
-    if "ctf" in todo:
+    if todo & {"ctf", "ctfpair"}:
         ctf, cmeta, d1 = run.simulate("ctf", args.map, 11, args.size, args.count, args.snr, ["--defocus", "1:2.5"])
         star = os.path.join(d1, "mic_ctf.star")
         results["snr_downsampled_ctf"] = cmeta["snr_downsampled"]
         results["defocus_A"] = [c["defocus_u"] for c in cmeta["ctf"]]
         results["ctf_with_ctf"], _ = run.reconstruct("ctf", ctf, init_path, truth_path, ["--ctf", star])
+        results["ctf_verdict"] = dict(
+            no_ctf_data=results["plain"]["relative_error"], with_ctf=results["ctf_with_ctf"]["relative_error"],
+            with_ctf_over_no_ctf_data=results["ctf_with_ctf"]["relative_error"] / results["plain"]["relative_error"],
+            within_25_percent=results["ctf_with_ctf"]["relative_error"] <= 1.25 * results["plain"]["relative_error"])
+    if "ctf" in todo:
         a, _ = run.reconstruct("ctf_no_ctf_inverted", ctf, init_path, truth_path, ["--invert-contrast"])
         b, _ = run.reconstruct("ctf_no_ctf", ctf, init_path, truth_path)
         results["ctf_without_ctf_inverted"], results["ctf_without_ctf_as_given"] = a, b
         best = min(a["relative_error"], b["relative_error"])
-        results["ctf_verdict"] = dict(
-            no_ctf_data=results["plain"]["relative_error"], with_ctf=results["ctf_with_ctf"]["relative_error"],
-            without_ctf_best=best,
-            with_ctf_over_no_ctf_data=results["ctf_with_ctf"]["relative_error"] / results["plain"]["relative_error"],
-            within_25_percent=results["ctf_with_ctf"]["relative_error"] <= 1.25 * results["plain"]["relative_error"],
-            without_ctf_worse=best > results["ctf_with_ctf"]["relative_error"])
+        results["ctf_verdict"].update(without_ctf_best=best,
+                                      without_ctf_worse=best > results["ctf_with_ctf"]["relative_error"])
 
     if "pink" in todo:
         pink, pmeta, _ = run.simulate("pink", args.map, 11, args.size, args.count, args.snr, ["--noise", "pink"])
