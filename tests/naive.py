@@ -177,3 +177,61 @@ def score_map(image, templates, sigma2):
                     z[a, b] = v
                     best[a, b] = k
     return z, best
+
+
+# --------------------------------------------------------------------------- CTF groups (MODEL section 11)
+
+def filter_matrix(flt, L, P):
+    """``Psi`` from its definition, column by column: pad the unit image to P x P (top left),
+    multiply its DFT by the filter on the P-grid frequencies, invert, keep the top-left L x L."""
+    T = flt.transfer((P, P))
+    Psi = np.zeros((L * L, L * L))
+    for r in range(L * L):
+        e = np.zeros((P, P))
+        e[r // L, r % L] = 1.0
+        Psi[:, r] = np.fft.ifft2(np.fft.fft2(e) * T).real[:L, :L].ravel()
+    return Psi
+
+
+def apply_filter(flt, img, P):
+    """``Psi img`` by padding, filtering and cropping one image."""
+    L = img.shape[0]
+    z = np.zeros((P, P))
+    z[:L, :L] = img
+    return np.fft.ifft2(np.fft.fft2(z) * flt.transfer((P, P))).real[:L, :L]
+
+
+def filtered_operators(A, Psi):
+    """``Psi_g A_k`` for every group and rotation, explicitly: (G, K, L^2, M)."""
+    return np.einsum("gpq,kqm->gkpm", Psi, A)
+
+
+def brute_log_posteriors_groups(patches, groups, A, Psi, theta, upsilon, sigma2):
+    """Brute-force E-step with CTF groups: patch ``j`` of group ``g`` against ``C T_l Z Psi_g A_k theta``
+    for every rotation and shift (:func:`brute_log_posteriors` with the explicit ``Psi_g A_k``)."""
+    n, L, _ = patches.shape
+    K = A.shape[0]
+    AG = filtered_operators(A, Psi)
+    logp = np.full((n, K, 2 * L, 2 * L), -np.inf)
+    logp_empty = np.empty(n)
+    loglik = np.empty(n)
+    for g in np.unique(groups):
+        sel = np.nonzero(groups == g)[0]
+        e, p, ll = brute_log_posteriors(patches[sel], AG[g], theta, upsilon, sigma2)
+        logp_empty[sel], logp[sel], loglik[sel] = e, p, ll
+    return logp_empty, logp, loglik
+
+
+def brute_normal_equations_groups(patches, groups, A, Psi, w, L):
+    """Brute-force ``H = sum_{j,k,l} w_jkl (S_l Psi_{g_j} A_k)^T (S_l Psi_{g_j} A_k)`` and ``b``,
+    the matrices ``S_l Psi_g A_k`` formed explicitly for every group, rotation and shift."""
+    M = A.shape[2]
+    AG = filtered_operators(A, Psi)
+    H = np.zeros((M, M))
+    b = np.zeros(M)
+    for g in np.unique(groups):
+        sel = np.nonzero(groups == g)[0]
+        Hg, bg = brute_normal_equations(patches[sel], AG[g], w[sel], L)
+        H += Hg
+        b += bg
+    return H, b

@@ -141,26 +141,33 @@ def test_default_schedule_is_valid():
         assert [x.lmax for x in s] == sorted(x.lmax for x in s) and s[-1].lmax == FBBasis.max_lmax(L)
 
 
-@pytest.mark.parametrize("arrays_mib, whole_operator", [(8, True), (1.5, False)])
-def test_memory_budget_is_honoured(rng, arrays_mib, whole_operator):
+@pytest.mark.parametrize("arrays_mib, whole_operator, groups", [(8, True, False), (1.5, False, False),
+                                                                (8, True, True)])
+def test_memory_budget_is_honoured(rng, arrays_mib, whole_operator, groups):
     """Every array of an iteration counts against the budget: the traced peak (operator and
     its M-step copy included, built inside the traced region) stays within the budget
     less the interpreter's allowance. With 1.5 MiB of room the operator is kept only as
-    blocks of rotations rebuilt on demand."""
+    blocks of rotations rebuilt on demand. With CTF groups (MODEL section 11: filters,
+    per-group statistics, each group's spectra made between its chunks) likewise."""
     from numbaem.em.plan import INTERPRETER_BYTES
     from numbaem.runtime import fft
     L, lmax, K = 7, 3, 60
     basis = FBBasis(L, lmax)
     theta = rng.standard_normal(basis.M)
     mic, s2 = make_micrograph(rng, theta, basis, rotation_grid(K), 350, 40, snr=5.0)
-    src = PatchSource([mic], L)
+    if groups:
+        from numbaem.model.ctf import CTFParams, ImageFilter
+        flt = [ImageFilter(8.0, CTFParams(15000 + 5000 * g, 15000 + 5000 * g)) for g in range(3)]
+        src = PatchSource([mic[:, :175], mic[:, 175:]], L, groups=np.array([0, 2]), filters=flt)
+    else:
+        src = PatchSource([mic], L)
     room = int(arrays_mib * 2 ** 20)
     budget = INTERPRETER_BYTES + room
     stage = schedule.Stage(lmax, 1, 1.0, K)
     fft.clear_cache()
     tracemalloc.start()
     tracemalloc.reset_peak()
-    plan = em.stage_plan(budget, basis, K, src.n_patches)
+    plan = em.stage_plan(budget, basis, K, src.n_patches, 3 if groups else None)
     op = em.Operator(basis, rotation_grid(K), plan.parts["operator"])
     state = em.EMState(theta=theta, lmax=lmax, upsilon=0.5, sigma2=s2, rng=rng)
     rec = em.em_iteration(state, src, op, stage, budget=budget)
@@ -221,3 +228,35 @@ def test_reconstruct_rejects_bad_input(rng):
         bad[3, 4] = np.nan
         em.reconstruct(PatchSource([bad], 7), "random", sigma2=1.0, schedule=[schedule.Stage(2, 1, 1.0, 10)],
                        progress=False)
+
+
+def test_without_ctf_or_whitening_the_iteration_is_that_of_sections_5_and_6_to_the_bit(rng):
+    """No CTF and no whitening (MODEL section 11 not asked for): the iteration is exactly the
+    composition of the section 5-6 primitives as before the CTF groups existed (same bits), and
+    a source with groups through the grouped path, with identity filters, agrees to round-off."""
+    from numbaem.em.estep import stream_stats
+    from numbaem.em.mstep import normal_equations, solve, update_upsilon
+    from numbaem.model.ctf import ImageFilter
+    L, lmax, K = 7, 3, 40
+    basis = FBBasis(L, lmax)
+    theta = rng.standard_normal(basis.M)
+    mic, s2 = make_micrograph(rng, theta, basis, rotation_grid(K), 140, 12, snr=2.0)
+    stage = schedule.Stage(lmax, 1, 1.0, K)
+    op = em.Operator(basis, rotation_grid(K), 1 << 30)
+    start = perturbed(rng, theta, 0.3)
+
+    state = em.EMState(theta=start.copy(), lmax=lmax, upsilon=0.5, sigma2=s2, rng=np.random.default_rng(0))
+    rec = em.em_iteration(state, PatchSource([mic], L), op, stage, budget=1 << 30)
+    src = PatchSource([mic], L)
+    idx = np.arange(src.n_patches)
+    stats = stream_stats(src, idx, projection_spectra(op.project(start)), 0.5, s2, rec["chunk"])
+    H, b = normal_equations(op.blocks(), stats.W, stats.G, L, basis.M,
+                            max_block_bytes=em.stage_plan(1 << 30, basis, K, len(idx)).mstep_block_bytes)
+    assert np.array_equal(state.theta, solve(H, b).theta)
+    assert state.upsilon == update_upsilon(stats) and rec["loglik"] == stats.loglik
+
+    grouped = PatchSource([mic], L, groups=np.array([0]), filters=[ImageFilter()])
+    state_g = em.EMState(theta=start.copy(), lmax=lmax, upsilon=0.5, sigma2=s2, rng=np.random.default_rng(0))
+    em.em_iteration(state_g, grouped, op, stage, budget=1 << 30)
+    assert not np.array_equal(state_g.theta, state.theta)            # another route ...
+    np.testing.assert_allclose(state_g.theta, state.theta, rtol=1e-9, atol=1e-9 * np.abs(state.theta).max())

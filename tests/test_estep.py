@@ -186,3 +186,66 @@ def test_best_states_are_the_posterior_maxima(rng):
         assert best["rotation"][j] == np.argmax(w[j][:, l0, l1])
         assert best["shift_probability"][j] == pytest.approx(per_shift[l0, l1], rel=1e-12)
         assert best["occupied"][j] == pytest.approx(1 - w_empty[j], rel=1e-12)
+
+
+def _group_case(rng, L=5, lmax=2, K=3, sigma2=0.5):
+    """Three micrographs of 2 x 2 patches in two CTF groups (micrographs 0, 2 in group 1)."""
+    from numbaem.data.patches import PatchSource
+    from numbaem.model.ctf import CTFParams, ImageFilter, filter_matrices
+    from numbaem.model.noise import RadialProfile
+
+    basis = FBBasis(L, lmax)
+    A = projection_matrices(basis, random_rotations(K, rng))
+    theta = rng.standard_normal(basis.M)
+    filters = [ImageFilter(6.0, CTFParams(12000, 11000, 30, 300, 2.7, 0.1)),
+               ImageFilter(6.0, CTFParams(25000, 25000, 0, 300, 2.7, 0.1),
+                           RadialProfile(np.array([0.0, 0.3, 0.7]), np.array([1.5, 1.0, 0.8])))]
+    Psi = filter_matrices(filters, L)
+    mics = [rng.standard_normal((2 * L, 2 * L)) * math.sqrt(sigma2) for _ in range(3)]
+    p = (Psi[1] @ A[1] @ theta).reshape(L, L)
+    mics[0][:L, L:] += naive.shift_crop(p, (2, 6), L)          # a filtered projection in a patch of group 1
+    source = PatchSource(mics, L, groups=np.array([1, 0, 1]), filters=filters)
+    return basis, A, theta, Psi, source, sigma2
+
+
+def test_estep_with_ctf_groups_matches_brute_force(rng):
+    """stream_stats with per-group spectra against the brute-force sum over states with the
+    explicit matrices Psi_g A_k (MODEL section 11): posteriors summed per group, log-likelihood."""
+    from numbaem.em.estep import GroupSpectra, stream_stats
+    basis, A, theta, Psi, source, sigma2 = _group_case(rng)
+    L, K = basis.L, len(A)
+    idx = np.arange(source.n_patches)
+    proj = (A @ theta).reshape(K, L, L)
+    stats = stream_stats(source, idx, GroupSpectra(proj, Psi), 0.3, sigma2, n_chunk=3)
+    patches, groups = source.get(idx), source.patch_groups(idx)
+    assert groups.tolist() == [1] * 4 + [0] * 4 + [1] * 4
+    logp_empty, logp, ll = naive.brute_log_posteriors_groups(patches, groups, A, Psi, theta, 0.3, sigma2)
+    w = np.exp(logp - ll[:, None, None, None])
+    assert stats.W.shape == (2, K, 2 * L, 2 * L)
+    for g in (0, 1):
+        np.testing.assert_allclose(stats.W[g], w[groups == g].sum(axis=0), rtol=1e-11, atol=1e-15)
+    np.testing.assert_allclose(stats.loglik, ll.sum(), rtol=1e-13)
+    np.testing.assert_allclose(stats.sum_empty, np.exp(logp_empty - ll).sum(), rtol=1e-11)
+    assert stats.n_patches == 12
+    # the filter matters: scoring group 1's patches against group 0's filter changes the posteriors
+    wrong = stream_stats(source, idx, GroupSpectra(proj, Psi[::-1].copy()), 0.3, sigma2, n_chunk=3)
+    assert abs(wrong.loglik - stats.loglik) > 1e-3 * abs(stats.loglik)
+
+
+def test_estep_one_group_of_identity_equals_no_groups(rng):
+    """An identity filter for one group gives the statistics of the ungrouped E-step (to round-off:
+    the filtered projections pass through a matrix product)."""
+    from numbaem.data.patches import PatchSource
+    from numbaem.em.estep import GroupSpectra, stream_stats
+    from numbaem.model.ctf import ImageFilter
+    basis, A, theta, proj, patches, sigma2 = _case(rng, n=4)
+    L, K = basis.L, len(A)
+    mic = np.concatenate([np.concatenate(list(patches[:2]), axis=1), np.concatenate(list(patches[2:]), axis=1)])
+    plain = PatchSource([mic], L)
+    grouped = PatchSource([mic], L, groups=np.array([0]), filters=[ImageFilter()])
+    idx = np.arange(4)
+    a = stream_stats(plain, idx, projection_spectra(proj), 0.3, sigma2, n_chunk=4)
+    b = stream_stats(grouped, idx, GroupSpectra(proj, grouped.filter_matrices()), 0.3, sigma2, n_chunk=4)
+    np.testing.assert_allclose(b.W[0], a.W, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(b.G[0], a.G, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(b.loglik, a.loglik, rtol=1e-14)

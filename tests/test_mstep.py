@@ -88,3 +88,43 @@ def test_solve_solves_and_regularises(rng, caplog):
         sol = solve(Hs, b)
     assert sol.tikhonov > 0 and np.all(np.isfinite(sol.theta))
     assert "Tikhonov" in caplog.text
+
+
+def test_normal_equations_with_ctf_groups_match_brute_force(rng):
+    """H = sum_g sum_k (Psi_g A_k)^T diag(h_gk) (Psi_g A_k) and b from per-group statistics, against
+    the brute-force sums over (j, k, l) with S_l Psi_g A_k formed explicitly (MODEL section 11)."""
+    from numbaem.em.estep import GroupSpectra, stream_stats
+    from test_estep import _group_case
+    basis, A, theta, Psi, source, sigma2 = _group_case(rng)
+    L, K, M = basis.L, len(A), basis.M
+    idx = np.arange(source.n_patches)
+    stats = stream_stats(source, idx, GroupSpectra((A @ theta).reshape(K, L, L), Psi), 0.3, sigma2, n_chunk=5)
+    patches, groups = source.get(idx), source.patch_groups(idx)
+    logp_empty, logp, ll = naive.brute_log_posteriors_groups(patches, groups, A, Psi, theta, 0.3, sigma2)
+    w = np.exp(logp - ll[:, None, None, None])
+    H_ref, b_ref = naive.brute_normal_equations_groups(patches, groups, A, Psi, w, L)
+    for route in ("gram", "direct"):
+        H, b = normal_equations([(slice(None), A)], stats.W, stats.G, L, M, filters=Psi, route=route)
+        np.testing.assert_allclose(H, H_ref, rtol=1e-11, atol=1e-11 * np.abs(H_ref).max())
+        np.testing.assert_allclose(b, b_ref, rtol=1e-11, atol=1e-11 * np.abs(b_ref).max())
+    # rotation blocks
+    blocks = [(slice(0, 2), A[:2]), (slice(2, 3), A[2:])]
+    H2, b2 = normal_equations(blocks, stats.W, stats.G, L, M, filters=Psi)
+    np.testing.assert_allclose(H2, H_ref, rtol=1e-11, atol=1e-11 * np.abs(H_ref).max())
+    # the groups' filters are not interchangeable: swapping them is caught
+    Hs, bs = normal_equations([(slice(None), A)], stats.W, stats.G, L, M, filters=Psi[::-1].copy())
+    assert np.linalg.norm(bs - b_ref) > 0.05 * np.linalg.norm(b_ref)
+    assert np.linalg.norm(Hs - H_ref) > 0.05 * np.linalg.norm(H_ref)
+    # sigma^2 from (H, b) equals the explicit weighted residuals with the filtered operators
+    th = solve(H_ref, b_ref).theta
+    s2 = update_sigma2(stats, H_ref, b_ref, th, L)
+    AG = naive.filtered_operators(A, Psi)
+    tot = 0.0
+    w_empty = np.exp(logp_empty - ll)
+    for j, y in enumerate(patches):
+        tot += w_empty[j] * np.sum(y ** 2)
+        proj = (AG[groups[j]] @ th).reshape(K, L, L)
+        for k in range(K):
+            for sh in naive.nonempty_shifts(L):
+                tot += w[j, k, sh[0], sh[1]] * np.sum((y - naive.shift_crop(proj[k], sh, L)) ** 2)
+    np.testing.assert_allclose(s2, tot / (len(patches) * L * L), rtol=1e-9)

@@ -27,7 +27,8 @@ API_FLOORS = {
     "tqdm": ("4.66", "tqdm.auto"),
     "matplotlib": ("3.8", "Figure.savefig(format='png') to an open file"),
     "gemmi": ("0.7", "DensityCalculatorE with blur / cutoff and Model.all() as used (tested with 0.7.5)"),
-    "starfile": ("0.5", "starfile.read / starfile.write of a dict of DataFrames (tested with 0.5.13)"),
+    "starfile": ("0.5", "starfile.read(path, always_dict=True) and write of a dict of DataFrames (data.star)"),
+    "pandas": ("1.5", "DataFrame from a dict of lists (the blocks data.star writes)"),
 }
 
 

@@ -202,3 +202,21 @@ def test_plot_micrograph_crop_boxes(rng, tmp_path):
     with pytest.raises(NumbaemError, match="image has shape"):
         plot_micrograph_crop(np.zeros((4, 4, 4)), tmp_path / "m3.png")
     assert not (tmp_path / "m3.png").exists()
+
+
+def test_plot_noise_spectra(tmp_path):
+    from numbaem.analysis.plots import plot_noise_spectra
+    from numbaem.model.noise import RadialProfile
+    r = np.arange(8) / 11
+    groups = [RadialProfile(r, 1 / (r + 0.05)), RadialProfile(r, 2 / (r + 0.05))]
+    mics = [RadialProfile(r, 1.1 / (r + 0.05))] * 3
+    fig = plot_noise_spectra(groups, tmp_path / "n.png", micrographs=mics, scale=[1, 2, 1], pixel_size=4.0)
+    ax = fig.axes[0]
+    lines = {ln.get_gid(): ln for ln in ax.get_lines()}
+    assert sum(ln.get_gid() == "group-spectrum" for ln in ax.get_lines()) == 2
+    assert sum(ln.get_gid() == "micrograph-spectrum" for ln in ax.get_lines()) == 3
+    mid = [ln for ln in ax.get_lines() if ln.get_gid() == "micrograph-spectrum"][1]
+    np.testing.assert_allclose(mid.get_ydata(), 4 * 1.1 / (r + 0.05))         # drawn at the common scale
+    assert "band-limit" in lines and (tmp_path / "n.png").stat().st_size > 1000
+    with pytest.raises(NumbaemError, match="exists"):
+        plot_noise_spectra(groups, tmp_path / "n.png")

@@ -384,3 +384,75 @@ def test_write_simulation_bad_input(tmp_path, small_sim):
     with pytest.raises(NumbaemError, match="does not exist"):
         write_simulation(small_sim, tmp_path / "missing" / "x.mrc")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- CTF and coloured noise (MODEL 11)
+
+
+def test_ctf_filters_the_whole_clean_micrograph_and_keeps_particles_and_noise(vol):
+    """Method 2 with a CTF: the clean micrograph is the CTF-filtered one of the same run without
+    (same seed: same positions, rotations and noise draws), filtered whole, so a particle's image
+    spreads beyond its box; the noise is unchanged."""
+    from numbaem.model.ctf import CTFParams, evaluate_ctf
+    px = 6.0
+    ctf = [CTFParams(30000, 28000, 40)]
+    kw = dict(micrograph_size=(84, 70), method=2, density=0.02, snr=2.0, rng=5)
+    plain = simulate_micrographs(vol, L, **kw)
+    with_ctf = simulate_micrographs(vol, L, ctf=ctf, pixel_size=px, **kw)
+    assert [np.array_equal(a, b) for a, b in zip(plain.positions, with_ctf.positions)] == [True]
+    np.testing.assert_allclose(with_ctf.micrographs[0] - with_ctf.clean_micrographs[0],
+                               plain.micrographs[0] - plain.clean_micrographs[0], atol=1e-12)
+    a = px * L0 / L
+    f0, f1 = np.fft.fftfreq(84, a)[:, None], np.fft.fftfreq(70, a)[None, :]
+    ref = np.fft.ifft2(np.fft.fft2(plain.clean_micrographs[0]) * evaluate_ctf(ctf[0], f0, f1)).real
+    np.testing.assert_allclose(with_ctf.clean_micrographs[0], ref, atol=1e-12 * np.abs(ref).max())
+    outside = np.ones((84, 70), bool)
+    for s0, s1 in plain.positions[0]:
+        outside[s0:s0 + L, s1:s1 + L] = False
+    assert np.all(plain.clean_micrographs[0][outside] == 0)
+    assert np.abs(with_ctf.clean_micrographs[0][outside]).max() > 0.01 * np.abs(ref).max()
+    assert with_ctf.snr == plain.snr and with_ctf.sigma2 == plain.sigma2
+
+
+def test_ctf_needs_a_pixel_size_and_one_ctf_per_micrograph(vol):
+    from numbaem.model.ctf import CTFParams
+    with pytest.raises(NumbaemError, match="pixel size"):
+        simulate_micrographs(vol, L, micrograph_size=40, ctf=[CTFParams(1e4, 1e4)], rng=1)
+    with pytest.raises(NumbaemError, match="one CTFParams per micrograph"):
+        simulate_micrographs(vol, L, micrograph_size=40, ctf=[CTFParams(1e4, 1e4)], pixel_size=3.0, count=2, rng=1)
+
+
+def test_pink_noise_has_the_pixel_variance_and_the_shape(vol):
+    """--noise pink: the pixel variance is sigma2 (the SNR keeps its meaning) and the periodogram
+    of the noise, averaged over annuli, is sigma2 n(|k|) with n = 1/(|k| + 0.05) normalised to mean
+    1 on the grid. Tolerance 10%: an annulus holds at least 1800 exponential values (SE 2.4%)."""
+    sim = simulate_micrographs(vol, L, micrograph_size=300, method=2, density=0.01, snr=1.0, rng=3,
+                               noise_psd="pink")
+    noise = sim.micrographs[0] - sim.clean_micrographs[0]
+    assert sim.noise == "pink"
+    assert noise.var() == pytest.approx(sim.sigma2, rel=0.05)
+    per = np.abs(np.fft.fft2(noise)) ** 2 / noise.size
+    f = np.fft.fftfreq(300)
+    k = np.hypot(f[:, None], f[None, :])
+    n = 1 / (k + 0.05)
+    n /= n.mean()
+    for lo, hi in ((0.03, 0.07), (0.1, 0.14), (0.4, 0.45)):
+        ring = (k >= lo) & (k < hi)
+        assert per[ring].mean() == pytest.approx(sim.sigma2 * n[ring].mean(), rel=0.10), (lo, hi)
+
+
+def test_write_simulation_with_ctf_writes_the_star_file(tmp_path, vol):
+    from numbaem.data.star import read_micrographs_star
+    from numbaem.sim.simulate import random_ctf
+    ctf = random_ctf((1.0, 2.5), 2, seed=4, astigmatism=300.0)
+    sim = simulate_micrographs(vol, L, micrograph_size=42, method=2, count=2, rng=4, ctf=ctf, pixel_size=2.0)
+    paths = write_simulation(sim, tmp_path / "m.mrc")
+    star = tmp_path / "m_ctf.star"
+    assert paths[-1] == star
+    got = read_micrographs_star(star, [str(p) for p in paths[:2]])
+    assert got.pixel_size == pytest.approx(2.0 * L0 / L, rel=1e-6)
+    for a, b in zip(got.params, ctf):
+        assert a.defocus_u == pytest.approx(b.defocus_u, abs=1e-5) and a.defocus_angle == pytest.approx(b.defocus_angle)
+        assert 1e4 <= a.defocus_mean <= 2.5e4 and a.defocus_u - a.defocus_v == pytest.approx(300.0, abs=1e-5)
+    rec = json.loads((tmp_path / "m.json").read_text())
+    assert rec["ctf_star"] == "m_ctf.star" and rec["noise"] == "white" and len(rec["ctf"]) == 2

@@ -24,7 +24,7 @@ from .fsc import plot_fsc
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plot_fsc", "plot_convergence", "plot_slices", "plot_micrograph_crop"]
+__all__ = ["plot_fsc", "plot_convergence", "plot_slices", "plot_micrograph_crop", "plot_noise_spectra"]
 
 
 # --------------------------------------------------------------------------- convergence
@@ -327,3 +327,51 @@ def plot_micrograph_crop(image, path, L=None, positions=None, size=None, corner=
     ax.set_title("\n".join(([str(title)] if title else []) + textwrap.wrap("; ".join(parts), 75)), fontsize="small")
     fig.tight_layout()
     return save_png(fig, path, force, "micrograph crop")
+
+
+# --------------------------------------------------------------------------- noise spectra
+
+
+def plot_noise_spectra(group_spectra, path, micrographs=None, scale=None, pixel_size=None, force=False):
+    """Estimated noise power spectra against the radial frequency, to PNG (MODEL section 11).
+
+    Parameters
+    ----------
+    group_spectra : list of numbaem.model.noise.RadialProfile
+        ``S_g`` of each group (the micrographs are whitened by ``1 / sqrt(S_g)``), drawn
+        thick, ``gid`` ``"group-spectrum"``.
+    path : str or os.PathLike
+    micrographs : list of RadialProfile, optional
+        Each micrograph's own estimate, drawn thin (``gid`` ``"micrograph-spectrum"``).
+    scale : array_like, optional
+        The factor each micrograph was multiplied by (its spectrum is drawn times its square).
+    pixel_size : float, optional
+        Angstrom per pixel: a second axis in 1/Angstrom.
+    force : bool
+
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+    """
+    force = check_force(force)
+    pixel_size = check_pixel_size("pixel_size", pixel_size)
+    if not group_spectra:
+        raise NumbaemError("no noise spectra to plot; estimate them first (--noise coloured)")
+    fig = new_figure(6.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, s in enumerate(micrographs or []):
+        f = 1.0 if scale is None else float(scale[i]) ** 2
+        ax.semilogy(s.radius, s.values * f, color="0.7", lw=0.7, gid="micrograph-spectrum",
+                    label="micrographs (common scale)" if i == 0 else None)
+    for g, s in enumerate(group_spectra):
+        ax.semilogy(s.radius, s.values, lw=1.8, marker="o", ms=3, gid="group-spectrum", label=f"group {g}")
+    ax.axvline(0.5, color="grey", lw=0.6, ls=":", gid="band-limit")
+    ax.set_xlabel("radial frequency |k| (cycles/pixel)")
+    ax.set_ylabel("noise power per pixel")
+    if pixel_size is not None:
+        top = ax.secondary_xaxis("top", functions=(lambda k: k / pixel_size, lambda q: q * pixel_size))
+        top.set_xlabel("1/\u00c5 (pixel %.3g \u00c5)" % pixel_size)
+    ax.set_title("estimated noise power spectra; micrographs whitened by 1/sqrt(S_g)", fontsize="small")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return save_png(fig, path, force, "noise spectra")

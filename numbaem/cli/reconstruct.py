@@ -19,12 +19,24 @@ Pick-then-EM: --particles coords.star runs the same EM on L x L boxes around the
 --write-particles coords.star writes the particles the final E-step finds (posterior
 probability of a particle >= --min-probability), with that probability and the most
 likely rotation as extra columns.
+
+Real micrographs (MODEL section 11): by default each micrograph has its mean and a
+smooth background removed, is brought to a common noise scale, and is whitened by its
+estimated noise spectrum (--noise coloured); --particle-diameter Fourier-crops to the
+working pixel size diameter / L; --ctf MICROGRAPHS.star puts each micrograph's CTF
+(CTFFIND's sign: raw micrographs, particles dark) into the model, by defocus groups.
+Without a CTF the model expects particles bright (positive density): use
+--invert-contrast for raw micrographs then. --no-preprocess --noise white runs on the
+micrographs exactly as given.
 """
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -35,7 +47,8 @@ from ..runtime.errors import InterruptedRun, NumbaemError
 from ..runtime.fourier import downsample
 from ..data.io import atomic_write_text, read_volume, write_volume
 from ..runtime.memory import default_budget, format_size, parse_size
-from ..data.patches import PatchSource
+from ..data.preprocess import micrograph_pixel_size, prepare_micrographs
+from ..data.star import check_pixel_sizes, read_micrographs_star
 from ..runtime.threads import use_threads
 from ._common import (add_threads, check_outputs, emit_json, fraction, nonneg_float, nonneg_int, positive_float,
                       positive_int)
@@ -55,8 +68,8 @@ def add_args(p):
                        help="continue from the last complete checkpoint in --checkpoint instead")
     n = p.add_mutually_exclusive_group()
     n.add_argument("--noise-var", type=positive_float, metavar="S2",
-                   help="noise variance sigma^2 of one pixel of the micrographs as given (the working, "
-                        "patch pixel size), in the micrographs' units squared")
+                   help="noise variance sigma^2 of one pixel of the micrographs as given, in their units squared "
+                        "(with --particle-diameter it is scaled by the crop, as white noise's is)")
     n.add_argument("--estimate-noise", action="store_true",
                    help="estimate sigma^2 by EM, starting from the low-signal patches of a seeded sample")
     p.add_argument("--schedule", default=None,
@@ -103,6 +116,33 @@ def add_args(p):
     p.add_argument("--plot", metavar="PNG", help="write a convergence plot (log-likelihood, FSC) as PNG")
     p.add_argument("--json", action="store_true", help="print a final JSON summary on standard output")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    d = p.add_argument_group("real micrographs (MODEL section 11)")
+    d.add_argument("--pixel-size", type=positive_float, default=None, metavar="ANGSTROM",
+                   help="pixel size of the micrographs as given (default: their MRC headers)")
+    d.add_argument("--particle-diameter", type=positive_float, default=None, metavar="ANGSTROM",
+                   help="diameter of the box you would extract around a particle: the working pixel size becomes "
+                        "DIAMETER / L and the micrographs are Fourier-cropped to it (default: no resampling)")
+    d.add_argument("--invert-contrast", action="store_true",
+                   help="multiply the micrographs by -1: for data whose particles are dark where the model expects "
+                        "them bright (raw micrographs without --ctf), or the reverse")
+    d.add_argument("--ctf", metavar="MICROGRAPHS.star",
+                   help="RELION 3.1 micrographs STAR file (CTFFIND / RELION): put each micrograph's CTF in the model")
+    d.add_argument("--defocus-tolerance", type=nonneg_float, default=None, metavar="ANGSTROM",
+                   help="micrographs whose defocus differs by at most this share one CTF group (default: a phase "
+                        "error of 0.1 rad at the working Nyquist frequency, 0.127 a^2 / lambda, so the CTFs of a "
+                        "group differ by at most 0.1)")
+    d.add_argument("--noise", choices=("coloured", "white"), default="coloured",
+                   help="coloured: estimate each group's noise power spectrum and whiten by it (default); white: "
+                        "assume white noise")
+    d.add_argument("--noise-plot", metavar="PNG",
+                   help="where to write the estimated noise spectra (default with --noise coloured: EST_noise.png)")
+    d.add_argument("--background-degree", type=nonneg_int, default=2, metavar="D",
+                   help="degree of the polynomial background removed from each micrograph (default 2; 1: a ramp)")
+    d.add_argument("--no-preprocess", action="store_true",
+                   help="do not remove the mean and background nor equalise the noise scale")
+    d.add_argument("--work-dir", metavar="DIR",
+                   help="where the prepared micrographs are written and kept (default: a temporary directory "
+                        "beside the output, removed afterwards); workers of a Dask cluster must see it")
 
 
 #: ``--anneal auto`` for random starts: (start temperature, iterations).
@@ -164,7 +204,10 @@ def main(args):
     budget = parse_size(args.memory) if args.memory else default_budget()
     if args.resume and not args.checkpoint:
         raise NumbaemError("--resume needs --checkpoint DIR, the directory of the run to continue")
-    outputs = [args.output] + [x for x in (args.log, args.plot, args.write_particles) if x]
+    noise_plot = args.noise_plot
+    if noise_plot is None and args.noise == "coloured":
+        noise_plot = str(Path(args.output).with_suffix("")) + "_noise.png"
+    outputs = [args.output] + [x for x in (args.log, args.plot, args.write_particles, noise_plot) if x]
     if not args.resume:
         check_outputs(outputs, args.force)
     if args.restarts > 1 and (args.init != "random" or args.checkpoint):
@@ -175,30 +218,94 @@ def main(args):
         raise NumbaemError("--particles runs in process: leave out --workers / --scheduler")
     if args.shift_window is not None and not args.particles:
         raise NumbaemError("--shift-window belongs to --particles (boxes around picks)")
-    source = _source(args, L)
+    star = _read_star(args)
     truth = None
     if args.truth:
         truth, _ = read_volume(args.truth)
         if truth.shape[0] != L:
             raise NumbaemError(f"the truth volume {args.truth} is {truth.shape[0]}^3; give it at side L={L}")
+    particles = _read_particles(args) if args.particles else None
+    sigma2 = args.noise_var
+    if sigma2 is None and not args.estimate_noise:
+        raise NumbaemError("the noise variance is unknown: pass --noise-var S2 or --estimate-noise")
+    work_dir, own_work_dir = _work_dir(args)
+    try:
+        prepared = prepare_micrographs(
+            args.micrographs, L, work_dir, pixel_size=star.pixel_size if star else args.pixel_size,
+            particle_diameter=args.particle_diameter, invert_contrast=args.invert_contrast,
+            ctf=star.params if star else None, defocus_tolerance=args.defocus_tolerance, noise=args.noise,
+            background=not args.no_preprocess, background_degree=args.background_degree)
+        _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, noise_plot, t_start)
+    finally:
+        if own_work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _read_star(args):
+    """The STAR file's CTFs, checked against the micrographs' pixel size (nothing is written yet)."""
+    if not args.ctf:
+        return None
+    star = read_micrographs_star(args.ctf, args.micrographs)
+    header = args.pixel_size or micrograph_pixel_size(args.micrographs)
+    check_pixel_sizes(star.pixel_size, header, args.ctf)
+    if header is not None:
+        star.pixel_size = header
+    return star
+
+
+def _work_dir(args):
+    """``(directory, created_here)``: --work-dir (made if missing), else a temporary one beside the output."""
+    if args.work_dir:
+        created = not os.path.isdir(args.work_dir)
+        os.makedirs(args.work_dir, exist_ok=True)
+        return args.work_dir, created
+    parent = Path(args.output).resolve().parent
+    if not parent.is_dir():
+        raise NumbaemError(f"the output's directory {parent} does not exist; create it first")
+    return tempfile.mkdtemp(prefix=".numbaem-work-", dir=parent), True
+
+
+def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, noise_plot, t_start):
+    raw_shapes = _input_shapes(prepared)
+    if particles is None:
+        source = prepared.source()
+    else:
+        window = L // 4 if args.shift_window is None else args.shift_window
+        source = prepared.boxes(particles, window, raw_shapes)
+        logger.info("pick-then-EM: %d boxes around the picks of %s, shifts within %d pixel(s)", source.n_patches,
+                    args.particles, window)
     init = args.init or "random"
     model_start = False
     if init != "random":
         from ..sim.atomic import is_model_file
         model_start = is_model_file(init)
-        init = load_init(init, L, args.downsample_init, source, args.pixel_size)
+        # an atomic model's density is computed at the working pixel size
+        init = load_init(init, L, args.downsample_init, source, prepared.pixel_size or args.pixel_size)
     anneal = _anneal(args.anneal, "random" if isinstance(init, str) else None)
-    sigma2 = args.noise_var
-    if sigma2 is None and not args.estimate_noise:
-        raise NumbaemError("the noise variance is unknown: pass --noise-var S2 or --estimate-noise")
-    logger.info("%d micrograph(s), %d patches of %dx%d, budget %s", len(args.micrographs), source.n_patches,
-                L, L, format_size(budget))
+    if sigma2 is not None and [tuple(s) for s in prepared.shapes] != raw_shapes:
+        # a Fourier crop from N to M pixels per axis keeps white noise white with variance x M/N per axis,
+        # and the crop's values are multiplied by a_raw / a_work (numbaem.data.preprocess)
+        factor = float(np.mean([np.prod(w) / np.prod(r) for w, r in zip(prepared.shapes, raw_shapes)]))
+        factor *= prepared.crop_gain ** 2
+        sigma2 = sigma2 * factor
+        logger.info("--noise-var scaled by the Fourier crop (x%.4g) to %.4g per working pixel", factor, sigma2)
+    if args.no_preprocess:
+        from ..data.preprocess import check_offset
+        check_offset(source.images, L, sigma2)
+    logger.info("%d micrograph(s), %d patches of %dx%d at %s, %s, budget %s", len(args.micrographs),
+                source.n_patches, L, L, f"{prepared.pixel_size:.4g} A/pixel" if prepared.pixel_size else
+                "an unknown pixel size", f"{len(prepared.filters)} filter group(s)" if prepared.filters else
+                "no CTF or noise filter", format_size(budget))
+    if noise_plot and prepared.group_spectra is not None and not args.resume:
+        from ..analysis.plots import plot_noise_spectra
+        plot_noise_spectra(prepared.group_spectra, noise_plot, micrographs=prepared.spectra, scale=prepared.scale,
+                           pixel_size=prepared.pixel_size, force=args.force)
 
     ckpt = None
     state = None
     rng = np.random.default_rng(args.seed)
     if args.checkpoint:
-        from ..em.checkpoint import Checkpointer, run_inputs
+        from ..em.checkpoint import Checkpointer, file_fingerprint, run_inputs
         inputs = run_inputs(args.micrographs, L=L, sigma2=sigma2, estimate_noise=bool(args.estimate_noise),
                             schedule=schedule, seed=args.seed, tikhonov=args.tikhonov, upsilon0=args.upsilon0,
                             init=init if args.init else None, memory=budget)
@@ -208,6 +315,11 @@ def main(args):
         inputs["particles"] = dict(file=os.path.abspath(args.particles), shift_window=source.shift_window) \
             if args.particles else None
         inputs["anneal"] = list(anneal) if anneal else None
+        # what the micrographs were made into is part of what the run computes on
+        inputs["preprocess"] = dict(
+            pixel_size=args.pixel_size, particle_diameter=args.particle_diameter, invert=bool(args.invert_contrast),
+            ctf=file_fingerprint(args.ctf) if args.ctf else None, defocus_tolerance=args.defocus_tolerance,
+            noise=args.noise, background=not args.no_preprocess, background_degree=args.background_degree)
         ckpt = Checkpointer(args.checkpoint, inputs, force=args.force and not args.resume)
         state = ckpt.begin(resume=args.resume)
         if args.resume and state is None:
@@ -250,8 +362,13 @@ def main(args):
         raise InterruptedRun(f"stopped by {stop.signal_name or 'a signal'} after iteration {state.total_iterations}; the estimate so far is "
                              f"in {args.output}" + (f" and the checkpoint in {args.checkpoint}: rerun with --resume "
                                                     "to continue" if args.checkpoint else ""))
+    density = float(np.sum(result.volume))
+    if density < 0:
+        logger.warning("the estimate's total density is negative (%.3g): its contrast is inverted relative to the "
+                       "model; rerun %s --invert-contrast", density, "without" if args.invert_contrast else "with")
     summary = dict(output=args.output, L=L, lmax=state.lmax, M=basis.M, iterations=state.total_iterations,
                    upsilon=state.upsilon, sigma2=state.sigma2, patches=source.n_patches,
+                   pixel_size=result.pixel_size, total_density=density, preprocess=prepared.summary(),
                    seconds=time.perf_counter() - t_start, history=state.history)
     if result.restarts is not None:
         summary["restarts"] = result.restarts
@@ -260,24 +377,18 @@ def main(args):
     if truth is not None:
         from ..analysis.compare import compare_to_truth
         summary.update(compare_to_truth(state.theta, basis, truth))
-    logger.info("wrote %s after %d iterations", args.output, state.total_iterations)
+    logger.info("wrote %s after %d iterations (pixel size %s)", args.output, state.total_iterations,
+                f"{result.pixel_size:.4g} A" if result.pixel_size else "unknown")
     if args.json:
         emit_json(summary)
 
 
-def _source(args, L):
-    if not args.particles:
-        return PatchSource.from_files(args.micrographs, L)
-    from ..data.boxes import BoxSource
+def _read_particles(args):
+    """The picks of --particles, one array of centres (x, y) per micrograph, in its own pixels."""
     from ..data.coordinates import coordinates_by_micrograph, read_coordinates
 
     df = read_coordinates(args.particles)
-    centres = coordinates_by_micrograph(df, args.micrographs, where=f"--particles {args.particles}")
-    window = L // 4 if args.shift_window is None else args.shift_window
-    source = BoxSource.from_files(args.micrographs, L, centres, window)
-    logger.info("pick-then-EM: %d boxes around the picks of %s, shifts within %d pixel(s)", source.n_patches,
-                args.particles, window)
-    return source
+    return coordinates_by_micrograph(df, args.micrographs, where=f"--particles {args.particles}")
 
 
 def _write_particles(args, source, result, schedule, budget):
@@ -303,3 +414,6 @@ def _executor(args):
     except ImportError:
         raise NumbaemError("--workers and --scheduler need Dask: pip install 'numbaem[distributed]'") from None
     return executor_from_options(workers=args.workers, scheduler=args.scheduler, threads=args.threads)
+def _input_shapes(prepared):
+    from ..data.io import read_image
+    return [tuple(read_image(p, mmap=True)[0].shape) for p in prepared.inputs]

@@ -38,6 +38,8 @@ class BoxSource:
         (``0 <= w < L``).
     names : list of str, optional
     pixel_size : float or None
+    groups, filters : optional
+        CTF group of each micrograph and one filter per group, as for :class:`PatchSource`.
 
     Attributes
     ----------
@@ -47,7 +49,7 @@ class BoxSource:
         Top-left pixel of each box, per micrograph.
     """
 
-    def __init__(self, images, L, centres, shift_window, names=None, pixel_size=None):
+    def __init__(self, images, L, centres, shift_window, names=None, pixel_size=None, groups=None, filters=None):
         self.L = check_L(L, "patch size L")
         if not images:
             raise NumbaemError("no micrographs were given; pass at least one micrograph file")
@@ -58,6 +60,10 @@ class BoxSource:
             raise NumbaemError(f"shift_window={self.shift_window} must be below L={self.L}; a window of a few pixels "
                                "(e.g. 2) is what a pick's error needs")
         self.images = images
+        if (groups is None) != (filters is None):
+            raise NumbaemError("groups and filters go together: give both (one filter per group) or neither")
+        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
+        self.filters = None if filters is None else list(filters)
         self.names = names or [f"micrograph {i}" for i in range(len(images))]
         self.pixel_size = pixel_size
         R = self.L // 2
@@ -86,6 +92,11 @@ class BoxSource:
         """Open micrograph MRC files memory-mapped (one pixel size, as :class:`PatchSource`)."""
         grid = PatchSource.from_files(paths, L)
         return cls(grid.images, L, centres, shift_window, names=grid.names, pixel_size=grid.pixel_size)
+
+    # CTF groups exactly as the patch grid has them
+    n_groups = PatchSource.n_groups
+    filter_matrices = PatchSource.filter_matrices
+    patch_groups = PatchSource.patch_groups
 
     @property
     def n_patches(self):

@@ -26,6 +26,11 @@ class PatchSource:
     L : int
     names : list of str, optional
     pixel_size : float or None
+    groups : array_like of int, shape (n_micrographs,), optional
+        CTF group of each micrograph (MODEL section 11); requires ``filters``.
+    filters : list of numbaem.model.ctf.ImageFilter, optional
+        The filter ``t_g`` (CTF times whitening) of each group. None: the idealised
+        model of sections 4-6 (no filter), today's path.
 
     Attributes
     ----------
@@ -38,11 +43,23 @@ class PatchSource:
     L: int
     names: list = None
     pixel_size: float = None
+    groups: np.ndarray = None
+    filters: list = None
 
     def __post_init__(self):
         self.L = check_L(self.L, "patch size L")
         if not self.images:
             raise NumbaemError("no micrographs were given; pass at least one micrograph file")
+        if (self.groups is None) != (self.filters is None):
+            raise NumbaemError("give both the group of each micrograph and one filter per group, or neither")
+        if self.groups is not None:
+            g = np.asarray(self.groups)
+            if g.shape != (len(self.images),) or not np.issubdtype(g.dtype, np.integer) or \
+                    (len(g) and (g.min() < 0 or g.max() >= len(self.filters))):
+                raise NumbaemError(f"groups must give each of the {len(self.images)} micrographs a group number "
+                                   f"in 0..{len(self.filters) - 1} (one filter per group)")
+            self.groups = g.astype(np.int64)
+            self.filters = list(self.filters)
         self.names = self.names or [f"micrograph {i}" for i in range(len(self.images))]
         self.grid = []
         for img, name in zip(self.images, self.names):
@@ -62,7 +79,7 @@ class PatchSource:
         self._starts = np.concatenate([[0], np.cumsum(self._counts)])
 
     @classmethod
-    def from_files(cls, paths, L):
+    def from_files(cls, paths, L, groups=None, filters=None):
         """Open micrograph MRC files memory-mapped; all must share one pixel size."""
         from .io import read_image
 
@@ -75,7 +92,32 @@ class PatchSource:
         if len(known) > 1:
             raise NumbaemError(f"the micrographs have different pixel sizes ({', '.join(f'{s:g}' for s in sorted(known))} A); "
                                "resample them to one pixel size first")
-        return cls(images, L, names=[str(p) for p in paths], pixel_size=known.pop() if known else None)
+        return cls(images, L, names=[str(p) for p in paths], pixel_size=known.pop() if known else None,
+                   groups=groups, filters=filters)
+
+    @property
+    def n_groups(self):
+        """Number of CTF groups (None without filters)."""
+        return None if self.filters is None else len(self.filters)
+
+    def filter_matrices(self):
+        """``Psi_g`` of every group, ndarray (G, L^2, L^2) (built once; None without filters).
+
+        See :func:`numbaem.model.ctf.filter_matrix`.
+        """
+        if self.filters is None:
+            return None
+        if getattr(self, "_psi", None) is None:
+            from ..model.ctf import filter_matrices
+            self._psi = filter_matrices(self.filters, self.L)
+        return self._psi
+
+    def patch_groups(self, indices):
+        """The CTF group of each of the given patches (all 0 without groups): ndarray of int64."""
+        mic = self.locate(indices)[0]
+        if self.groups is None:
+            return np.zeros(len(mic), np.int64)
+        return self.groups[mic]
 
     @property
     def n_patches(self):

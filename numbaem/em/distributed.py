@@ -16,6 +16,13 @@ pass through the scheduler. Per iteration the driver:
    same to the bit for a given split of the patches into tasks;
 4. receives one :class:`~numbaem.em.estep.SufficientStats`.
 
+CTF groups (MODEL section 11): the job then carries a
+:class:`~numbaem.em.estep.GroupSpectra` (the projections and the groups' filters,
+``K L^2 + G L^4`` numbers, rather than ``G`` sets of spectra), the driver splits the
+patches by group, every task holds patches of one group and makes that group's spectra
+on its worker (once per worker and group: cached on the worker's copy of the job), and
+each group has its own reduction tree; the driver stacks the groups' sums.
+
 Tasks are pure functions of their inputs and have explicit, per-iteration unique keys:
 when a worker dies, the scheduler recomputes the tasks it was running and the results
 it held, and the iteration gives the same numbers; a task that raises is retried
@@ -44,7 +51,7 @@ import uuid
 import numpy as np
 
 from ..runtime.errors import NumbaemError
-from .estep import SufficientStats, chunk_bytes
+from .estep import GroupSpectra, SufficientStats, chunk_bytes
 from .plan import INTERPRETER_BYTES, worker_bytes
 from ..runtime.memory import format_size, parse_size
 
@@ -54,6 +61,7 @@ logger = logging.getLogger(__name__)
 #: (least recently used last; at most ``_MAX_SOURCES``).
 _SOURCES = collections.OrderedDict()
 _SOURCES_LOCK = threading.Lock()
+_GROUP_LOCK = threading.Lock()
 _MAX_SOURCES = 2
 
 _BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -96,8 +104,27 @@ class _Job:
         self.n_chunk, self.threads = int(n_chunk), threads
 
     def __sizeof__(self):  # what Dask's sizeof() reports: the spectra dominate
-        return (object.__sizeof__(self) + self.spectra.Pc.nbytes + self.spectra.e.nbytes
-                + sum(len(p) + 8 for p in self.paths))
+        if isinstance(self.spectra, GroupSpectra):
+            arrays = self.spectra.proj.nbytes + self.spectra.filters.nbytes
+        else:
+            arrays = self.spectra.Pc.nbytes + self.spectra.e.nbytes
+        return object.__sizeof__(self) + arrays + sum(len(p) + 8 for p in self.paths)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_group_cache", None)     # worker-side spectra are made where they are used
+        return state
+
+    def group_spectra(self, group):
+        """The spectra a task of ``group`` uses (made once per worker and group; thread-safe)."""
+        if group is None:
+            return self.spectra
+        with _GROUP_LOCK:
+            cache = self.__dict__.setdefault("_group_cache", {})
+            if group not in cache:
+                cache.clear()              # one group's spectra at a time per worker
+                cache[group] = self.spectra.group(group)
+            return cache[group]
 
 
 def _open_source(paths, sizes, L):
@@ -159,11 +186,12 @@ def worker_threads(threads=None):
     return max(1, cores // slots)
 
 
-def _estep_task(job, indices):
+def _estep_task(job, indices, group=None):
     """One task: the sufficient statistics of the patches ``indices`` (a range or an array).
 
-    Returned as the plain dict of :meth:`SufficientStats.to_arrays`, whose size Dask
-    measures correctly (for memory accounting and transfer costs).
+    With CTF groups every patch of a task belongs to ``group``, and the task uses that
+    group's spectra. Returned as the plain dict of :meth:`SufficientStats.to_arrays`,
+    whose size Dask measures correctly (for memory accounting and transfer costs).
     """
     from .estep import stream_stats
     from ..runtime.threads import use_threads
@@ -171,7 +199,8 @@ def _estep_task(job, indices):
     source = _open_source(job.paths, job.sizes, job.L)
     idx = np.arange(*indices) if isinstance(indices, tuple) else indices
     with use_threads(worker_threads(job.threads)):
-        return stream_stats(source, idx, job.spectra, job.upsilon, job.sigma2, job.n_chunk).to_arrays()
+        spectra = job.group_spectra(group)
+        return stream_stats(source, idx, spectra, job.upsilon, job.sigma2, job.n_chunk).to_arrays()
 
 
 def _add_stats(a, b):
@@ -320,7 +349,7 @@ class DaskExecutor:
         limits = [m for m in limits if m > 0]
         return slots, (min(limits) if limits else 0)
 
-    def plan(self, n, n_chunk, K, L, slots, memory_limit):
+    def plan(self, n, n_chunk, K, L, slots, memory_limit, n_groups=None):
         """``(chunk, chunks_per_task)`` for ``n`` patches (see the class doc).
 
         With both automatic, about ``tasks_per_slot * slots`` tasks of equal size, each
@@ -328,7 +357,7 @@ class DaskExecutor:
         """
         cap = max(1, min(int(n_chunk), self.chunk or n, n))
         if memory_limit:
-            fixed = worker_bytes(K, L, 0) + INTERPRETER_BYTES
+            fixed = worker_bytes(K, L, 0, n_groups) + INTERPRETER_BYTES
             mem_cap = int((0.6 * memory_limit - fixed) // chunk_bytes(1, K, L))
             if mem_cap < 1:
                 raise NumbaemError(f"a worker memory limit of {format_size(memory_limit)} is too small for "
@@ -350,45 +379,69 @@ class DaskExecutor:
         t0 = time.perf_counter()
         paths = _file_paths(source)
         idx = np.asarray(idx, dtype=np.int64)
+        grouped = isinstance(spectra, GroupSpectra)
         n, K, L = len(idx), spectra.K, source.L
+        n_groups = spectra.n_groups if grouped else None
         if n == 0:
-            return SufficientStats.zeros(K, L)
+            return SufficientStats.zeros(K, L, n_groups=n_groups)
         slots, mem = self._cluster()
-        chunk, cpt = self.plan(n, n_chunk, K, L, slots, mem)
-        spans = split_tasks(n, chunk, cpt)
+        chunk, cpt = self.plan(n, n_chunk, K, L, slots, mem, n_groups=n_groups)
+        if grouped:
+            gid = source.patch_groups(idx)
+            parts = [(g, idx[gid == g]) for g in range(n_groups) if np.any(gid == g)]
+        else:
+            parts = [(None, idx)]
         sizes = [os.stat(p).st_size for p in paths]
         job = _Job(paths, sizes, L, spectra, upsilon, sigma2, chunk, self.threads)
         client = self.client
         token = uuid.uuid4().hex[:12]
         job_f = client.scatter(job, broadcast=True, hash=False, direct=self.direct)
-        leaves, payload = [], 0
-        for i, (a, b) in enumerate(spans):
-            sel = idx[a:b]
-            arg = (int(sel[0]), int(sel[-1]) + 1) if sel[-1] - sel[0] == len(sel) - 1 and \
-                np.all(np.diff(sel) == 1) else sel
-            payload += _nbytes_pickled((_estep_task, arg))
-            leaves.append(client.submit(_estep_task, job_f, arg, key=f"numbaem-estep-{token}-{i}",
-                                        retries=self.retries, pure=False))
-        sizes_of = {f.key: b - a for f, (a, b) in zip(leaves, spans)}
-        level = leaves
-        for depth, pairs in enumerate(tree_pairs(len(leaves))):
-            nxt = [client.submit(_add_stats, level[i], level[j], key=f"numbaem-sum-{token}-{depth}-{i // 2}",
-                                 retries=self.retries, pure=False) for i, j in pairs]
-            if len(level) % 2:
-                nxt.append(level[-1])
-            payload += len(pairs) * _nbytes_pickled((_add_stats, None, None))
-            level = nxt
-        root = level[0]
-        logger.debug("E-step on Dask: %d patches in %d task(s) of up to %d chunk(s) of %d, %d slot(s)",
-                     n, len(leaves), cpt, chunk, slots)
+        leaves, roots, sizes_of, payload, n_tasks = [], [], {}, 0, 0
+        for g, sub in parts:
+            tag = token if g is None else f"{token}-g{g}"
+            spans = split_tasks(len(sub), chunk, cpt)
+            n_tasks += len(spans)
+            level = []
+            for i, (a, b) in enumerate(spans):
+                sel = sub[a:b]
+                arg = (int(sel[0]), int(sel[-1]) + 1) if sel[-1] - sel[0] == len(sel) - 1 and \
+                    np.all(np.diff(sel) == 1) else sel
+                extra = () if g is None else (g,)
+                payload += _nbytes_pickled((_estep_task, arg) + extra)
+                fut = client.submit(_estep_task, job_f, arg, *extra, key=f"numbaem-estep-{tag}-{i}",
+                                    retries=self.retries, pure=False)
+                level.append(fut)
+                sizes_of[fut.key] = b - a
+            leaves.extend(level)
+            for depth, pairs in enumerate(tree_pairs(len(level))):
+                nxt = [client.submit(_add_stats, level[i], level[j], key=f"numbaem-sum-{tag}-{depth}-{i // 2}",
+                                     retries=self.retries, pure=False) for i, j in pairs]
+                if len(level) % 2:
+                    nxt.append(level[-1])
+                payload += len(pairs) * _nbytes_pickled((_add_stats, None, None))
+                level = nxt
+            roots.append(level[0])
+        logger.debug("E-step on Dask: %d patches in %d task(s) of up to %d chunk(s) of %d, %d slot(s)%s",
+                     n, n_tasks, cpt, chunk, slots, f", {len(parts)} CTF group(s)" if grouped else "")
         for fut in distributed.as_completed(leaves):
             if fut.status == "error":
                 fut.result()  # raises the task's error (after Dask's retries)
             if progress is not None:
                 progress(sizes_of[fut.key])
-        stats = SufficientStats(**client.gather(root, direct=self.direct))
-        del leaves, level, root, job_f
-        self.last_call = dict(patches=n, tasks=len(spans), chunk=chunk, chunks_per_task=cpt, slots=slots,
+        results = client.gather(roots, direct=self.direct)
+        if grouped:
+            stats = SufficientStats.zeros(K, L, n_groups=n_groups)
+            for (g, _), res in zip(parts, results):
+                stats.W[g] = res["W"]
+                stats.G[g] = res["G"]
+                stats.n_patches += res["n_patches"]
+                stats.sum_empty += res["sum_empty"]
+                stats.sum_yy += res["sum_yy"]
+                stats.loglik += res["loglik"]
+        else:
+            stats = SufficientStats(**results[0])
+        del leaves, level, roots, job_f
+        self.last_call = dict(patches=n, tasks=n_tasks, chunk=chunk, chunks_per_task=cpt, slots=slots,
                               job_bytes=_nbytes_pickled(job), payload_bytes=payload,
                               result_bytes=_nbytes_pickled(stats), seconds=time.perf_counter() - t0)
         return stats

@@ -18,6 +18,13 @@ A chunk of patches is processed at a time and only its sufficient statistics are
 plus the sums of the empty-state posteriors, of ``||y_j||^2`` and of the log-likelihood.
 Nothing of size (patches x rotations x shifts) outlives one chunk.
 
+CTF groups (MODEL section 11). With a filter ``Psi_g`` per group of micrographs, a patch
+of group ``g`` is scored against the filtered projections ``Psi_g p_k``: everything above
+holds per group with ``p_k`` replaced by ``Psi_g p_k``. :class:`GroupSpectra` makes the
+spectra of one group at a time, :func:`stream_stats` runs the chunks of each group
+against its own spectra (a chunk never mixes groups), and the statistics ``W``, ``G``
+gain a leading group axis. The kernels are the same.
+
 Kernels split their work over patches (scoring) or over rotations (accumulation), in
 an order that does not depend on the thread count, so 1 and N threads give the same bits.
 """
@@ -30,6 +37,7 @@ import math
 import numpy as np
 from numba import prange
 
+from ..model.ctf import apply_filter
 from ..runtime import fft
 from ..runtime.jit import jit, pjit
 from ..runtime.errors import NumbaemError
@@ -64,8 +72,16 @@ class SufficientStats:
     loglik: float = 0.0
 
     @classmethod
-    def zeros(cls, K, L):
-        return cls(np.zeros((K, 2 * L, 2 * L)), np.zeros((K, 2 * L, L + 1), np.complex128))
+    def zeros(cls, K, L, n_groups=None):
+        """Empty statistics; with ``n_groups``, ``W`` and ``G`` get a leading group axis
+        (shapes ``(n_groups, K, 2L, 2L)`` and ``(n_groups, K, 2L, L + 1)``, MODEL section 11)."""
+        lead = () if n_groups is None else (int(n_groups),)
+        return cls(np.zeros(lead + (K, 2 * L, 2 * L)), np.zeros(lead + (K, 2 * L, L + 1), np.complex128))
+
+    @property
+    def n_groups(self):
+        """Number of CTF groups, or None for statistics without a group axis."""
+        return self.W.shape[0] if self.W.ndim == 4 else None
 
     def add(self, other):
         """In-place sum (chunks, or workers' partial results)."""
@@ -111,6 +127,48 @@ class ProjectionSpectra:
     @property
     def K(self):
         return self.Pc.shape[0]
+
+
+class GroupSpectra:
+    """The projections and the groups' filters: per-group :class:`ProjectionSpectra` on demand.
+
+    The E-step of a patch of group ``g`` uses the spectra of ``Psi_g p_k`` (MODEL section
+    11). Only one group's spectra need exist at a time, so memory does not grow with the
+    number of groups; this object itself holds ``K L^2 + G L^4`` numbers, which is what
+    the Dask executor sends to its workers instead of ``G`` sets of spectra.
+
+    Parameters
+    ----------
+    proj : ndarray, shape (K, L, L)
+        The projections ``p_k = A_k x``.
+    filters : ndarray, shape (G, L^2, L^2)
+        ``Psi_g`` (:func:`numbaem.model.ctf.filter_matrices`).
+    window : int, optional
+        Shifts restricted to ``|l_0|, |l_1| <= window`` in every group (:func:`restrict_shifts`).
+    """
+
+    def __init__(self, proj, filters, window=None):
+        self.proj = np.asarray(proj, dtype=np.float64)
+        self.window = window
+        self.filters = np.asarray(filters, dtype=np.float64)
+        K, L, _ = self.proj.shape
+        if self.filters.ndim != 3 or self.filters.shape[1:] != (L * L, L * L):
+            raise NumbaemError(f"the group filters have shape {self.filters.shape}; expected (G, {L * L}, {L * L}) "
+                               f"for {L}x{L} projections")
+        self.L = L
+
+    @property
+    def K(self):
+        return self.proj.shape[0]
+
+    @property
+    def n_groups(self):
+        return self.filters.shape[0]
+
+    def group(self, g):
+        """:class:`ProjectionSpectra` of the filtered projections ``Psi_g p_k``."""
+        spectra = projection_spectra(apply_filter(self.filters[g], self.proj))
+        return spectra if self.window is None else restrict_shifts(spectra, self.window)
 
 
 def projection_spectra(proj):
@@ -164,18 +222,20 @@ def restrict_shifts(spectra, window):
 
     Parameters
     ----------
-    spectra : ProjectionSpectra
+    spectra : ProjectionSpectra or GroupSpectra
     window : int
         ``0 <= window < L``.
 
     Returns
     -------
-    ProjectionSpectra
+    ProjectionSpectra or GroupSpectra
     """
     L = spectra.L
     w = int(window)
     if not 0 <= w < L:
         raise NumbaemError(f"shift window {window} must lie in 0 .. {L - 1} for L={L}")
+    if isinstance(spectra, GroupSpectra):      # each group's spectra are restricted as they are made
+        return GroupSpectra(spectra.proj, spectra.filters, w)
     sl = np.abs(signed_shifts(L)) <= w
     allowed = sl[:, None] & sl[None, :]
     e = spectra.e.copy()
@@ -521,16 +581,26 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
     return out if len(out) > 1 else loglik
 
 
-def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, timer=None):
+def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, timer=None, stats=None,
+                 release=True):
     """E-step over the patches ``idx`` of ``source``, chunk by chunk; their sufficient statistics.
 
     Memory: one chunk of ``n_chunk`` patches at a time (the FFT plans are sized for it).
     ``timer`` (see :func:`numbaem.em.estep.e_step_chunk`) also wraps the patch reads
     (``read_patches``).
+
+    ``spectra`` is a :class:`ProjectionSpectra` (one model for every patch) or a
+    :class:`GroupSpectra` (CTF groups, MODEL section 11): then ``source.patch_groups``
+    tells each patch's group, the patches of each group run against that group's
+    spectra (made one group at a time), and the statistics have a group axis.
+    ``stats`` (optional) is added into instead of new statistics; ``release=False``
+    keeps the chunk's FFT workspaces for a following call.
     """
+    if isinstance(spectra, GroupSpectra):
+        return _stream_groups(source, idx, spectra, upsilon, sigma2, n_chunk, progress, timer, stats)
     clock = timer or _no_timer
     L, K = source.L, spectra.K
-    stats = SufficientStats.zeros(K, L)
+    stats = SufficientStats.zeros(K, L) if stats is None else stats
     buf = np.empty((n_chunk, L, L))
     for i in range(0, len(idx), n_chunk):
         sel = idx[i:i + n_chunk]
@@ -539,6 +609,37 @@ def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, 
         e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=n_chunk, timer=timer)
         if progress is not None:
             progress(len(sel))
-    fft.release((n_chunk, K, 2 * L, 2 * L))   # the chunk's workspaces are not kept beside the M-step
-    fft.release((n_chunk, 2 * L, 2 * L))
+    if release:
+        fft.release((n_chunk, K, 2 * L, 2 * L))   # the chunk's workspaces are not kept beside the M-step
+        fft.release((n_chunk, 2 * L, 2 * L))
+    return stats
+
+
+def _stream_groups(source, idx, spectra, upsilon, sigma2, n_chunk, progress, timer, stats):
+    """:func:`stream_stats` for CTF groups: each group's patches against its own spectra."""
+    L, K, n_g = source.L, spectra.K, spectra.n_groups
+    idx = np.asarray(idx, dtype=np.int64)
+    groups = source.patch_groups(idx)
+    if len(idx) and (groups.min() < 0 or groups.max() >= n_g):
+        raise NumbaemError(f"the patches belong to groups up to {int(groups.max())} but only {n_g} group filters "
+                           "were given; give one filter per group")
+    stats = SufficientStats.zeros(K, L, n_groups=n_g) if stats is None else stats
+    sizes = set()
+    for g in range(n_g):
+        sel = idx[groups == g]
+        if len(sel) == 0:
+            continue
+        # a group smaller than a chunk gets plans of its own size: the FFTs of a chunk's padding rows
+        # cost as much as real ones, and there is a partial chunk per group
+        n = min(int(n_chunk), len(sel))
+        sizes.add(n)
+        part = SufficientStats(stats.W[g], stats.G[g])     # views: the kernels add into the group's slices
+        stream_stats(source, sel, spectra.group(g), upsilon, sigma2, n, progress, timer, stats=part, release=False)
+        stats.n_patches += part.n_patches
+        stats.sum_empty += part.sum_empty
+        stats.sum_yy += part.sum_yy
+        stats.loglik += part.loglik
+    for n in sizes:
+        fft.release((n, K, 2 * L, 2 * L))
+        fft.release((n, 2 * L, 2 * L))
     return stats

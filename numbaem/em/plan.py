@@ -17,11 +17,19 @@ projection spectra
     one ``(K, 2L, 2L)`` transform workspace (``K (r + c)``).
 E-step
     one chunk's work arrays (:func:`numbaem.em.estep.chunk_bytes`), its FFT workspace
-    among them.
+    among them (with CTF groups also the spectra phase's arrays: each group's spectra
+    are made between its chunks).
 M-step
     the same ``(K, 2L, 2L)`` workspace, ``h`` and ``g`` (``2 K L^2 8``), the copy
     ``B = sqrt(h) A`` of a sub-block of rotations (at most :data:`MSTEP_BLOCK_BYTES`),
     and ``H``'s update.
+
+With CTF groups (MODEL section 11; ``G`` groups): the filters ``Psi_g`` (``G L^4 8``) are
+resident, the statistics take ``G K (r + c)`` (the spectra stay ``K (r + c)``: one group's
+at a time), the spectra phase also holds the filtered projections (``K L^2 8``), and the
+M-step holds ``sqrt(h)`` of every group (``G K L^2 8``), ``u`` and one group's ``g``
+(``2 K L^2 8``), ``Y_g`` and ``Y_g^T Y_g`` or the copy ``Psi_g A_k`` (one group and rotation
+at a time), ``Q_k`` and ``Q_k A_k`` (``L^4 8 + L^2 M 8``) instead of the copy ``B``.
 
 The plan also bounds the FFT plan cache (:func:`numbaem.runtime.fft.set_cache_limit`)
 to the workspaces it counts, so cached buffers never exceed the budget either.
@@ -69,10 +77,12 @@ def phi_bytes(L, lmax, n_ls):
     return n_ls * (2 * lmax + 1) * L * L * 16
 
 
-def worker_bytes(K, L, n_chunk):
-    """Bytes one E-step task holds: the projection spectra, its statistics and one chunk."""
+def worker_bytes(K, L, n_chunk, n_groups=None):
+    """Bytes one E-step task holds: the projection spectra, its statistics and one chunk
+    (with CTF groups also the projections and the filters it makes a group's spectra from)."""
     r, c = _sizes(K, L)
-    return 2 * K * (r + c) + chunk_bytes(n_chunk, K, L)
+    extra = 0 if n_groups is None else 2 * K * L * L * 8 + int(n_groups) * L ** 4 * 8
+    return 2 * K * (r + c) + chunk_bytes(n_chunk, K, L) + extra
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +120,7 @@ class IterationPlan:
         return self.parts["peak"]
 
 
-def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None):
+def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None, n_groups=None):
     """The :class:`IterationPlan` of an iteration with ``K`` rotations and ``M`` coefficients.
 
     Parameters
@@ -126,6 +136,8 @@ def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None
         Preferred chunk bytes (default :data:`CHUNK_TARGET_BYTES`).
     lmax : int, optional
         Named in the error message.
+    n_groups : int, optional
+        CTF groups (None: no filters, MODEL sections 4-6).
 
     Raises
     ------
@@ -139,14 +151,25 @@ def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None
     mstep_b = min(MSTEP_BLOCK_BYTES, op_block * a)
     mstep_b = max(a, mstep_b - mstep_b % a)
     workspace_K = K * (r + c)
-    resident = (op_block * a + 2 * K * (r + c) + K * L * L * 8 + phi + 3 * M * M * 8
-                + 8 * int(n_selected) + SMALL_OBJECTS_BYTES)
-    phases = dict(spectra=workspace_K,
-                  mstep=workspace_K + 2 * K * L * L * 8 + mstep_b + M * M * 8)
+    if n_groups is None:
+        resident = (op_block * a + 2 * K * (r + c) + K * L * L * 8 + phi + 3 * M * M * 8
+                    + 8 * int(n_selected) + SMALL_OBJECTS_BYTES)
+        phases = dict(spectra=workspace_K,
+                      mstep=workspace_K + 2 * K * L * L * 8 + mstep_b + M * M * 8)
+    else:
+        G, P = int(n_groups), L * L
+        # Y_g and its product of the Gram route, or the copy Psi_g A_k of the direct route (numbaem.em.mstep)
+        mstep_b = max(2 * P * P * 8, P * M * 8)
+        resident = (op_block * a + (1 + G) * K * (r + c) + K * L * L * 8 + G * P * P * 8 + phi + 3 * M * M * 8
+                    + 8 * int(n_selected) + SMALL_OBJECTS_BYTES)
+        phases = dict(spectra=workspace_K + K * L * L * 8,
+                      mstep=workspace_K + (G + 2) * K * P * 8 + mstep_b + 2 * P * P * 8 + P * M * 8 + M * M * 8)
+    # with groups, each group's spectra are made during the E-step, beside the chunk's arrays
+    beside = 0 if n_groups is None else workspace_K + K * L * L * 8
     per = chunk_bytes(1, K, L)
-    free = room - resident
+    free = room - resident - beside
     if free < per or room - resident - max(phases.values()) < 0:
-        need = INTERPRETER_BYTES + resident + max(per, max(phases.values()))
+        need = INTERPRETER_BYTES + resident + max(per + beside, max(phases.values()))
         order = f"lmax={lmax} ({M} coefficients)" if lmax is not None else f"{M} coefficients"
         raise NumbaemError(f"the memory budget {format_size(budget)} is too small for {K} rotations and "
                            f"{order} at L={L}: at least {format_size(need)} is needed (of which "
@@ -156,7 +179,7 @@ def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None
     n_chunk = int(max(1, min(n_selected, free // per, max(1, target // per))))
     # the chunk's workspaces ride in the FFT cache beside the (K, 2L, 2L) one
     cache = chunk_bytes(n_chunk, K, L) + workspace_K + (1 << 20)
-    phases["estep"] = chunk_bytes(n_chunk, K, L)
+    phases["estep"] = chunk_bytes(n_chunk, K, L) + beside
     parts = dict(K=K, resident=resident, operator=op_block * a, **{f"phase_{k}": v for k, v in phases.items()})
     parts["peak"] = resident + max(phases.values())
     return IterationPlan(int(budget), n_chunk, int(op_block), int(mstep_b), int(cache), parts)

@@ -28,7 +28,7 @@ from ..runtime.errors import NumbaemError
 from ..runtime.threads import prefer_passive_openmp
 from ..runtime.validate import as_rng
 from ..runtime.memory import default_budget, peak_rss, reset_peak_rss
-from .estep import projection_spectra, restrict_shifts, stream_stats
+from .estep import GroupSpectra, projection_spectra, restrict_shifts, stream_stats
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
 from .plan import phi_bytes, plan_iteration
 from .schedule import default_schedule, validate_schedule
@@ -62,10 +62,17 @@ class LocalExecutor:
         return stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress)
 
 
-def stage_plan(budget, basis, K, n_selected):
+def stage_plan(budget, basis, K, n_selected, n_groups=None):
     """The memory plan of a stage's iterations (:func:`numbaem.em.plan.plan_iteration`)."""
     return plan_iteration(budget, K, basis.L, basis.M, n_selected,
-                          phi=phi_bytes(basis.L, basis.lmax, len(basis.ls_pairs)), lmax=basis.lmax)
+                          phi=phi_bytes(basis.L, basis.lmax, len(basis.ls_pairs)), lmax=basis.lmax,
+                          n_groups=n_groups)
+
+
+def _filters(source):
+    """``Psi_g`` of the source's CTF groups (G, L^2, L^2), or None (MODEL sections 4-6 as they are)."""
+    get = getattr(source, "filter_matrices", None)
+    return get() if get is not None else None
 
 
 def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhonov=0.0,
@@ -78,6 +85,11 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     ``temperature`` ``T >= 1`` anneals the posterior: the E-step sees the noise variance
     ``T sigma^2``, so every score ``-||y - C T_l Z A_k x||^2 / (2 sigma^2)`` is divided by
     ``T`` (the priors are not); the record's log-likelihood is then the tempered one.
+
+    When ``source`` has CTF groups (``source.filters``, MODEL section 11) the E-step of
+    each group uses its filtered projections ``Psi_g A_k x`` (:class:`GroupSpectra`) and
+    the M-step sums the groups' statistics through ``Psi_g``; without, the iteration is
+    that of sections 5 and 6, unchanged.
     """
     t0 = time.perf_counter()
     reset_peak_rss()
@@ -85,12 +97,13 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     L, M, K = basis.L, basis.M, operator.K
     budget = default_budget() if budget is None else budget
     idx = source.sample(stage.frac, state.rng)
-    plan = stage_plan(budget, basis, K, len(idx))
+    filters = _filters(source)
+    plan = stage_plan(budget, basis, K, len(idx), n_groups=None if filters is None else len(filters))
     n_chunk = plan.n_chunk if n_chunk is None else int(n_chunk)
     old_limit = fft.set_cache_limit(plan.fft_cache_bytes)
     try:
         proj = operator.project(state.theta)
-        spectra = projection_spectra(proj)
+        spectra = projection_spectra(proj) if filters is None else GroupSpectra(proj, filters)
         del proj
         if getattr(source, "shift_window", None) is not None:   # boxes around picks (numbaem.data.boxes)
             spectra = restrict_shifts(spectra, source.shift_window)
@@ -99,7 +112,8 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
                                           progress)
         del spectra
         t_e = time.perf_counter()
-        H, b = normal_equations(operator.blocks(), stats.W, stats.G, L, M, max_block_bytes=plan.mstep_block_bytes)
+        H, b = normal_equations(operator.blocks(), stats.W, stats.G, L, M, max_block_bytes=plan.mstep_block_bytes,
+                                filters=filters)
     finally:
         fft.set_cache_limit(old_limit)
     sol = solve(H, b, tikhonov)
@@ -116,7 +130,8 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
                 loglik=float(loglik), loglik_per_patch=float(loglik / len(idx)),
                 upsilon=state.upsilon, sigma2=state.sigma2, tikhonov=sol.tikhonov,
                 seconds=t1 - t0, seconds_estep=t_e - t0, seconds_mstep=t1 - t_e, peak_memory=peak_rss(),
-                planned_peak_bytes=int(plan.peak), temperature=float(temperature))
+                planned_peak_bytes=int(plan.peak), temperature=float(temperature),
+                filter_groups=None if filters is None else len(filters))
 
 
 def sample_patches(source, rng, n=2000):
@@ -379,7 +394,8 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                 state.lmax = stage.lmax
             fft.clear_cache()  # the previous stage's chunk buffers (another K) are not reused
             n_sel = int(math.ceil(stage.frac * source.n_patches))
-            plan = stage_plan(budget, basis, stage.rotations, n_sel)
+            filters = _filters(source)
+            plan = stage_plan(budget, basis, stage.rotations, n_sel, None if filters is None else len(filters))
             op = Operator(basis, rotation_grid(stage.rotations), plan.parts["operator"])
             logger.info("stage %d/%d: lmax=%d (M=%d), K=%d, frac=%g, %d iterations", state.stage + 1,
                         len(schedule), stage.lmax, basis.M, stage.rotations, stage.frac, stage.iters)

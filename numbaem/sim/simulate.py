@@ -56,9 +56,23 @@ would be off by up to ``L0 / (2L)`` full-size pixels). The full-size box can rea
 clipped to the micrograph (the map is close to zero there). All positions reported
 are final-scale ones.
 
+Contrast transfer (MODEL section 11). With ``ctf`` (one :class:`~numbaem.model.ctf.CTFParams`
+per micrograph) and the volume's ``pixel_size``, the whole clean micrograph is filtered
+by its CTF at the generation size, as the microscope does: Method 1 at the volume's voxel
+size before the Fourier crop, Method 2 at the final pixel size. A particle's filtered
+image therefore reaches beyond its box, which the patch model (``Psi_g``) does not keep:
+the data carry the model's error. The SNR keeps its definition (projections before the
+CTF); ``snr_downsampled`` measures the clean micrographs after it.
+
+Coloured noise. ``noise_psd`` (a function of the radial frequency ``|k|`` in cycles per
+final pixel, or ``'pink'`` for :func:`pink_psd`) shapes the noise: white noise of the
+final size is filtered by ``sqrt(n(|k|))`` with ``n`` normalised to mean 1 over the
+micrograph's DFT grid, so ``sigma2`` stays the pixel variance and the SNR its meaning.
+
 Randomness. One generator drives everything, in this order: positions and rotations
 of every micrograph, then the noise of every micrograph. Methods 1 and 2 with the same
-seed therefore share positions and rotations.
+seed therefore share positions and rotations, and so do runs with and without a CTF or
+coloured noise (the same noise draws, filtered).
 """
 import dataclasses
 import json
@@ -83,12 +97,52 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Simulation",
+    "pink_psd",
+    "random_ctf",
     "simulate_micrographs",
     "write_simulation",
 ]
 
 # Projections per chunk of the Method 1 real-space projector (memory: chunk * L0^2).
 _CHUNK = 256
+
+#: The knee ``f0`` of :func:`pink_psd`, cycles per pixel.
+PINK_KNEE = 0.05
+
+
+def pink_psd(k):
+    """Pink noise ``1 / (|k| + f0)`` (``f0 =`` :data:`PINK_KNEE` cycles per pixel; 11:1 from 0 to Nyquist).
+
+    Unnormalised: :func:`simulate_micrographs` scales it to the noise variance.
+    """
+    return 1.0 / (np.asarray(k, dtype=np.float64) + PINK_KNEE)
+
+
+def _shaped_noise(white, psd):
+    """Filter a white noise image by ``sqrt(n(|k|))``, ``n = psd`` normalised to mean 1 on its DFT grid."""
+    n0, n1 = white.shape
+    f0 = np.fft.fftfreq(n0)[:, None]
+    full = psd(np.hypot(f0, np.fft.fftfreq(n1)[None, :]))
+    half = psd(np.hypot(f0, np.fft.rfftfreq(n1)[None, :]))
+    if not (np.all(np.isfinite(full)) and np.all(full > 0)):
+        raise NumbaemError("the noise power spectrum must be positive and finite at every frequency")
+    spec = np.fft.rfft2(white) * np.sqrt(half / np.mean(full))
+    return np.fft.irfft2(spec, s=(n0, n1))
+
+
+def _apply_ctf(img, params, pixel_size):
+    """Filter a whole (clean) micrograph by its CTF at ``pixel_size`` Angstrom (real FFT).
+
+    The result is the real part of the complex-FFT filter: the CTF enters as its even part on
+    the DFT grid, ``(c(k) + c(-k)) / 2`` with ``-k`` the mirrored grid index, which differs from
+    ``c`` only on the Nyquist row / column of an even axis of an astigmatic CTF.
+    """
+    from ..model.ctf import ctf_on_grid
+
+    n0, n1 = img.shape
+    c = ctf_on_grid(params, (n0, n1), pixel_size)
+    c = 0.5 * (c + c[(-np.arange(n0)) % n0][:, (-np.arange(n1)) % n1])
+    return np.fft.irfft2(np.fft.rfft2(img) * c[:, :n1 // 2 + 1], s=(n0, n1))
 
 
 # --------------------------------------------------------------------------- placement
@@ -137,6 +191,12 @@ class Simulation:
         Ray samples per voxel of Method 1.
     seed : int or None
         The seed, when ``rng`` was given as one.
+    ctf : list of CTFParams or None
+        The CTF of each micrograph (module doc).
+    pixel_size : float or None
+        The volume's voxel size in Angstrom (the final micrographs have ``pixel_size L0 / L``).
+    noise : str
+        ``'white'``, ``'pink'`` or ``'custom'``.
     """
 
     micrographs: list
@@ -158,6 +218,9 @@ class Simulation:
     spacing: str
     oversample: int = 1
     seed: int = None
+    ctf: list = None
+    pixel_size: float = None
+    noise: str = "white"
 
     @property
     def shape(self):
@@ -189,7 +252,8 @@ def _add_clipped(img, proj, s0, s1):
 
 
 def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, snr=1.0,
-                         spacing="separated", count=1, lmax=None, rng, oversample=1):
+                         spacing="separated", count=1, lmax=None, rng, oversample=1, ctf=None, pixel_size=None,
+                         noise_psd=None):
     """Simulate micrographs of a volume with known positions, rotations and noise.
 
     MODEL.md section 1; see the module docstring for the two methods, the scale, the
@@ -222,6 +286,13 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
         Source of randomness; an int is used as a seed and recorded.
     oversample : int, optional
         Method 1 only: samples per voxel along each projection ray.
+    ctf : list of numbaem.model.ctf.CTFParams, optional
+        One per micrograph: filter each whole clean micrograph by it (module doc).
+    pixel_size : float, optional
+        The volume's voxel size in Angstrom; required with ``ctf``.
+    noise_psd : 'pink' or callable, optional
+        Shape of the noise power spectrum against ``|k|`` in cycles per final pixel
+        (module doc); None: white.
 
     Returns
     -------
@@ -276,6 +347,26 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
             f"density={density!r} is above 1: projections of side L={L} that do not overlap cover at "
             f"most the whole micrograph; pass a density below {0.25 if spacing == 'separated' else 1}"
         )
+    if ctf is not None:
+        from ..model.ctf import CTFParams
+        ctf = list(ctf)
+        if len(ctf) != count or not all(isinstance(c, CTFParams) for c in ctf):
+            raise NumbaemError(f"ctf must give one CTFParams per micrograph ({count}); got {len(ctf)} item(s)")
+        if pixel_size is None:
+            raise NumbaemError("a CTF needs the volume's pixel size; pass pixel_size (Angstrom per voxel), "
+                               "or --pixel-size on the command line")
+    if pixel_size is not None:
+        pixel_size = positive_number("pixel_size", pixel_size, 1.0, " (Angstrom per voxel)")
+    noise_name = "white"
+    if isinstance(noise_psd, str):
+        if noise_psd not in ("white", "pink"):
+            raise NumbaemError(f"noise_psd={noise_psd!r} is not 'white', 'pink' or a function of |k|")
+        noise_name = noise_psd
+        noise_psd = pink_psd if noise_psd == "pink" else None
+    elif noise_psd is not None:
+        if not callable(noise_psd):
+            raise NumbaemError("noise_psd must be 'white', 'pink' or a function of |k| (cycles per pixel)")
+        noise_name = "custom"
     T = int(round(gamma * N[0] * N[1] / L**2))
     if T < 1:
         raise NumbaemError(
@@ -297,23 +388,25 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
     if method == 2:
         L_gen = L
         energy = 0.0
-        for pos, rots in zip(positions, rotations):
+        for m, (pos, rots) in enumerate(zip(positions, rotations)):
             proj = project(theta, basis, rots)
             energy += float(np.sum(proj**2))
             img = np.zeros(N)
             for (s0, s1), p in zip(pos, proj):
                 img[s0:s0 + L, s1:s1 + L] += p
+            if ctf is not None:
+                img = _apply_ctf(img, ctf[m], pixel_size * L0 / L)
             clean.append(img)
         sigma2_gen = energy / (count * T) / (L_gen**2 * snr)
         sigma2 = sigma2_gen
-        micrographs = [c + rng.normal(0.0, math.sqrt(sigma2), N) for c in clean]
+        micrographs = [c + _noise(rng, sigma2, N, noise_psd) for c in clean]
     else:
         L_gen = L0
         Nf = tuple(int(round(n * L0 / L)) for n in N)
         coef = spline_coefficients(vol)
         scale = L / L0
         energy = 0.0
-        for pos, rots in zip(positions, rotations):
+        for m, (pos, rots) in enumerate(zip(positions, rotations)):
             full = _full_positions(pos, N, Nf, L, L0)
             img = np.zeros(Nf)
             for c0 in range(0, T, _CHUNK):
@@ -321,11 +414,13 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
                 energy += float(np.sum(proj**2))
                 for (s0, s1), p in zip(full[c0:c0 + _CHUNK], proj):
                     _add_clipped(img, p, int(s0), int(s1))
+            if ctf is not None:
+                img = _apply_ctf(img, ctf[m], pixel_size)
             clean.append(downsample_image(img, N) * scale if Nf != N else img)
             del img
         sigma2_gen = energy / (count * T) / (L_gen**2 * snr)
         sigma2 = sigma2_gen * (N[0] * N[1]) / (Nf[0] * Nf[1]) * scale**2
-        micrographs = [c + rng.normal(0.0, math.sqrt(sigma2), N) for c in clean]
+        micrographs = [c + _noise(rng, sigma2, N, noise_psd) for c in clean]
 
     if not sigma2 > 0:
         raise NumbaemError(
@@ -354,6 +449,9 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
         spacing=spacing,
         oversample=oversample,
         seed=seed,
+        ctf=ctf,
+        pixel_size=pixel_size,
+        noise=noise_name,
     )
     logger.info(
         "simulated %d micrograph(s) of %d x %d, %d projections each (density %.3g), "
@@ -361,6 +459,28 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
         count, N[0], N[1], T, sim.density_achieved, method, L, L0, snr, snr_down, sigma2,
     )
     return sim
+
+
+def random_ctf(defocus, count, seed, voltage=300.0, cs=2.7, amplitude_contrast=0.1, astigmatism=0.0):
+    """One CTF per micrograph: mean defocus uniform in ``defocus`` (micrometres), astigmatism at a random angle.
+
+    Drawn from a generator seeded by ``(seed, 1)``, apart from the simulation's own, so a
+    run with ``--defocus`` has the particles and the noise of the same run without.
+    """
+    from ..model.ctf import CTFParams
+
+    rng = np.random.default_rng([int(seed), 1])
+    mean = rng.uniform(defocus[0], defocus[1], count) * 1e4
+    angle = rng.uniform(0.0, 180.0, count)
+    return [CTFParams(defocus_u=float(m + astigmatism / 2), defocus_v=float(m - astigmatism / 2),
+                      defocus_angle=float(a), voltage=voltage, cs=cs, amplitude_contrast=amplitude_contrast)
+            for m, a in zip(mean, angle)]
+
+
+def _noise(rng, sigma2, shape, psd):
+    """Noise of pixel variance ``sigma2``: white, or shaped by ``psd`` (module doc); one draw of ``rng``."""
+    white = rng.normal(0.0, math.sqrt(sigma2), shape)
+    return white if psd is None else _shaped_noise(white, psd)
 
 
 # --------------------------------------------------------------------------- output
@@ -387,7 +507,9 @@ def write_simulation(sim, out_path, force=False, command=None, pixel_size=None):
     For ``out_path`` ``MIC.mrc`` (or ``MIC``): ``MIC.mrc`` (one micrograph) or
     ``MIC_000.mrc``, ``MIC_001.mrc``, ... (several), ``MIC.json`` (positions,
     rotations, noise and SNR, sizes, method, ``lmax``, density, spacing, seed,
-    command, file names) and ``MIC.truth.mrc`` (the band-limited truth, side ``L``).
+    command, file names) and ``MIC.truth.mrc`` (the band-limited truth, side ``L``);
+    with a CTF also ``MIC_ctf.star``, the RELION 3.1 micrographs STAR file that
+    ``numbaem reconstruct --ctf`` reads (:mod:`numbaem.data.star`).
     Every path is checked before anything is written; each file is written
     atomically, and if one write fails the files this call already wrote are removed.
 
@@ -402,12 +524,13 @@ def write_simulation(sim, out_path, force=False, command=None, pixel_size=None):
         The command line that made the simulation, recorded in the JSON.
     pixel_size : float or None, optional
         Voxel size of the input volume in Angstrom; the outputs get
-        ``pixel_size * L0 / L``.
+        ``pixel_size * L0 / L``. Default: the simulation's own (``sim.pixel_size``).
 
     Returns
     -------
     paths : list of pathlib.Path
-        The files written: micrographs, then the JSON, then the truth volume.
+        The files written: micrographs, then the JSON, then the truth volume (then the
+        STAR file, with a CTF).
 
     Raises
     ------
@@ -417,6 +540,8 @@ def write_simulation(sim, out_path, force=False, command=None, pixel_size=None):
     """
     if not isinstance(sim, Simulation):
         raise NumbaemError(f"sim is a {type(sim).__name__}, not a Simulation; pass the result of simulate_micrographs")
+    if pixel_size is None:
+        pixel_size = sim.pixel_size
     if pixel_size is not None:
         pixel_size = positive_number("pixel_size", pixel_size, 1.0)
         out_pixel = pixel_size * sim.L0 / sim.L
@@ -426,6 +551,12 @@ def write_simulation(sim, out_path, force=False, command=None, pixel_size=None):
         command = " ".join(str(c) for c in command)
     mics, json_path, truth_path = output_paths(out_path, sim.count)
     paths = mics + [json_path, truth_path]
+    star_path = None
+    if sim.ctf is not None:
+        if out_pixel is None:
+            raise NumbaemError("a simulation with a CTF needs its pixel size to write the STAR file; pass pixel_size")
+        star_path = json_path.with_name(json_path.stem + "_ctf.star")
+        paths.append(star_path)
     for p in paths:
         nio.check_output(p, force)
 
@@ -457,6 +588,9 @@ def write_simulation(sim, out_path, force=False, command=None, pixel_size=None):
             "projection i occupies [s0, s0 + L) x [s1, s1 + L); rotations act as "
             "R_w f(r) = f(w^T r) and projections integrate along z (MODEL.md section 1)"
         ),
+        "noise": sim.noise,
+        "ctf": None if sim.ctf is None else [dataclasses.asdict(c) for c in sim.ctf],
+        "ctf_star": None if star_path is None else star_path.name,
         "positions": [np.asarray(p).tolist() for p in sim.positions],
         "rotations": [np.asarray(r).tolist() for r in sim.rotations],
     }
@@ -471,6 +605,10 @@ def write_simulation(sim, out_path, force=False, command=None, pixel_size=None):
         written.append(json_path)
         nio.write_volume(truth_path, sim.truth_volume, voxel_size=out_pixel, force=force)
         written.append(truth_path)
+        if star_path is not None:
+            from ..data.star import write_micrographs_star
+            write_micrographs_star(star_path, [p.name for p in mics], sim.ctf, out_pixel, force=force)
+            written.append(star_path)
     except BaseException:
         for p in written:
             try:
