@@ -82,7 +82,7 @@ class _Job:
         Their sizes in bytes as the driver sees them (a worker that sees other sizes
         is not on the same file system).
     L : int
-    spectra : numbaem.em.estep.ProjectionSpectra
+    spectra : numbaem.em.estep.DirectSpectra or numbaem.em.estep.ProjectionSpectra
     upsilon, sigma2 : float
     n_chunk : int
         Patches per chunk (and FFT plan size) on the workers.
@@ -96,8 +96,7 @@ class _Job:
         self.n_chunk, self.threads = int(n_chunk), threads
 
     def __sizeof__(self):  # what Dask's sizeof() reports: the spectra dominate
-        return (object.__sizeof__(self) + self.spectra.Pc.nbytes + self.spectra.e.nbytes
-                + sum(len(p) + 8 for p in self.paths))
+        return object.__sizeof__(self) + self.spectra.nbytes + sum(len(p) + 8 for p in self.paths)
 
 
 def _open_source(paths, sizes, L):
