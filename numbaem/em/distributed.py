@@ -44,7 +44,7 @@ import uuid
 import numpy as np
 
 from ..runtime.errors import NumbaemError
-from .estep import SufficientStats, chunk_bytes
+from .estep import SufficientStats, chunk_bytes, stats_from_arrays
 from .plan import INTERPRETER_BYTES, worker_bytes
 from ..runtime.memory import format_size, parse_size
 
@@ -174,8 +174,10 @@ def _estep_task(job, indices):
 
 
 def _add_stats(a, b):
-    """``a + b`` of two partial statistics (dicts) into new arrays: inputs held by Dask are never modified."""
-    return {k: a[k] + b[k] for k in a}
+    """``a + b`` of two partial statistics (dicts) into new arrays: inputs held by Dask are never modified
+    (statistics on some rotations of a grid, from the coarse-to-fine search, are merged by rotation)."""
+    from .estep import add_stat_arrays
+    return add_stat_arrays(a, b)
 
 
 # --------------------------------------------------------------------------- driver side
@@ -382,7 +384,7 @@ class DaskExecutor:
                 fut.result()  # raises the task's error (after Dask's retries)
             if progress is not None:
                 progress(sizes_of[fut.key])
-        stats = SufficientStats(**client.gather(root, direct=self.direct))
+        stats = stats_from_arrays(client.gather(root, direct=self.direct))
         del leaves, level, root, job_f
         self.last_call = dict(patches=n, tasks=len(spans), chunk=chunk, chunks_per_task=cpt, slots=slots,
                               job_bytes=_nbytes_pickled(job), payload_bytes=payload,

@@ -47,6 +47,88 @@ from . import kernels
 logger = logging.getLogger(__name__)
 
 
+#: Rotations a patch's record keeps at most (the top of a concentrated posterior).
+RECORD_MAX = 16
+
+#: A record holds all but this much of its patch's rotation mass (or the patch has none).
+RECORD_EPS = 1e-3
+
+
+class Records:
+    """The rotations each patch's posterior held at its last E-step (what a local search starts from).
+
+    ``quats[patch]`` is a (m, 4) float32 array of unit quaternions ``(w, x, y, z)``: the
+    ``m <= RECORD_MAX`` rotations of largest posterior mass that hold all but ``eps`` of
+    the patch's rotation mass, or empty when more are needed (a diffuse posterior: no
+    local search for that patch). Any grid can write a record; any level can be searched
+    near one.
+    """
+
+    def __init__(self, quats=None):
+        self.quats = {} if quats is None else quats
+
+    def update(self, other):
+        if other is not None:
+            self.quats.update(other.quats)
+        return self
+
+    def __len__(self):
+        return len(self.quats)
+
+    def has(self, patch):
+        q = self.quats.get(int(patch))
+        return q is not None and len(q) > 0
+
+    @property
+    def nbytes(self):
+        return sum(q.nbytes + 96 for q in self.quats.values())
+
+    def to_arrays(self):
+        """``ids (N,), ptr (N + 1,), quats (Q, 4)`` sorted by patch (for saving and sending)."""
+        ids = np.array(sorted(self.quats), dtype=np.int64)
+        counts = np.array([len(self.quats[int(i)]) for i in ids], np.int64)
+        ptr = _counts_to_ptr(counts)
+        q = np.concatenate([self.quats[int(i)] for i in ids]) if len(ids) else np.zeros((0, 4))
+        return ids, ptr, np.asarray(q, np.float32).reshape(-1, 4)
+
+    @classmethod
+    def from_arrays(cls, ids, ptr, quats):
+        return cls({int(i): np.asarray(quats[ptr[k]:ptr[k + 1]], np.float32) for k, i in enumerate(ids)})
+
+
+def record_of(mass, rotations, eps):
+    """The record of one patch: quaternions of its top rotations holding all but ``eps`` of its rotation mass.
+
+    Parameters
+    ----------
+    mass : ndarray, shape (m,)
+        Posterior masses of the patch's states' rotations.
+    rotations : callable(positions) -> ndarray (k, 4)
+        The unit quaternions of some of them (called for the few recorded only).
+    eps : float
+
+    Returns
+    -------
+    ndarray, float32, shape (k, 4)
+        Empty when more than :data:`RECORD_MAX` rotations are needed (a diffuse posterior).
+    """
+    mass = np.asarray(mass, dtype=np.float64)
+    total = mass.sum()
+    if len(mass) == 0 or not total > 0:
+        return np.zeros((0, 4), np.float32)
+    top = np.argsort(-mass, kind="stable")[:RECORD_MAX + 1]
+    need = int(np.searchsorted(np.cumsum(mass[top]), (1.0 - eps) * total, side="left")) + 1
+    if need > RECORD_MAX:
+        return np.zeros((0, 4), np.float32)
+    return np.asarray(rotations(top[:need]), np.float32).reshape(-1, 4)
+
+
+def _counts_to_ptr(counts):
+    ptr = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return ptr
+
+
 @dataclasses.dataclass
 class SufficientStats:
     """Per-iteration sums over patches (MODEL section 6); additive over chunks.
@@ -68,6 +150,13 @@ class SufficientStats:
         ``sum_j ||y_j||^2``.
     loglik : float
         ``sum_j log p(y_j)``, the approximate log-likelihood (section 4) of the patches seen.
+    rotations : ndarray of int, optional
+        The rotations (rows of the stage's grid) the rows of ``W`` and ``G`` belong to,
+        when not all of them are present (the coarse-to-fine search, :mod:`numbaem.em.search`).
+    search : dict, optional
+        The search's report (pairs per level, mass dropped, seconds per pass), additive.
+    records : Records, optional
+        The patches' records (what a later local search starts from).
     """
 
     W: np.ndarray
@@ -76,19 +165,42 @@ class SufficientStats:
     sum_empty: float = 0.0
     sum_yy: float = 0.0
     loglik: float = 0.0
+    rotations: np.ndarray = None
+    search: dict = None
+    records: "Records" = None
 
     @classmethod
     def zeros(cls, K, L):
         return cls(np.zeros((K, 2 * L, 2 * L)), np.zeros((K, 2 * L, L + 1), np.complex128))
 
     def add(self, other):
-        """In-place sum (chunks, or workers' partial results)."""
-        self.W += other.W
-        self.G += other.G
+        """In-place sum (chunks, or workers' partial results).
+
+        Statistics on rows of a grid (``rotations`` set: the coarse-to-fine search keeps
+        only the rotations some patch reached) are merged by rotation; the result's rows
+        are sorted by rotation, so the sum does not depend on which side held a row.
+        """
+        if self.rotations is not None or other.rotations is not None:
+            if self.rotations is None or other.rotations is None:
+                raise NumbaemError("cannot add statistics of a whole grid to statistics of some of its rotations")
+            rot = np.union1d(self.rotations, other.rotations)
+            W = np.zeros((len(rot),) + self.W.shape[1:])
+            G = np.zeros((len(rot),) + self.G.shape[1:], self.G.dtype)
+            for part in (self, other):
+                pos = np.searchsorted(rot, part.rotations)
+                W[pos] += part.W
+                G[pos] += part.G
+            self.W, self.G, self.rotations = W, G, rot
+        else:
+            self.W += other.W
+            self.G += other.G
         self.n_patches += other.n_patches
         self.sum_empty += other.sum_empty
         self.sum_yy += other.sum_yy
         self.loglik += other.loglik
+        self.search = merge_reports(self.search, other.search)
+        if other.records is not None:
+            self.records = (self.records or Records()).update(other.records)
         return self
 
     @property
@@ -97,8 +209,52 @@ class SufficientStats:
 
     def to_arrays(self):
         """Plain dict of arrays and floats (for sending or saving)."""
-        return dict(W=self.W, G=self.G, n_patches=self.n_patches, sum_empty=self.sum_empty,
-                    sum_yy=self.sum_yy, loglik=self.loglik)
+        out = dict(W=self.W, G=self.G, n_patches=self.n_patches, sum_empty=self.sum_empty,
+                   sum_yy=self.sum_yy, loglik=self.loglik)
+        if self.rotations is not None:
+            out["rotations"] = self.rotations
+        if self.search is not None:
+            out["search"] = dict(self.search)
+        if self.records is not None:
+            out["records_ids"], out["records_ptr"], out["records_quats"] = self.records.to_arrays()
+        return out
+
+    @classmethod
+    def from_arrays(cls, d):
+        """Inverse of :meth:`to_arrays`."""
+        d = dict(d)
+        rec = None
+        if "records_ids" in d:
+            rec = Records.from_arrays(d.pop("records_ids"), d.pop("records_ptr"), d.pop("records_quats"))
+        return cls(**d, records=rec)
+
+
+def merge_reports(a, b):
+    """Sum two search reports (dicts of numbers); keys starting with ``max_`` take the maximum."""
+    if a is None or b is None:
+        return b if a is None else a
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = (max(out[k], v) if k.startswith("max_") else out[k] + v) if k in out else v
+    return out
+
+
+def stats_from_arrays(d):
+    """Statistics from their ``to_arrays`` dict: :class:`SufficientStats`, or a search's
+    :class:`numbaem.em.search.SearchStats` (which has data images ``g``)."""
+    if "g" in d:
+        from .search import SearchStats
+        return SearchStats.from_arrays(d)
+    return SufficientStats.from_arrays(d)
+
+
+def add_stat_arrays(a, b):
+    """``a + b`` of two statistics' ``to_arrays`` dicts into new arrays (inputs untouched)."""
+    plain = ("W", "G", "n_patches", "sum_empty", "sum_yy", "loglik")
+    if set(a) == set(b) == set(plain):
+        return {k: a[k] + b[k] for k in a}
+    sa = stats_from_arrays({k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()})
+    return sa.add(stats_from_arrays(b)).to_arrays()
 
 
 #: The direct route (:mod:`numbaem.em.kernels`) runs up to this patch size; above it the
@@ -154,6 +310,7 @@ class DirectSpectra:
     E: np.ndarray
     K: int
     L: int
+    quats: np.ndarray = None     # (K, 4) unit quaternions of the rotations: set to write records
 
     route = "direct"
 
@@ -642,7 +799,8 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
     return loglik
 
 
-def _direct_chunk(patches, spectra, upsilon, sigma2, acc, keep_posteriors=False, timer=None):
+def _direct_chunk(patches, spectra, upsilon, sigma2, acc, keep_posteriors=False, timer=None, patch_ids=None,
+                  records=None):
     """The direct route on one chunk: adds into the :class:`DirectAccumulator` ``acc``.
 
     Scores of a (patch, lane block) are exponentiated against the block's own maximum
@@ -676,6 +834,10 @@ def _direct_chunk(patches, spectra, upsilon, sigma2, acc, keep_posteriors=False,
         post[:, :, idx[:, None], idx[None, :]] = w
     with timer("accumulate"):
         kernels.dense_accumulate(Y, C, f, n, acc.W, acc.g)
+    if records is not None and patch_ids is not None and spectra.quats is not None:
+        mass = (f[:, :, None] * lsum).reshape(n, B * KB)[:, :K]
+        for j in range(n):
+            records.quats[int(patch_ids[j])] = record_of(mass[j], lambda pos: spectra.quats[pos], RECORD_EPS)
     yy = np.einsum("jab,jab->j", patches, patches)
     loglik = lse - yy / (2.0 * sigma2) - 0.5 * L * L * math.log(2.0 * math.pi * sigma2)
     acc.n_patches += n
@@ -728,17 +890,22 @@ def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, 
     L, K = source.L, spectra.K
     stats = SufficientStats.zeros(K, L)
     buf = np.empty((n_chunk, L, L))
+    if spectra.route == "search":
+        from .search import search_stats
+        return search_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress, timer)
     if spectra.route == "direct":
         acc = DirectAccumulator(spectra)
+        records = Records() if spectra.quats is not None else None
         for i in range(0, len(idx), n_chunk):
             sel = idx[i:i + n_chunk]
             with clock("read_patches"):
                 patches = source.get(sel, out=buf[:len(sel)])
-            _direct_chunk(patches, spectra, upsilon, sigma2, acc, timer=timer)
+            _direct_chunk(patches, spectra, upsilon, sigma2, acc, timer=timer, patch_ids=sel, records=records)
             if progress is not None:
                 progress(len(sel))
         with clock("rest"):
             acc.add_to(stats)
+        stats.records = records
         return stats
     for i in range(0, len(idx), n_chunk):
         sel = idx[i:i + n_chunk]

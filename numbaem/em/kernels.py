@@ -388,16 +388,17 @@ def sparse_scores(Y, PU, EU, lanes, t_patch, t_start, t_len, t_off, c2, inv2s2, 
 
 
 @pjit
-def sparse_back(Y, t_patch, t_start, t_len, t_off, buf, gbuf):
+def sparse_back(Y, t_patch, t_start, t_len, t_off, f, buf, gbuf):
     """Per task, ``back_correlate`` of its patch with its block of exponentials into ``gbuf``.
 
-    gbuf : (n_pairs, L, L) of buf's dtype, pair-major (the accumulation gathers per rotation).
+    gbuf : (n_pairs, L, L) of buf's dtype, pair-major (the accumulation gathers per
+    rotation). Tasks with ``f == 0`` (or no block kept) are skipped.
     """
     L = Y.shape[1]
     S = 2 * L - 1
     for i in prange(t_patch.shape[0]):
         nb = t_len[i]
-        if t_off[i] < 0:
+        if t_off[i] < 0 or f[i] == 0.0:
             continue
         blk = buf[t_off[i]:t_off[i] + S * S * nb].reshape(S, S, nb)
         tmp = np.empty((L, L, nb), buf.dtype)

@@ -1,9 +1,15 @@
 """Schedules of frequency marching and stochastic EM (MODEL section 7).
 
-A schedule is a list of stages ``(lmax, iters, frac, rotations)``, written as
-``"lmax=2,iters=5,frac=0.1,rotations=300;lmax=4,iters=5,..."`` or as a TOML file with
-``[[stage]]`` tables; each stage starts from the previous estimate with the new
-coefficients zero.
+A schedule is a list of stages, written as ``"lmax=2,iters=5,frac=0.1,rotations=300;
+lmax=4,iters=5,..."`` or as a TOML file with ``[[stage]]`` tables; each stage starts from
+the previous estimate with the new coefficients zero.
+
+The rotation search of a stage is either exhaustive on ``rotations`` near-uniform
+(super-Fibonacci) rotations, or, with ``fine`` (an angular step in degrees), the
+coarse-to-fine search of :mod:`numbaem.em.search` on the hierarchical Hopf grid: every
+patch scored at the ``coarse`` step, refined while its posterior is concentrated down to
+the ``fine`` step, losing at most ``prune`` of its posterior mass; ``local`` (degrees)
+scores a patch seen before only near the rotations its posterior held last time.
 """
 import dataclasses
 import math
@@ -12,7 +18,10 @@ from ..model.basis import FBBasis
 from ..runtime.errors import NumbaemError
 
 
-STAGE_KEYS = ("lmax", "iters", "frac", "rotations")
+STAGE_KEYS = ("lmax", "iters", "frac", "rotations", "fine", "coarse", "prune", "local", "cap", "margin")
+
+#: The coarse step (degrees) of a search stage that names none: Hopf level 1, 576 rotations.
+DEFAULT_COARSE_STEP = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,16 +37,66 @@ class Stage:
     frac : float
         Stochastic factor in (0, 1]: fraction of patches drawn per iteration.
     rotations : int
-        ``K``, size of the rotation grid.
+        ``K``, size of the rotation grid of an exhaustive search (unused with ``fine``).
+    fine : float, optional
+        Finest angular step in degrees of a coarse-to-fine search on the Hopf grid (the
+        level whose step is at most this: 60 / 2^r degrees); None: exhaustive search.
+    coarse : float, optional
+        The search's coarse step in degrees (default :data:`DEFAULT_COARSE_STEP`, or
+        one level above ``fine`` when that is coarser).
+    prune : float
+        Posterior mass a patch may lose to pruning, in [0, 1).
+    local : float
+        Local search radius in degrees (0: none).
+    cap : int
+        A patch is refined while at most this many rotations hold all but its share of
+        ``prune`` of its rotation mass (0: always refined).
+    margin : float
+        Neighbours within this many grid steps of a refined rotation are refined too.
     """
 
     lmax: int
     iters: int
     frac: float = 1.0
     rotations: int = 300
+    fine: float = None
+    coarse: float = None
+    prune: float = 1e-3
+    local: float = 0.0
+    cap: int = 32
+    margin: float = 1.5
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.fine is None:   # exhaustive stages keep the keys they always had
+            for k in ("fine", "coarse", "prune", "local", "cap", "margin"):
+                d.pop(k)
+        return d
+
+    @property
+    def is_search(self):
+        return self.fine is not None
+
+    def search_spec(self):
+        """The :class:`numbaem.em.search.SearchSpec` of a search stage (None for an exhaustive one)."""
+        if self.fine is None:
+            return None
+        from ..model import hopf
+        from .search import SearchSpec
+        rf = hopf.level_for_step(self.fine)
+        rc = hopf.level_for_step(self.coarse if self.coarse is not None else DEFAULT_COARSE_STEP)
+        if self.coarse is None:
+            rc = min(rc, max(0, rf - 1))
+        return SearchSpec(rc, rf, self.prune, cap=self.cap, margin=self.margin, local=self.local)
+
+    @property
+    def size(self):
+        """Rotations of the statistics: ``rotations``, or every rotation of the search's levels."""
+        spec = self.search_spec()
+        if spec is None:
+            return self.rotations
+        from ..model import hopf
+        return sum(hopf.size(r) for r in spec.levels)
 
 
 def _stage_from_mapping(d, where):
@@ -53,9 +112,18 @@ def _stage_from_mapping(d, where):
         K = int(d.get("rotations", 300))
         if float(d["lmax"]) != lmax or float(d["iters"]) != iters or float(d.get("rotations", K)) != K:
             raise ValueError
+        fine = float(d["fine"]) if "fine" in d else None
+        coarse = float(d["coarse"]) if "coarse" in d else None
+        prune = float(d.get("prune", 1e-3))
+        local = float(d.get("local", 0.0))
+        cap = int(d.get("cap", 32))
+        margin = float(d.get("margin", 1.5))
+        if float(d.get("cap", cap)) != cap:
+            raise ValueError
     except (TypeError, ValueError):
         raise NumbaemError(f"schedule {where} has a value that is not a number of the right kind: {d}; "
-                           "lmax, iters and rotations are whole numbers, frac a fraction") from None
+                           "lmax, iters and rotations are whole numbers, frac and prune fractions, "
+                           "fine, coarse and local angles in degrees") from None
     if lmax < 0:
         raise NumbaemError(f"schedule {where}: lmax={lmax} must be >= 0")
     if iters < 1:
@@ -64,7 +132,18 @@ def _stage_from_mapping(d, where):
         raise NumbaemError(f"schedule {where}: frac={frac} must lie in (0, 1]")
     if K < 1:
         raise NumbaemError(f"schedule {where}: rotations={K} must be >= 1")
-    return Stage(lmax, iters, frac, K)
+    if fine is None and any(k in d for k in ("coarse", "prune", "local", "cap", "margin")):
+        raise NumbaemError(f"schedule {where}: coarse, prune and local belong to a coarse-to-fine search; "
+                           "give its finest step too, e.g. 'fine=7.5'")
+    if fine is not None and "rotations" in d:
+        raise NumbaemError(f"schedule {where}: give either rotations=K (exhaustive search) or fine=STEP "
+                           "(coarse-to-fine search on the Hopf grid), not both")
+    st = Stage(lmax, iters, frac, K, fine, coarse, prune, local, cap, margin)
+    try:
+        st.search_spec()
+    except NumbaemError as exc:
+        raise NumbaemError(f"schedule {where}: {exc}") from None
+    return st
 
 
 def parse_schedule(text):

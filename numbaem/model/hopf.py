@@ -237,6 +237,35 @@ def neighbours(level, idx, radius_deg):
     return np.unique(np.concatenate([np.asarray(h, dtype=np.int64) for h in hits] or [np.zeros(0, np.int64)]) % n)
 
 
+@functools.lru_cache(maxsize=8)
+def neighbour_table(level, radius_deg):
+    """Every rotation's neighbours within ``radius_deg`` degrees at ``level`` (itself included).
+
+    Returns
+    -------
+    ptr, nbr : ndarray of int64
+        The neighbours of rotation ``k`` are ``nbr[ptr[k]:ptr[k+1]]``, sorted.
+    """
+    level = _check_level(level)
+    q = _quaternions(level)
+    chord = 2.0 * math.sin(math.radians(float(radius_deg)) / 4.0)
+    tree = _kdtree(level)
+    n = len(q)
+    lists = tree.query_ball_point(np.concatenate([q, -q]), chord)
+    counts = np.zeros(n, np.int64)
+    rows = []
+    for k in range(n):
+        r = np.unique(np.asarray(lists[k] + lists[n + k], dtype=np.int64))
+        rows.append(r)
+        counts[k] = len(r)
+    ptr = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    nbr = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    ptr.setflags(write=False)
+    nbr.setflags(write=False)
+    return ptr, nbr
+
+
 @functools.lru_cache(maxsize=4)
 def _kdtree(level):
     from scipy.spatial import cKDTree
