@@ -37,7 +37,7 @@ from numba.extending import overload
 from ..runtime.jit import jit, pjit
 
 LANE = 8          # float32 lanes of an AVX2 register; lane blocks are multiples of it
-MAX_BLOCK = 64    # rotations per lane block: (L, L, 64) float32 projections are 31 KiB at L = 11
+MAX_BLOCK = 128   # rotations per lane block: (L, L, 128) float32 projections are 62 KiB at L = 11
 
 #: exp(-50) = 2e-22: a state 50 below its block's best adds less than round-off to any
 #: patch's normaliser with fewer than 1e5 states; its posterior is set to 0 (as on the FFT route).
@@ -59,13 +59,16 @@ _D_TAYLOR = tuple(1.0 / math.factorial(i) for i in range(13))
 def lane_blocks(K, threads=1):
     """``(KB, n_blocks)``: rotations per lane block and the number of blocks for ``K`` rotations.
 
-    ``KB`` is a multiple of :data:`LANE` and at most :data:`MAX_BLOCK`; the blocks are as
-    even as the lane width allows (fewer than ``LANE`` padding lanes per block), and there
-    are at least two per thread when ``K`` allows it (the accumulation runs one block per
-    task).
+    ``KB`` is a multiple of :data:`LANE` and at most :data:`MAX_BLOCK` (longer lane
+    loops run faster: at L = 11 about 1.5 us per pair at 128 lanes against 1.8 at 64);
+    the blocks are as even as the lane width allows (fewer than ``LANE`` padding lanes
+    per block), there is at least one per thread when ``K`` allows it, and their number
+    is a multiple of the thread count (the accumulation runs one block per task).
     """
     K, threads = int(K), max(1, int(threads))
-    n = max(-(-K // MAX_BLOCK), min(2 * threads, -(-K // (2 * LANE))), 1)
+    n = max(-(-K // MAX_BLOCK), min(threads, -(-K // (2 * LANE))), 1)
+    if n >= threads:
+        n = -(-n // threads) * threads          # whole rounds of blocks for the threads
     KB = -(-K // n)
     KB = -(-KB // LANE) * LANE
     return KB, -(-K // KB)
@@ -210,6 +213,39 @@ def _correlate(y, P, C):
 
 
 @jit
+def _correlate2(y, z, P, C, D):
+    """:func:`_correlate` of two patches ``y``, ``z`` against the same block ``P`` (each load of
+    ``P`` serves two multiply-adds: about 25% faster at L = 11)."""
+    L = y.shape[0]
+    KB = P.shape[2]
+    S = 2 * L - 1
+    C[:] = 0.0
+    D[:] = 0.0
+    for i1 in range(S):
+        s1 = i1 - (L - 1)
+        lo1 = max(0, -s1)
+        hi1 = min(L, L - s1)
+        for a1 in range(lo1, hi1):
+            yr = y[a1 + s1]
+            zr = z[a1 + s1]
+            Pr = P[a1]
+            for i2 in range(S):
+                s2 = i2 - (L - 1)
+                lo2 = max(0, -s2)
+                hi2 = min(L, L - s2)
+                cv = C[i1, i2]
+                dv = D[i1, i2]
+                for a2 in range(lo2, hi2):
+                    yv = yr[a2 + s2]
+                    zv = zr[a2 + s2]
+                    pv = Pr[a2]
+                    for t in range(KB):
+                        p = pv[t]
+                        cv[t] += yv * p
+                        dv[t] += zv * p
+
+
+@jit
 def _back_correlate(y, w, out):
     """``out[q, t] = sum_s w[s + L-1, t] y[q + s]`` over ``s, q + s`` in the box.
 
@@ -291,21 +327,33 @@ def dense_scores(Y, P, E, n_valid, c2, inv2s2, keep, C, bmax, lsum):
     lsum : (n, B, KB) float64
         Per lane (rotation) sums of ``exp(score - bmax)`` over the shifts.
 
-    Parallel over the flat (patch, block) tasks; each task's result depends on its inputs alone.
+    Parallel over the flat (pair of patches, block) tasks (two patches share each load of
+    the projections); each task's result depends on its inputs alone.
     """
     B, KB = P.shape[0], P.shape[3]
     S = E.shape[1]
-    for task in prange(n_valid * B):
-        j = task // B
-        b = task - j * B
+    n_pairs = (n_valid + 1) // 2
+    for task in prange(n_pairs * B):
+        jp = task // B
+        b = task - jp * B
+        j0 = 2 * jp
+        j1 = j0 + 1
         if keep:
-            blk = C[j, b]
+            blk0 = C[j0, b]
+            blk1 = C[j1, b] if j1 < n_valid else np.empty((S, S, KB), E.dtype)
         else:
-            blk = np.empty((S, S, KB), E.dtype)
-        _correlate(Y[j], P[b], blk)
+            blk0 = np.empty((S, S, KB), E.dtype)
+            blk1 = np.empty((S, S, KB), E.dtype)
+        if j1 < n_valid:
+            _correlate2(Y[j0], Y[j1], P[b], blk0, blk1)
+        else:
+            _correlate(Y[j0], P[b], blk0)
         mx = np.empty(KB, E.dtype)
         bits = _bits_scratch(KB, E[b, 0, 0, 0])
-        bmax[j, b] = _score_block(blk.reshape(S * S, KB), E[b].reshape(S * S, KB), c2, inv2s2, mx, bits, lsum[j, b])
+        Eb = E[b].reshape(S * S, KB)
+        bmax[j0, b] = _score_block(blk0.reshape(S * S, KB), Eb, c2, inv2s2, mx, bits, lsum[j0, b])
+        if j1 < n_valid:
+            bmax[j1, b] = _score_block(blk1.reshape(S * S, KB), Eb, c2, inv2s2, mx, bits, lsum[j1, b])
 
 
 @pjit

@@ -89,8 +89,9 @@ class SearchSpec:
         hopf.size(self.coarse)
         hopf.size(self.fine)
         if self.fine <= self.coarse:
-            raise NumbaemError(f"the fine level {self.fine} of a search must be finer than its coarse level "
-                               f"{self.coarse}; for one level use the exhaustive search (rotations=K)")
+            raise NumbaemError(f"the fine step {hopf.level_step(self.fine):g} degrees (Hopf level {self.fine}) of a "
+                               f"search must be finer than its coarse step {hopf.level_step(self.coarse):g} degrees "
+                               f"(level {self.coarse}); for one grid use the exhaustive search (rotations=K)")
         if not 0.0 <= self.prune < 1.0:
             raise NumbaemError(f"prune={self.prune} must lie in [0, 1): the posterior mass a patch may lose")
         if int(self.cap) != self.cap or self.cap < 0:
@@ -564,9 +565,9 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     timer : callable(name) -> context manager, optional
         Wraps ``coarse`` (the dense pass), ``level_<r>`` (each sparse pass) and ``accumulate``.
     keep_posteriors : bool
-        Also return the posteriors of the patches that reached the fine level, as a dense
-        (n, K_fine, 2L, 2L) array (zero for the others), the empty-state posteriors and
-        each patch's final level (tests).
+        Also return the posteriors of the patches that reached the fine level (a dict:
+        patch position -> (its fine rotations (m,), their posteriors (m, 2L, 2L) in MODEL's
+        layout)), the empty-state posteriors and each patch's final level (tests).
     records : Records, optional
         Receives each patch's record (needs ``patch_ids``).
 
@@ -693,17 +694,19 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
                 rec_mass[j], lambda pos, j=j: matrices_to_quaternions(hopf.rotations(final[j], rec_rot[j][pos])),
                 RECORD_EPS)
     if keep_posteriors:
-        post = np.zeros((n, hopf.size(rf), 2 * L, 2 * L))
         S = 2 * L - 1
         idx = shift_index(L)
+        post = {}
         for r in post_fine:
             for i in range(len(r["t_patch"])):
                 j, p0, nb, off = r["t_patch"][i], r["t_start"][i], r["t_len"][i], r["t_off"][i]
                 if final[j] != rf:
                     continue
                 blk = r["buf"][off:off + S * S * nb].reshape(S, S, nb) * r["f"][i]
-                for t in range(nb):
-                    post[j, r["rot"][p0 + t]][np.ix_(idx, idx)] = blk[:, :, t]
+                w = np.zeros((nb, 2 * L, 2 * L))
+                w[:, idx[:, None], idx[None, :]] = blk.transpose(2, 0, 1)
+                rots, ws = post.get(j, (np.zeros(0, np.int64), np.zeros((0, 2 * L, 2 * L))))
+                post[j] = (np.concatenate([rots, r["rot"][p0:p0 + nb]]), np.concatenate([ws, w]))
         return loglik, post, w_empty, final
     return loglik
 
