@@ -328,7 +328,12 @@ class DirectSpectra:
 
 
 def choose_route(L):
-    """``'direct'`` for ``L <= DIRECT_MAX_L``, else ``'fft'``."""
+    """``'direct'`` for ``L <= DIRECT_MAX_L``, else ``'fft'`` (``NUMBAEM_ROUTE=fft|direct`` forces one:
+    the benchmarks compare the routes in one run)."""
+    import os
+    forced = os.environ.get("NUMBAEM_ROUTE")
+    if forced in ("fft", "direct"):
+        return forced
     return "direct" if int(L) <= DIRECT_MAX_L else "fft"
 
 

@@ -246,7 +246,7 @@ def prune(ptr, mass, eps):
         The mass dropped per patch (at most ``eps``).
     """
     n = len(ptr) - 1
-    if eps <= 0:
+    if eps <= 0 or len(mass) == 0:
         return np.ones(len(mass), bool), np.zeros(n)
     seg = np.repeat(np.arange(n), np.diff(ptr))
     order = np.lexsort((mass, seg))                       # per patch, ascending mass
@@ -277,14 +277,19 @@ def expand(level, lists, margin):
 
 
 def cells_near(level, quats, radius_deg):
-    """Rotations of ``level`` within ``radius_deg`` of any of the unit quaternions ``quats`` (m, 4), sorted."""
+    """Rotations of ``level`` within ``radius_deg`` of any of the unit quaternions ``quats`` (m, 4),
+    and the nearest one to each (so never none), sorted."""
     if len(quats) == 0:
         return np.zeros(0, np.int64)
     tree = hopf._kdtree(level)
     q = np.asarray(quats, np.float64)
+    both = np.concatenate([q, -q])
     chord = 2.0 * math.sin(math.radians(radius_deg) / 4.0)
-    hits = tree.query_ball_point(np.concatenate([q, -q]), chord)
-    return np.unique(np.concatenate([np.asarray(h, np.int64) for h in hits]))
+    hits = tree.query_ball_point(both, chord)
+    d, nearest = tree.query(both)
+    m = len(q)
+    nearest = np.where(d[:m] <= d[m:], nearest[:m], nearest[m:])
+    return np.unique(np.concatenate([np.asarray(h, np.int64) for h in hits] + [nearest.astype(np.int64)]))
 
 
 def _tasks(ptr, max_block):
@@ -467,26 +472,49 @@ def box_sums(W, L):
     return np.maximum(h, 0.0)
 
 
+#: The M-step leaves out the rows of least weight whose weights sum to at most this
+#: fraction of the total: their share of ``H`` and ``b`` is below round-off.
+NEGLIGIBLE_ROW_WEIGHT = 1e-13
+
+
+def significant_rows(stats, tol=NEGLIGIBLE_ROW_WEIGHT):
+    """Positions of the rows that carry all but ``tol`` of the statistics' total weight ``sum W``.
+
+    A row's part of ``H`` is ``A_k^T diag(h_k) A_k`` with ``h_k <= sum_s W_k[s]``, so
+    leaving out rows of total weight ``tol sum_k sum_s W_k[s]`` changes ``H`` (and ``b``
+    likewise) by at most ``tol`` relative (with ``||A_k||`` bounded): round-off. At high
+    SNR most rows a search reaches hold exponentially small posteriors.
+    """
+    w = stats.W.reshape(len(stats.W), -1).sum(axis=1)
+    total = w.sum()
+    if not total > 0:
+        return np.zeros(0, np.int64)
+    order = np.argsort(w, kind="stable")
+    drop = np.cumsum(w[order]) <= tol * total
+    return np.sort(order[~drop])
+
+
 def search_normal_equations(stats, spec, basis, max_block_bytes=16 << 20):
     """``H`` and ``b`` of MODEL section 6 from a search's statistics.
 
-    ``H = sum_k A_k^T diag(h_k) A_k`` and ``b = sum_k A_k^T g_k`` over the rows reached,
-    with ``A_k`` built for blocks of rows (at most ``max_block_bytes`` of ``A``; nothing of
-    all rows at once) and ``h_k`` by :func:`box_sums`.
+    ``H = sum_k A_k^T diag(h_k) A_k`` and ``b = sum_k A_k^T g_k`` over the rows that carry
+    weight (:func:`significant_rows`), with ``A_k`` built for blocks of rows (at most
+    ``max_block_bytes`` of ``A``; never all rows at once) and ``h_k`` by :func:`box_sums`.
     """
     from ..model.projection import projection_matrices
     L, M = basis.L, basis.M
     H = np.zeros((M, M))
     b = np.zeros(M)
+    keep = significant_rows(stats)
     step = max(1, int(max_block_bytes // (L * L * M * 8)))
-    for i in range(0, len(stats.rotations), step):
-        rows = stats.rotations[i:i + step]
-        A = projection_matrices(basis, rotations_of_rows(spec, rows))
-        h = np.sqrt(box_sums(stats.W[i:i + step], L)).reshape(len(rows), L * L)
+    for i in range(0, len(keep), step):
+        pos = keep[i:i + step]
+        A = projection_matrices(basis, rotations_of_rows(spec, stats.rotations[pos]))
+        h = np.sqrt(box_sums(stats.W[pos], L)).reshape(len(pos), L * L)
         B = (h[:, :, None] * A).reshape(-1, M)
         H += B.T @ B
         del B
-        b += A.reshape(-1, M).T @ stats.g[i:i + step].reshape(-1)
+        b += A.reshape(-1, M).T @ stats.g[pos].reshape(-1)
     return H, b
 
 
