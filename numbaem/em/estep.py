@@ -838,7 +838,8 @@ def _direct_chunk(patches, spectra, upsilon, sigma2, acc, keep_posteriors=False,
         w = (C * f[:, :, None, None, None]).transpose(0, 1, 4, 2, 3).reshape(n, B * KB, S, S)[:, :K]
         post[:, :, idx[:, None], idx[None, :]] = w
     with timer("accumulate"):
-        kernels.dense_accumulate(Y, C, f, n, acc.W, acc.g)
+        kernels.dense_accumulate(Y, C, np.ascontiguousarray(np.broadcast_to(f[:, :, None], lsum.shape)), n,
+                                 acc.W, acc.g)
     if records is not None and patch_ids is not None and spectra.quats is not None:
         mass = (f[:, :, None] * lsum).reshape(n, B * KB)[:, :K]
         for j in range(n):

@@ -358,31 +358,42 @@ def dense_scores(Y, P, E, n_valid, c2, inv2s2, keep, C, bmax, lsum):
 
 @pjit
 def dense_accumulate(Y, C, f, n_valid, Wacc, gacc):
-    """``Wacc[b] += sum_j f[j, b] C[j, b]``, ``gacc[b] += sum_j f[j, b] back_correlate(Y[j], C[j, b])``.
+    """``Wacc[b, :, :, t] += sum_j f[j, b, t] C[j, b, :, :, t]``, ``gacc`` likewise with ``back_correlate``.
 
-    Y : (n, L, L); C : (n, B, S, S, KB); f : (n, B) float64 (the posterior scale of each
-    block: ``exp(bmax - max_j) / total_j``); Wacc : (B, S, S, KB), gacc : (B, L, L, KB)
-    float64. Parallel over lane blocks, each summing its patches in order. Blocks with
-    ``f == 0`` (negligible) are skipped.
+    Y : (n, L, L); C : (n, B, S, S, KB); f : (n, B, KB) float64, the posterior scale of
+    each (patch, rotation) (``exp(bmax - max_j) / total_j``, 0 for a state that is not
+    counted); Wacc : (B, S, S, KB), gacc : (B, L, L, KB) float64. Parallel over lane
+    blocks, each summing its patches in order. Blocks whose factors are all 0 are skipped.
     """
     B = Wacc.shape[0]
     L = Y.shape[1]
+    S = Wacc.shape[1]
     KB = Wacc.shape[3]
     for b in prange(B):
         tmp = np.empty((L, L, KB), C.dtype)
-        Wf = Wacc[b].reshape(-1)
-        gf = gacc[b].reshape(-1)
-        tf = tmp.reshape(-1)
+        Wf = Wacc[b].reshape(S * S, KB)
+        gf = gacc[b].reshape(L * L, KB)
+        tf = tmp.reshape(L * L, KB)
         for j in range(n_valid):
-            s = f[j, b]
-            if s == 0.0:
+            fl = f[j, b]
+            use = False
+            for t in range(KB):
+                if fl[t] != 0.0:
+                    use = True
+            if not use:
                 continue
-            cf = C[j, b].reshape(-1)
-            for q in range(cf.shape[0]):
-                Wf[q] += s * cf[q]
+            cf = C[j, b].reshape(S * S, KB)
+            for q in range(S * S):
+                Wq = Wf[q]
+                cq = cf[q]
+                for t in range(KB):
+                    Wq[t] += fl[t] * cq[t]
             _back_correlate(Y[j], C[j, b], tmp)
-            for q in range(tf.shape[0]):
-                gf[q] += s * tf[q]
+            for q in range(L * L):
+                gq = gf[q]
+                tq = tf[q]
+                for t in range(KB):
+                    gq[t] += fl[t] * tq[t]
 
 
 # --------------------------------------------------------------------------- sparse
@@ -436,17 +447,21 @@ def sparse_scores(Y, PU, EU, lanes, t_patch, t_start, t_len, t_off, c2, inv2s2, 
 
 
 @pjit
-def sparse_back(Y, t_patch, t_start, t_len, t_off, f, buf, gbuf):
+def sparse_back(Y, t_patch, t_start, t_len, t_off, fp, buf, gbuf):
     """Per task, ``back_correlate`` of its patch with its block of exponentials into ``gbuf``.
 
     gbuf : (n_pairs, L, L) of buf's dtype, pair-major (the accumulation gathers per
-    rotation). Tasks with ``f == 0`` (or no block kept) are skipped.
+    rotation). Tasks whose pairs all have factor ``fp == 0`` (or no block kept) are skipped.
     """
     L = Y.shape[1]
     S = 2 * L - 1
     for i in prange(t_patch.shape[0]):
         nb = t_len[i]
-        if t_off[i] < 0 or f[i] == 0.0:
+        use = False
+        for t in range(nb):
+            if fp[t_start[i] + t] != 0.0:
+                use = True
+        if t_off[i] < 0 or not use:
             continue
         blk = buf[t_off[i]:t_off[i] + S * S * nb].reshape(S, S, nb)
         tmp = np.empty((L, L, nb), buf.dtype)
@@ -459,13 +474,14 @@ def sparse_back(Y, t_patch, t_start, t_len, t_off, f, buf, gbuf):
 
 
 @pjit
-def sparse_accumulate(r_ptr, r_pairs, r_rows, pair_task, pair_lane, t_off, t_len, f, buf, gbuf, W, g):
+def sparse_accumulate(r_ptr, r_pairs, r_rows, pair_task, pair_lane, t_off, t_len, fp, buf, gbuf, W, g):
     """Rows of the statistics: ``W[row] += f w``, ``g[row] += f gbuf`` over the row's pairs in patch order.
 
     r_ptr : (R + 1,); r_pairs : (n_pairs,) the pairs of each rotation ``r`` at
     ``r_pairs[r_ptr[r]:r_ptr[r+1]]`` (patch order); r_rows : (R,) the row of the
     statistics each rotation adds into; pair_task, pair_lane : (n_pairs,) the task of a
-    pair and its lane in the task's block; f : (T,) the posterior scale of each task.
+    pair and its lane in the task's block; fp : (n_pairs,) the posterior scale of each
+    pair (0: not counted).
     W : (rows, S, S) and g : (rows, L, L) float64. Parallel over rotations (each row
     is written by one rotation only).
     """
@@ -478,7 +494,7 @@ def sparse_accumulate(r_ptr, r_pairs, r_rows, pair_task, pair_lane, t_off, t_len
         for k in range(r_ptr[r], r_ptr[r + 1]):
             p = r_pairs[k]
             i = pair_task[p]
-            s = f[i]
+            s = fp[p]
             if s == 0.0:
                 continue
             nb = t_len[i]

@@ -71,6 +71,10 @@ class Stage:
         if self.fine is None:   # exhaustive stages keep the keys they always had
             for k in ("fine", "coarse", "prune", "local", "cap", "margin"):
                 d.pop(k)
+        else:                   # a search has no K of its own
+            d.pop("rotations")
+            if self.coarse is None:
+                d.pop("coarse")
         return d
 
     @property
@@ -186,12 +190,19 @@ def load_schedule(path):
 def default_schedule(L):
     """The documented default: three stages marching to the highest ``lmax`` the patch size allows.
 
-    ``lmax`` at about a third, two thirds and all of the top order; ``K`` = 100, 300,
-    1000; 4, 4 and 6 full-batch iterations. Large data sets should pass ``frac < 1``.
+    ``lmax`` at about a third, two thirds and all of the top order; 4, 4 and 6 full-batch
+    iterations. The first two search exhaustively on K = 100 and 300 rotations; the last
+    is a coarse-to-fine search from 30 degrees (576 rotations) down to 7.5 degrees (15 for
+    ``L > 9``, where each rotation's share of the M-step costs ``L^2 M^2``), pruning 1e-3 of
+    each patch's posterior, and searching each patch within 20 degrees of where its
+    posterior was (local search) once it was concentrated. Large data sets should pass
+    ``frac < 1``.
     """
     top = FBBasis.max_lmax(L)
     l1, l2 = max(1, round(top / 3)), max(1, round(2 * top / 3))
-    return [Stage(l1, 4, 1.0, 100), Stage(l2, 4, 1.0, 300), Stage(top, 6, 1.0, 1000)]
+    fine = 7.5 if L <= 9 else 15.0
+    return [Stage(l1, 4, 1.0, 100), Stage(l2, 4, 1.0, 300),
+            Stage(top, 6, 1.0, fine=fine, coarse=DEFAULT_COARSE_STEP, prune=1e-3, local=20.0)]
 
 
 def validate_schedule(stages, L):

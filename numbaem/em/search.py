@@ -500,12 +500,15 @@ def search_normal_equations(stats, spec, basis, max_block_bytes=16 << 20):
     ``H = sum_k A_k^T diag(h_k) A_k`` and ``b = sum_k A_k^T g_k`` over the rows that carry
     weight (:func:`significant_rows`), with ``A_k`` built for blocks of rows (at most
     ``max_block_bytes`` of ``A``; never all rows at once) and ``h_k`` by :func:`box_sums`.
+    Rows are left out up to a total weight of ``1e-3 prune`` of the whole (the search
+    already lets each patch lose up to ``prune``; without pruning, only round-off:
+    :data:`NEGLIGIBLE_ROW_WEIGHT`).
     """
     from ..model.projection import projection_matrices
     L, M = basis.L, basis.M
     H = np.zeros((M, M))
     b = np.zeros(M)
-    keep = significant_rows(stats)
+    keep = significant_rows(stats, max(NEGLIGIBLE_ROW_WEIGHT, 1e-3 * spec.prune))
     step = max(1, int(max_block_bytes // (L * L * M * 8)))
     for i in range(0, len(keep), step):
         pos = keep[i:i + step]
@@ -520,13 +523,71 @@ def search_normal_equations(stats, spec, basis, max_block_bytes=16 << 20):
 
 # --------------------------------------------------------------------------- the passes
 
-def _sparse_level(Y, model, level, ptr, rot, c2, inv, log_prior, log_u, timer):
-    """Score each patch against its rotations ``rot[ptr[j]:ptr[j+1]]`` of ``level`` (exponentials kept).
+class _Pass:
+    """The scores of one pass over some (patch, rotation) pairs of one level, kept until the
+    patches' normalisers are known.
 
-    Returns a dict with the per-pair posterior masses (normalised over the patch's states
-    at this level and the empty state), the per-patch ``w_empty`` and log-sum-exp, and
-    what the accumulation needs.
+    ``bm`` holds each block's largest log-probability (log prior included), ``lsum`` each
+    pair's sum of ``exp(logp - bm)`` over the shifts, ``keep`` whether the pair's states
+    count in the patch's posterior (a refined rotation is replaced by its children, a
+    dropped one is lost), ``mass`` each pair's posterior mass among this pass's states.
+    Dense (every rotation of the level, lane-block layout ``(n_g, B, KB)``, patches
+    ``rows`` of the chunk) or sparse (tasks of a patch's own rotations, pair-major).
     """
+
+    def __init__(self, level, dense, **kw):
+        self.level, self.dense = level, dense
+        self.__dict__.update(kw)
+
+    def terms(self):
+        """``(patch, bm, kept sum)`` per block: what the patches' normalisers add up."""
+        if self.dense:
+            kept = (self.lsum * self.keep).sum(axis=2)
+            return np.repeat(self.rows, self.bm.shape[1]), self.bm.ravel(), kept.ravel()
+        kept = np.bincount(self.pair_task, weights=self.lsum * self.keep, minlength=len(self.t_patch))
+        return self.t_patch, self.bm, kept
+
+    def pair_ranges(self, j):
+        """``(rotations, masses, index of the pairs)`` of chunk patch ``j`` in this pass."""
+        if self.dense:
+            i = self.pos[j]
+            K = self.K
+            return np.arange(K, dtype=np.int64), self.mass[i], (i, slice(0, K))
+        a, b = self.ptr[j], self.ptr[j + 1]
+        return self.rot[a:b], self.mass[a:b], slice(a, b)
+
+    def set_keep(self, j, keep):
+        _, _, where = self.pair_ranges(j)
+        if self.dense:
+            i, sl = where
+            flat = self.keep[i].reshape(-1)
+            flat[sl] = keep
+        else:
+            self.keep[where] = keep
+
+
+def _dense_pass(Y, model, rows, c2, inv, log_prior, log_u, timer):
+    """Every rotation of the coarse level against the chunk's patches ``rows`` (exponentials kept)."""
+    cs = model.coarse
+    B, KB = cs.P.shape[0], cs.KB
+    L = Y.shape[1]
+    S = 2 * L - 1
+    Yg = np.ascontiguousarray(Y[rows])
+    C = np.empty((len(rows), B, S, S, KB), model.dtype)
+    bmax = np.empty((len(rows), B))
+    lsum = np.empty((len(rows), B, KB))
+    with timer("coarse"):
+        kernels.dense_scores(Yg, cs.P, cs.E, len(rows), c2, inv, True, C, bmax, lsum)
+    bm = bmax + log_prior
+    f, _, _ = block_scales(bm, lsum.sum(axis=2), log_u)
+    mass = (f[:, :, None] * lsum).reshape(len(rows), B * KB)[:, :cs.K]
+    pos = {int(j): i for i, j in enumerate(rows)}
+    return _Pass(model.spec.coarse, True, rows=np.asarray(rows), pos=pos, Y=Yg, C=C, bm=bm, lsum=lsum,
+                 keep=np.ones(lsum.shape, bool), mass=mass, K=cs.K)
+
+
+def _sparse_pass(Y, model, level, ptr, rot, c2, inv, log_prior, log_u, timer):
+    """Each patch against its rotations ``rot[ptr[j]:ptr[j+1]]`` of ``level`` (exponentials kept)."""
     n, L, _ = Y.shape
     S = 2 * L - 1
     U, lanes = np.unique(rot, return_inverse=True)
@@ -547,35 +608,122 @@ def _sparse_level(Y, model, level, ptr, rot, c2, inv, log_prior, log_u, timer):
     with timer(f"level_{level}"):
         if T:
             kernels.sparse_scores(Y, PU, EU, lanes, t_patch, t_start, t_len, t_off, c2, inv, buf, bmax, lsum)
-    tsum = np.add.reduceat(lsum, t_start) if T else np.zeros(0)
-    bm, col = _patch_matrix(t_patch, bmax + log_prior, n, -np.inf)
-    bs, _ = _patch_matrix(t_patch, tsum, n, 0.0)
-    f, w_empty, lse = block_scales(bm, bs, log_u)
-    f_task = f[t_patch, col] if T else np.zeros(0)
+    bm = bmax + log_prior
     pair_task = np.repeat(np.arange(T), t_len)
-    mass = f_task[pair_task] * lsum if T else np.zeros(0)
-    return dict(level=level, mass=mass, w_empty=w_empty, lse=lse, ptr=ptr, rot=rot, U=U, lanes=lanes,
-                t_patch=t_patch, t_start=t_start, t_len=t_len, t_off=t_off, buf=buf, f=f_task, pair_task=pair_task)
+    tsum = np.bincount(pair_task, weights=lsum, minlength=T) if T else np.zeros(0)
+    bmm, col = _patch_matrix(t_patch, bm, n, -np.inf)
+    bs, _ = _patch_matrix(t_patch, tsum, n, 0.0)
+    f, _, _ = block_scales(bmm, bs, log_u)
+    mass = f[t_patch, col][pair_task] * lsum if T else np.zeros(0)
+    return _Pass(level, False, ptr=ptr, rot=rot, U=U, lanes=lanes, t_patch=t_patch, t_start=t_start, t_len=t_len,
+                 t_off=t_off, buf=buf, bm=bm, lsum=lsum, keep=np.ones(len(rot), bool), mass=mass,
+                 pair_task=pair_task)
 
 
-def _accumulate_sparse(Y, res, stop, acc):
-    """The posteriors of the patches ``stop`` (bool, n) from a sparse pass into ``acc`` (their level)."""
-    L = Y.shape[1]
-    f = np.where(stop[res["t_patch"]], res["f"], 0.0) if len(res["f"]) else res["f"]
-    if not np.any(f > 0):
+def _normalisers(passes, patches, n, log_u):
+    """Per chunk patch: ``(mx, Z)`` over the kept states of ``passes`` and the empty state (for ``patches``)."""
+    P, BM, KS = [], [], []
+    for ps in passes:
+        p, bm, ks = ps.terms()
+        P.append(p)
+        BM.append(bm)
+        KS.append(ks)
+    p, bm, ks = np.concatenate(P), np.concatenate(BM), np.concatenate(KS)
+    sel = np.isin(p, patches) & (ks > 0)
+    p, bm, ks = p[sel], bm[sel], ks[sel]
+    mx = np.full(n, log_u)
+    np.maximum.at(mx, p, bm)
+    Z = np.exp(log_u - mx)
+    rel = bm - mx[p]
+    np.add.at(Z, p, np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0) * ks)
+    return mx, Z
+
+
+def _accumulate_pass(ps, Y, mx, Z, patches, acc):
+    """A pass's kept states of the chunk patches ``patches`` into ``acc``, scaled by their posteriors."""
+    sel = np.zeros(len(mx), bool)
+    sel[patches] = True
+    if ps.dense:
+        use = sel[ps.rows]
+        rel = ps.bm - mx[ps.rows][:, None]
+        f = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0)
+        f = f / Z[ps.rows][:, None]
+        fl = np.where(use[:, None, None] & ps.keep, f[:, :, None], 0.0)
+        if np.any(fl > 0):
+            kernels.dense_accumulate(ps.Y, ps.C, np.ascontiguousarray(fl), len(ps.rows), acc.Wd, acc.gd)
         return
-    rot, lanes = res["rot"], res["lanes"]
-    t_start, t_len, t_off = res["t_start"], res["t_len"], res["t_off"]
-    gbuf = np.empty((len(rot), L, L), Y.dtype)
-    kernels.sparse_back(Y, res["t_patch"], t_start, t_len, t_off, f, res["buf"], gbuf)
-    pair_task = res["pair_task"]
-    pair_lane = (np.arange(len(rot)) - t_start[pair_task]).astype(np.int64)
-    order = np.argsort(lanes, kind="stable").astype(np.int64)     # by rotation, patch order within
-    r_ptr = np.searchsorted(lanes[order], np.arange(len(res["U"]) + 1)).astype(np.int64)
-    level = res["level"]
-    kernels.sparse_accumulate(r_ptr, order, res["U"].astype(np.int64), pair_task, pair_lane, t_off, t_len, f,
-                              res["buf"], gbuf, acc.W[level], acc.g[level])
-    acc.touched[level][res["U"][np.unique(lanes[f[pair_task] > 0])]] = True
+    if not len(ps.rot):
+        return
+    tp = ps.t_patch
+    rel = ps.bm - mx[tp]
+    ft = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0) / Z[tp]
+    fp = np.where(sel[tp][ps.pair_task] & ps.keep, ft[ps.pair_task], 0.0)
+    if not np.any(fp > 0):
+        return
+    L = acc.L
+    gbuf = np.empty((len(ps.rot), L, L), ps.buf.dtype)
+    kernels.sparse_back(Y, tp, ps.t_start, ps.t_len, ps.t_off, fp, ps.buf, gbuf)
+    pair_lane = (np.arange(len(ps.rot)) - ps.t_start[ps.pair_task]).astype(np.int64)
+    order = np.argsort(ps.lanes, kind="stable").astype(np.int64)       # by rotation, patch order within
+    r_ptr = np.searchsorted(ps.lanes[order], np.arange(len(ps.U) + 1)).astype(np.int64)
+    kernels.sparse_accumulate(r_ptr, order, ps.U.astype(np.int64), ps.pair_task, pair_lane, ps.t_off, ps.t_len, fp,
+                              ps.buf, gbuf, acc.W[ps.level], acc.g[ps.level])
+    acc.touched[ps.level][ps.U[np.unique(ps.lanes[fp > 0])]] = True
+
+
+
+
+def _decide(ps, j, spec, cap, last, coarse_mass, partial):
+    """Which rotations patch ``j`` refines from pass ``ps`` (returned); its other states stay here.
+
+    Below the fine level, with ``eps`` the step's share of ``prune``:
+
+    - *concentrated* -- dropping the tail of least mass (at most ``eps``) leaves at most
+      ``cap`` rotations: those and every rotation within the margin are refined (their
+      states here are replaced by their children); the tail stays here, at this level's
+      resolution (``coarse_mass[j]`` adds its mass: what the search leaves unrefined, at
+      most ``eps`` per step);
+    - *partly concentrated* -- at most ``cap`` rotations hold ``REFINE_SHARE`` of the mass
+      (a projection's rotation with a diffuse share from shifts that leave little of it
+      in the patch): those and their margin are refined, the rest stays here
+      (``partial[j]`` is set);
+    - *diffuse*: nothing is refined.
+
+    No state is ever dropped: a rotation not refined keeps its state at its level (it is
+    computed already), so the posterior is a quadrature on an adaptive grid.
+    """
+    rot, mass, _ = ps.pair_ranges(j)
+    if last or len(rot) == 0:
+        return np.zeros(0, np.int64)
+    tot = mass.sum()
+    if not tot > 0:
+        return np.zeros(0, np.int64)
+    keep, _ = prune(np.array([0, len(mass)]), mass, spec.eps)
+    rest = np.nonzero(keep)[0]
+    if cap is None or len(rest) <= cap:
+        top = rot[rest]
+        part = False
+    else:
+        order = np.argsort(-mass, kind="stable")
+        need = int(np.searchsorted(np.cumsum(mass[order]), REFINE_SHARE * tot, side="left")) + 1
+        if need > cap:
+            return np.zeros(0, np.int64)
+        top = rot[np.sort(order[:need])]
+        part = True
+    refine = expand(ps.level, [np.sort(top)], spec.margin)[0]
+    refined = np.isin(rot, refine)
+    ps.set_keep(j, ~refined)
+    left = mass[~refined].sum()
+    if part:
+        partial[j] = True
+    else:
+        coarse_mass[j] += left
+    return refine
+
+
+#: A partly concentrated patch refines the fewest rotations holding this share of its
+#: rotation mass (and their margin); the rest of its states stay where they are.
+REFINE_SHARE = 0.9
 
 
 def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=None, keep_posteriors=False,
@@ -593,16 +741,16 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     timer : callable(name) -> context manager, optional
         Wraps ``coarse`` (the dense pass), ``level_<r>`` (each sparse pass) and ``accumulate``.
     keep_posteriors : bool
-        Also return the posteriors of the patches that reached the fine level (a dict:
-        patch position -> (its fine rotations (m,), their posteriors (m, 2L, 2L) in MODEL's
-        layout)), the empty-state posteriors and each patch's final level (tests).
+        Also return each patch's posteriors (a dict: patch position -> list of
+        ``(level, rotations (m,), posteriors (m, 2L, 2L))`` in MODEL's layout), the
+        empty-state posteriors and each patch's finest level (tests).
     records : Records, optional
         Receives each patch's record (needs ``patch_ids``).
 
     Returns
     -------
     loglik : ndarray, shape (n,)
-        Each patch's log-likelihood over the states of its final level.
+        Each patch's log-likelihood over the states its posterior counts.
     """
     timer = timer or _no_timer
     spec = model.spec
@@ -625,87 +773,83 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     def log_state_prior(level):
         return math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * hopf.size(level))
 
-    dropped = np.zeros(n)
-    final = np.full(n, -1)
-    lse = np.zeros(n)
-    w_empty = np.zeros(n)
-    rec_mass = [None] * n          # the final states' masses and rotations, for the records
-    rec_rot = [None] * n
-    post_fine = []
+    dropped = np.zeros(n)          # mass a concentrated patch leaves unrefined (at most prune)
+    partial = np.zeros(n, bool)    # patches refined in part only
+    finest = np.full(n, -1)
+    mx = np.zeros(n)
+    Z = np.ones(n)
+    kept_posts = {}
+    kept_mass = {}
 
-    # ---- level rc: all of it (dense), or near the patch's record (local search)
+    # ---- the start: every rotation of rc (dense), or near the patch's record at rl (local search)
     prev = model.previous
     local = np.zeros(n, bool)
     if spec.local > 0 and prev is not None and patch_ids is not None:
         local = np.array([prev.has(p) for p in patch_ids], bool)
-    Kc = hopf.size(rc)
+    starts = []
     t0 = time.perf_counter()
     glob = np.nonzero(~local)[0]
-    lists, masses = [np.zeros(0, np.int64)] * n, [np.zeros(0)] * n
-    dense = None
     if len(glob):
-        cs = model.coarse
-        B, KB = cs.P.shape[0], cs.KB
-        S = 2 * L - 1
-        Yg = np.ascontiguousarray(Y[glob])
-        C = np.empty((len(glob), B, S, S, KB), model.dtype)
-        bmax = np.empty((len(glob), B))
-        lsum = np.empty((len(glob), B, KB))
-        with timer("coarse"):
-            kernels.dense_scores(Yg, cs.P, cs.E, len(glob), c2, inv, True, C, bmax, lsum)
-        f, we, ls = block_scales(bmax + log_state_prior(rc), lsum.sum(axis=2), log_u)
-        mass = (f[:, :, None] * lsum).reshape(len(glob), B * KB)[:, :Kc]
-        allc = np.arange(Kc, dtype=np.int64)
-        for i, j in enumerate(glob):
-            lists[j], masses[j] = allc, mass[i]
-            lse[j], w_empty[j] = ls[i], we[i]
-        dense = dict(Y=Yg, C=C, f=f)
-        _report_add(rep, f"pairs_level_{rc}", len(glob) * Kc)
-    sparse_rl = None
+        starts.append(_dense_pass(Y, model, glob, c2, inv, log_state_prior(rc), log_u, timer))
+        _report_add(rep, f"pairs_level_{rc}", len(glob) * hopf.size(rc))
     loc = np.nonzero(local)[0]
     rl = spec.local_level
     if len(loc):
         sub = [cells_near(rl, prev.quats[int(patch_ids[j])], spec.local) if local[j] else np.zeros(0, np.int64)
                for j in range(n)]
         ptr = _csr([len(c) for c in sub])
-        sparse_rl = _sparse_level(Y, model, rl, ptr, np.concatenate(sub), c2, inv, log_state_prior(rl), log_u, timer)
-        for j in loc:
-            lists[j] = sub[j]
-            masses[j] = sparse_rl["mass"][ptr[j]:ptr[j + 1]]
-            lse[j], w_empty[j] = sparse_rl["lse"][j], sparse_rl["w_empty"][j]
+        starts.append(_sparse_pass(Y, model, rl, ptr, np.concatenate(sub), c2, inv, log_state_prior(rl), log_u,
+                                   timer))
         _report_add(rep, f"pairs_level_{rl}", int(ptr[-1]))
         _report_add(rep, "patches_local", int(len(loc)))
     _report_add(rep, f"seconds_level_{rc}", time.perf_counter() - t0)
 
-    # ---- each start's decisions, then the refinement of groups of patches (bounded work arrays)
-    state = dict(lists=lists, masses=masses, lse=lse, w_empty=w_empty, dropped=dropped, final=final,
-                 rec_mass=rec_mass, rec_rot=rec_rot, post_fine=post_fine)
-    for level, members in ((rc, ~local), (rl, local)):
-        if not members.any():
-            continue
-        refine = _decide(state, members, level, spec, cap, rep)
-        stop = members & ~refine
+    # ---- decisions at the start; the refining patches go on in groups (bounded work arrays)
+    nxt = {}
+    for ps in starts:
+        members = ps.rows if ps.dense else loc
+        for j in members:
+            finest[j] = ps.level
+            r = _decide(ps, j, spec, cap, ps.level == rf, dropped, partial)
+            if len(r):
+                nxt[j] = (ps.level, r)
+    todo = np.array(sorted(nxt), np.int64)
+    cost = np.array([8 * len(nxt[j][1]) for j in todo], np.int64)
+    start = 0
+    while start < len(todo):
+        stop_at = start + max(1, int(np.searchsorted(np.cumsum(cost[start:]), model.max_pairs, side="right")))
+        group = todo[start:stop_at]
+        passes = _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dropped, partial, finest,
+                         rep, timer)
+        gmx, gZ = _normalisers(starts + passes, group, n, log_u)
+        mx[group], Z[group] = gmx[group], gZ[group]
         t0 = time.perf_counter()
         with timer("accumulate"):
-            if level == rc and not members[loc].any() and dense is not None:
-                fs = np.where(stop[glob][:, None], dense["f"], 0.0)
-                if np.any(fs > 0):
-                    kernels.dense_accumulate(dense["Y"], dense["C"], fs, len(glob), acc.Wd, acc.gd)
-            if members is local:
-                _accumulate_sparse(Y, sparse_rl, stop, acc)
+            for ps in passes:
+                _accumulate_pass(ps, Y, mx, Z, group, acc)
         _report_add(rep, "seconds_accumulate", time.perf_counter() - t0)
-        nxt = _next_lists(state, refine, level, spec)
-        todo = np.nonzero(refine)[0]
-        cost = np.array([len(nxt[j]) for j in todo], np.int64)
-        start = 0
-        while start < len(todo):
-            stop_at = start + max(1, int(np.searchsorted(np.cumsum(cost[start:]), model.max_pairs, side="right")))
-            group = todo[start:stop_at]
-            _refine(Y, model, group, {j: nxt[j] for j in group}, level, state, acc, c2, inv, log_u,
-                    log_state_prior, cap, keep_posteriors, timer)
-            start = stop_at
-    del dense, sparse_rl
+        if keep_posteriors:
+            _collect(passes, group, mx, Z, kept_posts, L)
+        if records is not None:
+            _final_masses(passes, group, mx, Z, kept_mass)
+        start = stop_at
+    others = np.setdiff1d(np.arange(n), todo)
+    if len(others):
+        omx, oZ = _normalisers(starts, others, n, log_u)
+        mx[others], Z[others] = omx[others], oZ[others]
+    t0 = time.perf_counter()
+    with timer("accumulate"):
+        for ps in starts:
+            _accumulate_pass(ps, Y, mx, Z, np.arange(n), acc)
+    _report_add(rep, "seconds_accumulate", time.perf_counter() - t0)
+    if keep_posteriors:
+        _collect(starts, np.arange(n), mx, Z, kept_posts, L)
+    if records is not None:
+        _final_masses(starts, np.arange(n), mx, Z, kept_mass)
+    del starts
 
+    lse = mx + np.log(Z)
+    w_empty = np.exp(log_u - mx) / Z
     yy = np.einsum("jab,jab->j", patches, patches)
     loglik = lse - yy / (2.0 * sigma2) - 0.5 * L * L * math.log(2.0 * math.pi * sigma2)
     acc.n_patches += n
@@ -715,90 +859,108 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     _report_add(rep, "patches", n)
     _report_add(rep, "mass_pruned", float(dropped.sum()))
     _report_add(rep, "max_mass_pruned", float(dropped.max()) if n else 0.0)
+    _report_add(rep, "patches_partly_refined", int(partial.sum()))
+    for r in spec.levels:
+        _report_add(rep, f"patches_final_level_{r}", int(np.sum(finest == r)))
     if records is not None and patch_ids is not None:
         from ..model.rotations import matrices_to_quaternions
         for j in range(n):
+            parts = kept_mass.get(j, [])
+            mass = np.concatenate([m for _, _, m in parts]) if parts else np.zeros(0)
+            lev = np.concatenate([np.full(len(r), lv) for lv, r, _ in parts]) if parts else np.zeros(0, int)
+            rot = np.concatenate([r for _, r, _ in parts]) if parts else np.zeros(0, np.int64)
             records.quats[int(patch_ids[j])] = record_of(
-                rec_mass[j], lambda pos, j=j: matrices_to_quaternions(hopf.rotations(final[j], rec_rot[j][pos])),
-                RECORD_EPS)
+                mass, lambda pos, lev=lev, rot=rot: matrices_to_quaternions(
+                    np.stack([hopf.rotations(int(lev[k]), rot[k:k + 1])[0] for k in pos])), RECORD_EPS)
     if keep_posteriors:
-        S = 2 * L - 1
-        idx = shift_index(L)
-        post = {}
-        for r in post_fine:
-            for i in range(len(r["t_patch"])):
-                j, p0, nb, off = r["t_patch"][i], r["t_start"][i], r["t_len"][i], r["t_off"][i]
-                if final[j] != rf:
-                    continue
-                blk = r["buf"][off:off + S * S * nb].reshape(S, S, nb) * r["f"][i]
-                w = np.zeros((nb, 2 * L, 2 * L))
-                w[:, idx[:, None], idx[None, :]] = blk.transpose(2, 0, 1)
-                rots, ws = post.get(j, (np.zeros(0, np.int64), np.zeros((0, 2 * L, 2 * L))))
-                post[j] = (np.concatenate([rots, r["rot"][p0:p0 + nb]]), np.concatenate([ws, w]))
-        return loglik, post, w_empty, final
+        return loglik, kept_posts, w_empty, finest
     return loglik
 
 
-def _decide(state, active, level, spec, cap, rep):
-    """Which active patches refine from ``level`` (the rest stop there); records the stops."""
-    n = len(active)
-    refine = np.zeros(n, bool)
-    if level < spec.fine:
-        for j in np.nonzero(active)[0]:
-            m = state["masses"][j]
-            keep, drop = prune(np.array([0, len(m)]), m, spec.eps)
-            ok = cap is None or keep.sum() <= cap
-            if ok and len(m):
-                refine[j] = True
-                state["dropped"][j] += drop[0]
-                state["lists"][j] = state["lists"][j][keep]
-    stop = active & ~refine
-    for j in np.nonzero(stop)[0]:
-        state["final"][j] = level
-        state["rec_mass"][j], state["rec_rot"][j] = state["masses"][j], state["lists"][j]
-    _report_add(rep, f"patches_final_level_{level}", int(stop.sum()))
-    return refine
-
-
-def _next_lists(state, refine, level, spec):
-    """The rotations each refining patch scores at ``level + 1``: children of its kept ones and their margin."""
-    lists = expand(level, [state["lists"][j] if refine[j] else np.zeros(0, np.int64) for j in range(len(refine))],
-                   spec.margin)
-    return [hopf.children(c).ravel() if refine[j] else np.zeros(0, np.int64) for j, c in enumerate(lists)]
-
-
-def _refine(Y, model, group, lists, level, state, acc, c2, inv, log_u, log_state_prior, cap, keep_posteriors, timer):
-    """Refine the patches ``group`` (positions in the chunk) from ``level`` down to their stop."""
-    spec = model.spec
-    rep = acc.report
+def _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dropped, partial, finest, rep, timer):
+    """Refine the patches ``group`` (positions in the chunk) level by level; returns their passes."""
     n = len(Y)
-    active = np.zeros(n, bool)
-    active[group] = True
-    cur = {j: lists[j] for j in group}
-    while active.any():
-        level += 1
-        full = [cur[j] if active[j] else np.zeros(0, np.int64) for j in range(n)]
-        ptr = _csr([len(c) for c in full])
+    passes = []
+    cur = {j: nxt[j] for j in group}
+    while cur:
+        level = min(lv for lv, _ in cur.values()) + 1
+        now = {j: c for j, (lv, c) in cur.items() if lv + 1 == level}
+        lists = [hopf.children(now[j]).ravel() if j in now else np.zeros(0, np.int64) for j in range(n)]
+        ptr = _csr([len(c) for c in lists])
         t0 = time.perf_counter()
-        res = _sparse_level(Y, model, level, ptr, np.concatenate(full), c2, inv, log_state_prior(level), log_u,
-                            timer)
-        for j in np.nonzero(active)[0]:
-            state["lists"][j] = full[j]
-            state["masses"][j] = res["mass"][ptr[j]:ptr[j + 1]]
-            state["lse"][j], state["w_empty"][j] = res["lse"][j], res["w_empty"][j]
+        ps = _sparse_pass(Y, model, level, ptr, np.concatenate(lists), c2, inv, log_state_prior(level), log_u, timer)
         _report_add(rep, f"pairs_level_{level}", int(ptr[-1]))
         _report_add(rep, f"seconds_level_{level}", time.perf_counter() - t0)
-        refine = _decide(state, active, level, spec, cap, rep)
-        stop = active & ~refine
-        t0 = time.perf_counter()
-        with timer("accumulate"):
-            _accumulate_sparse(Y, res, stop, acc)
-        _report_add(rep, "seconds_accumulate", time.perf_counter() - t0)
-        if keep_posteriors and level == spec.fine:
-            state["post_fine"].append(res)
-        nxt = _next_lists(state, refine, level, spec)
-        cur = {j: nxt[j] for j in np.nonzero(refine)[0]}
-        active = refine
+        passes.append(ps)
+        for j in now:
+            finest[j] = level
+            r = _decide(ps, j, spec, cap, level == spec.fine, dropped, partial)
+            if len(r):
+                cur[j] = (level, r)
+            else:
+                del cur[j]
+    return passes
+
+
+def _final_masses(passes, patches, mx, Z, out):
+    """Each patch's posterior mass per kept rotation, ``out[j] = [(level, rotations, masses), ...]``."""
+    want = set(int(j) for j in patches)
+    for ps in passes:
+        if ps.dense:
+            for i, j in enumerate(ps.rows):
+                if int(j) not in want:
+                    continue
+                rel = ps.bm[i] - mx[j]
+                f = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0) / Z[j]
+                m = (f[:, None] * ps.lsum[i] * ps.keep[i]).reshape(-1)[:ps.K]
+                rot = np.nonzero(m > 0)[0]
+                out.setdefault(int(j), []).append((ps.level, rot, m[rot]))
+            continue
+        rel = ps.bm - mx[ps.t_patch]
+        ft = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0) / Z[ps.t_patch]
+        m = ft[ps.pair_task] * ps.lsum * ps.keep
+        for j in want:
+            a, b = ps.ptr[j], ps.ptr[j + 1]
+            if b > a:
+                sel = np.nonzero(m[a:b] > 0)[0]
+                out.setdefault(j, []).append((ps.level, ps.rot[a:b][sel], m[a:b][sel]))
+
+
+def _collect(passes, patches, mx, Z, out, L):
+    """The kept posteriors of ``patches`` in ``passes`` (MODEL's layout), into ``out[j]``."""
+    S = 2 * L - 1
+    idx = shift_index(L)
+    want = set(int(j) for j in patches)
+    for ps in passes:
+        if ps.dense:
+            for i, j in enumerate(ps.rows):
+                if int(j) not in want:
+                    continue
+                f = np.exp(np.maximum(ps.bm[i] - mx[j], kernels.LOG_NEGLIGIBLE)) / Z[j]
+                f = np.where(ps.bm[i] - mx[j] > kernels.LOG_NEGLIGIBLE, f, 0.0)
+                lanes = (ps.C[i] * f[:, None, None, None]).transpose(0, 3, 1, 2).reshape(-1, S, S)[:ps.K]
+                keep = ps.keep[i].reshape(-1)[:ps.K]
+                rot = np.nonzero(keep)[0]
+                if not len(rot):
+                    continue
+                w = np.zeros((len(rot), 2 * L, 2 * L))
+                w[:, idx[:, None], idx[None, :]] = lanes[rot]
+                out.setdefault(int(j), []).append((ps.level, rot, w))
+            continue
+        for i in range(len(ps.t_patch)):
+            j = int(ps.t_patch[i])
+            if j not in want:
+                continue
+            p0, nb, off = ps.t_start[i], ps.t_len[i], ps.t_off[i]
+            rel = ps.bm[i] - mx[j]
+            f = math.exp(max(rel, kernels.LOG_NEGLIGIBLE)) / Z[j] if rel > kernels.LOG_NEGLIGIBLE else 0.0
+            blk = ps.buf[off:off + S * S * nb].reshape(S, S, nb).transpose(2, 0, 1) * f
+            keep = ps.keep[p0:p0 + nb]
+            if not keep.any():
+                continue
+            w = np.zeros((int(keep.sum()), 2 * L, 2 * L))
+            w[:, idx[:, None], idx[None, :]] = blk[keep]
+            out.setdefault(j, []).append((ps.level, ps.rot[p0:p0 + nb][keep], w))
 
 
 # --------------------------------------------------------------------------- a stream of chunks
