@@ -6,7 +6,9 @@ import pytest
 
 from numbaem.model.basis import FBBasis
 from numbaem.runtime.errors import NumbaemError
-from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra
+from numbaem.em.estep import (SufficientStats, choose_precision, e_step_chunk, projection_spectra, score_rounding,
+                               stream_stats)
+from numbaem.em.mstep import data_images
 from numbaem.model.projection import projection_matrices
 from numbaem.model.rotations import random_rotations
 
@@ -25,12 +27,13 @@ def _case(rng, L=5, lmax=2, K=4, n=3, sigma2=0.7):
     return basis, A, theta, proj, patches, sigma2
 
 
-def test_estep_matches_brute_force(rng):
+@pytest.mark.parametrize("route", ["direct", "fft"])
+def test_estep_matches_brute_force(rng, route):
     basis, A, theta, proj, patches, sigma2 = _case(rng)
     L, K = basis.L, len(A)
     upsilon = 0.3
     stats = SufficientStats.zeros(K, L)
-    loglik, w, w_empty = e_step_chunk(patches, projection_spectra(proj), upsilon, sigma2, stats,
+    loglik, w, w_empty = e_step_chunk(patches, projection_spectra(proj, route=route), upsilon, sigma2, stats,
                                       keep_posteriors=True)
     logp_empty, logp, ll_ref = naive.brute_log_posteriors(patches, A, theta, upsilon, sigma2)
     np.testing.assert_allclose(loglik, ll_ref, rtol=1e-13)
@@ -42,6 +45,12 @@ def test_estep_matches_brute_force(rng):
     # dropped shifts carry nothing
     assert np.all(w[:, :, L, :] == 0) and np.all(w[:, :, :, L] == 0)
     np.testing.assert_allclose(stats.W, w.sum(axis=0), rtol=1e-13, atol=1e-16)
+    # the data images g_k = sum_jl w_jkl (C T_l Z)^T y_j (MODEL section 6), summed literally
+    g_ref = np.zeros((K, L * L))
+    for (a, b) in naive.nonempty_shifts(L):
+        S = naive.shift_operator(L, (a, b))
+        g_ref += w[:, :, a, b].T @ (patches.reshape(len(patches), -1) @ S)
+    np.testing.assert_allclose(data_images(stats.G, L), g_ref, rtol=1e-12, atol=1e-14 * np.abs(g_ref).max())
     assert stats.n_patches == len(patches)
     np.testing.assert_allclose(stats.loglik, ll_ref.sum(), rtol=1e-13)
     np.testing.assert_allclose(stats.sum_empty, w_empty.sum(), rtol=1e-13)
@@ -249,3 +258,95 @@ def test_estep_one_group_of_identity_equals_no_groups(rng):
     np.testing.assert_allclose(b.W[0], a.W, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(b.G[0], a.G, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(b.loglik, a.loglik, rtol=1e-14)
+
+
+def test_routes_give_the_same_statistics(rng):
+    """The direct route (sums over pixels, lane blocks of rotations with padding lanes)
+    and the FFT route agree to round-off on W, the data images g, the log-likelihood
+    and the empty-state sum, over two chunks."""
+    L, K = 7, 21   # 21 rotations: lane blocks with padding
+    basis = FBBasis(L, 3)
+    proj = (projection_matrices(basis, random_rotations(K, rng)) @ rng.standard_normal(basis.M)).reshape(K, L, L)
+    patches = rng.standard_normal((9, L, L))
+    patches[2] += naive.shift_crop(proj[4], (3, 12), L)
+    out = {}
+    for route in ("direct", "fft"):
+        st = SufficientStats.zeros(K, L)
+        spectra = projection_spectra(proj, route=route)
+        e_step_chunk(patches[:5], spectra, 0.4, 0.5, st, n_chunk=5)
+        e_step_chunk(patches[5:], spectra, 0.4, 0.5, st, n_chunk=5)
+        out[route] = st
+    a, b = out["direct"], out["fft"]
+    np.testing.assert_allclose(a.W, b.W, rtol=1e-12, atol=1e-14 * np.abs(b.W).max())
+    np.testing.assert_allclose(data_images(a.G, L), data_images(b.G, L), rtol=1e-11,
+                               atol=1e-13 * np.abs(data_images(b.G, L)).max())
+    np.testing.assert_allclose(a.loglik, b.loglik, rtol=1e-13)
+    np.testing.assert_allclose(a.sum_empty, b.sum_empty, rtol=1e-12)
+
+
+def test_single_precision_against_brute_force(rng):
+    """float32 scores (double-precision sums over patches): posteriors within the stated
+    score rounding of the brute-force ones. A score error of ``d`` nats moves a
+    posterior by a factor ``exp(+-2d)`` at most (its own score and the normaliser), so
+    the relative error is bounded by ``2 d`` with ``d = score_rounding`` (a conservative
+    estimate, here about 1e-4); the test allows 4 d."""
+    basis, A, theta, proj, patches, sigma2 = _case(rng, sigma2=2.0)
+    L, K = basis.L, len(A)
+    d = score_rounding(proj, sigma2)
+    assert choose_precision(proj, sigma2) == np.float32 and d < 1e-3
+    stats = SufficientStats.zeros(K, L)
+    loglik, w, w_empty = e_step_chunk(patches, projection_spectra(proj, precision="float32"), 0.3, sigma2, stats,
+                                      keep_posteriors=True)
+    logp_empty, logp, ll_ref = naive.brute_log_posteriors(patches, A, theta, 0.3, sigma2)
+    w_ref = np.exp(logp - ll_ref[:, None, None, None])
+    big = w_ref > 1e-6
+    assert np.max(np.abs(w[big] / w_ref[big] - 1)) < 4 * d
+    np.testing.assert_allclose(loglik, ll_ref, rtol=0, atol=4 * d)
+    np.testing.assert_allclose(stats.W, w_ref.sum(axis=0), rtol=4 * d, atol=1e-6)
+
+
+def test_auto_precision_falls_back_to_double_at_high_snr(rng):
+    """At an SNR where single-precision scores would round by more than 1e-3 nats the
+    automatic choice is float64 (and without a noise variance it is float64)."""
+    basis, A, theta, proj, patches, sigma2 = _case(rng, L=7)
+    energy = np.max(np.sum(proj ** 2, axis=(1, 2)))
+    assert choose_precision(proj, None) == np.float64
+    assert choose_precision(proj, energy / 49) == np.float32        # SNR ~ 1 per pixel
+    assert choose_precision(proj, energy / (49 * 1e4)) == np.float64  # SNR ~ 1e4 per pixel
+    with pytest.raises(NumbaemError, match="precision"):
+        choose_precision(proj, 1.0, "half")
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 4e-16), (np.float32, 2.4e-7)])
+def test_direct_route_exp(rng, dtype, tol):
+    """The direct route's vectorised exp (Cody-Waite, Taylor, 2^k from its bit pattern)
+    against math.exp on [-50, 0], and exactly 0 below -50."""
+    from numbaem.em.kernels import exp_shifted
+    d = np.concatenate([-50 * rng.random(4000), [0.0, -1e-30, -49.999, -math.log(2) / 2, -math.log(2) * 72]])
+    v = (d + 3.0).astype(dtype)
+    bits = np.empty(len(v), np.int32 if dtype == np.float32 else np.int64)
+    ref = np.array([math.exp(float(x - dtype(3.0))) for x in v])   # the difference as the kernel forms it
+    exp_shifted(v, dtype(3.0), bits)
+    assert np.max(np.abs(v / ref - 1)) < tol
+    low = np.array([-50.0, -60.0, -np.inf], dtype)
+    exp_shifted(low, dtype(0.0), np.empty(3, bits.dtype))
+    assert np.all(low == 0)
+
+
+def test_stream_stats_direct_equals_chunks(rng):
+    """stream_stats on the direct route (its sums kept in lane-block layout across chunks)
+    equals one e_step_chunk over all the patches."""
+    from numbaem.data.patches import PatchSource
+    L, K = 5, 12
+    basis = FBBasis(L, 2)
+    proj = (projection_matrices(basis, random_rotations(K, rng)) @ rng.standard_normal(basis.M)).reshape(K, L, L)
+    src = PatchSource([rng.standard_normal((5 * L, 4 * L))], L)
+    spectra = projection_spectra(proj, route="direct")
+    idx = np.arange(src.n_patches)
+    st = stream_stats(src, idx, spectra, 0.3, 1.0, n_chunk=7)
+    one = SufficientStats.zeros(K, L)
+    e_step_chunk(src.get(idx), spectra, 0.3, 1.0, one)
+    np.testing.assert_allclose(st.W, one.W, rtol=1e-13, atol=1e-16)
+    np.testing.assert_allclose(st.G, one.G, rtol=1e-12, atol=1e-14)
+    assert st.n_patches == src.n_patches
+    np.testing.assert_allclose(st.loglik, one.loglik, rtol=1e-13)

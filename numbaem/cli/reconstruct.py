@@ -396,7 +396,8 @@ def _write_particles(args, source, result, schedule, budget):
     from ..em.particles import posterior_particles
     from ..em.schedule import default_schedule
 
-    K = (schedule or default_schedule(source.L))[-1].rotations
+    last = (schedule or default_schedule(source.L))[-1]
+    K = 1000 if last.is_search else last.rotations     # the picks' most likely rotation, on a 20-degree grid
     picks = posterior_particles(source, result.theta, result.basis, K, result.upsilon, result.sigma2,
                                 min_probability=args.min_probability, memory=budget)
     ang = relion_angles(picks.rotation)

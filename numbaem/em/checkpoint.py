@@ -116,7 +116,8 @@ def _canonical(obj, where="inputs"):
     if isinstance(obj, np.ndarray):
         return array_fingerprint(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _canonical(dataclasses.asdict(obj), where)
+        to_dict = getattr(obj, "to_dict", None)   # a Stage names only the keys it uses
+        return _canonical(to_dict() if to_dict is not None else dataclasses.asdict(obj), where)
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():

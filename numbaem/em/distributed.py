@@ -51,7 +51,7 @@ import uuid
 import numpy as np
 
 from ..runtime.errors import NumbaemError
-from .estep import GroupSpectra, SufficientStats, chunk_bytes
+from .estep import GroupSpectra, SufficientStats, chunk_bytes, stats_from_arrays
 from .plan import INTERPRETER_BYTES, worker_bytes
 from ..runtime.memory import format_size, parse_size
 
@@ -82,6 +82,9 @@ def _import_distributed():
 class _Job:
     """What every task of one iteration shares (scattered once to every worker).
 
+    ``filters`` (set after construction): the CTF groups' ``Psi_g`` when ``spectra`` is a
+    search's model on grouped micrographs (each task makes its group's model).
+
     Attributes
     ----------
     paths : tuple of str
@@ -90,7 +93,7 @@ class _Job:
         Their sizes in bytes as the driver sees them (a worker that sees other sizes
         is not on the same file system).
     L : int
-    spectra : numbaem.em.estep.ProjectionSpectra
+    spectra : numbaem.em.estep.DirectSpectra or numbaem.em.estep.ProjectionSpectra
     upsilon, sigma2 : float
     n_chunk : int
         Patches per chunk (and FFT plan size) on the workers.
@@ -104,16 +107,14 @@ class _Job:
         self.n_chunk, self.threads = int(n_chunk), threads
 
     def __sizeof__(self):  # what Dask's sizeof() reports: the spectra dominate
-        if isinstance(self.spectra, GroupSpectra):
-            arrays = self.spectra.proj.nbytes + self.spectra.filters.nbytes
-        else:
-            arrays = self.spectra.Pc.nbytes + self.spectra.e.nbytes
-        return object.__sizeof__(self) + arrays + sum(len(p) + 8 for p in self.paths)
+        return object.__sizeof__(self) + self.spectra.nbytes + sum(len(p) + 8 for p in self.paths)
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_group_cache", None)     # worker-side spectra are made where they are used
         return state
+
+    filters = None
 
     def group_spectra(self, group):
         """The spectra a task of ``group`` uses (made once per worker and group; thread-safe)."""
@@ -123,7 +124,10 @@ class _Job:
             cache = self.__dict__.setdefault("_group_cache", {})
             if group not in cache:
                 cache.clear()              # one group's spectra at a time per worker
-                cache[group] = self.spectra.group(group)
+                if isinstance(self.spectra, GroupSpectra):
+                    cache[group] = self.spectra.group(group)
+                else:                      # a search's model and the groups' filters (numbaem.em.search)
+                    cache[group] = self.spectra.for_group(self.filters[group])
             return cache[group]
 
 
@@ -204,8 +208,10 @@ def _estep_task(job, indices, group=None):
 
 
 def _add_stats(a, b):
-    """``a + b`` of two partial statistics (dicts) into new arrays: inputs held by Dask are never modified."""
-    return {k: a[k] + b[k] for k in a}
+    """``a + b`` of two partial statistics (dicts) into new arrays: inputs held by Dask are never modified
+    (statistics on some rotations of a grid, from the coarse-to-fine search, are merged by rotation)."""
+    from .estep import add_stat_arrays
+    return add_stat_arrays(a, b)
 
 
 # --------------------------------------------------------------------------- driver side
@@ -382,6 +388,12 @@ class DaskExecutor:
         grouped = isinstance(spectra, GroupSpectra)
         n, K, L = len(idx), spectra.K, source.L
         n_groups = spectra.n_groups if grouped else None
+        search_filters = None
+        if getattr(spectra, "route", None) == "search":
+            get = getattr(source, "filter_matrices", None)
+            search_filters = get() if get is not None else None
+            if search_filters is not None:        # a search on CTF groups: one part per group, as above
+                grouped, n_groups = True, len(search_filters)
         if n == 0:
             return SufficientStats.zeros(K, L, n_groups=n_groups)
         slots, mem = self._cluster()
@@ -393,6 +405,7 @@ class DaskExecutor:
             parts = [(None, idx)]
         sizes = [os.stat(p).st_size for p in paths]
         job = _Job(paths, sizes, L, spectra, upsilon, sigma2, chunk, self.threads)
+        job.filters = search_filters
         client = self.client
         token = uuid.uuid4().hex[:12]
         job_f = client.scatter(job, broadcast=True, hash=False, direct=self.direct)
@@ -429,7 +442,12 @@ class DaskExecutor:
             if progress is not None:
                 progress(sizes_of[fut.key])
         results = client.gather(roots, direct=self.direct)
-        if grouped:
+        if search_filters is not None:
+            from .search import GroupSearchStats
+            by_group = dict(zip([g for g, _ in parts], results))
+            stats = GroupSearchStats([stats_from_arrays(by_group[g]) if g in by_group else None
+                                      for g in range(n_groups)])
+        elif grouped:
             stats = SufficientStats.zeros(K, L, n_groups=n_groups)
             for (g, _), res in zip(parts, results):
                 stats.W[g] = res["W"]
@@ -439,7 +457,7 @@ class DaskExecutor:
                 stats.sum_yy += res["sum_yy"]
                 stats.loglik += res["loglik"]
         else:
-            stats = SufficientStats(**results[0])
+            stats = stats_from_arrays(results[0])
         del leaves, level, roots, job_f
         self.last_call = dict(patches=n, tasks=n_tasks, chunk=chunk, chunks_per_task=cpt, slots=slots,
                               job_bytes=_nbytes_pickled(job), payload_bytes=payload,

@@ -18,12 +18,21 @@ A chunk of patches is processed at a time and only its sufficient statistics are
 plus the sums of the empty-state posteriors, of ``||y_j||^2`` and of the log-likelihood.
 Nothing of size (patches x rotations x shifts) outlives one chunk.
 
+Two routes compute the same numbers (:func:`projection_spectra` picks one per stage):
+
+- the *direct* route (:mod:`numbaem.em.kernels`, for ``L <= DIRECT_MAX_L``): the
+  correlations over shifts as sums over pixels, ``L^4`` multiply-adds per (patch,
+  rotation) pair, over blocks of rotations in SIMD lanes, in single precision where
+  that is proven accurate enough (:func:`choose_precision`) and double otherwise, with
+  the sums over patches in double precision;
+- the *FFT* route (the kernels of this module): two ``2L x 2L`` transforms per pair.
+
 CTF groups (MODEL section 11). With a filter ``Psi_g`` per group of micrographs, a patch
 of group ``g`` is scored against the filtered projections ``Psi_g p_k``: everything above
 holds per group with ``p_k`` replaced by ``Psi_g p_k``. :class:`GroupSpectra` makes the
 spectra of one group at a time, :func:`stream_stats` runs the chunks of each group
 against its own spectra (a chunk never mixes groups), and the statistics ``W``, ``G``
-gain a leading group axis. The kernels are the same.
+gain a leading group axis. The kernels are the same, on either route.
 
 Kernels split their work over patches (scoring) or over rotations (accumulation), in
 an order that does not depend on the thread count, so 1 and N threads give the same bits.
@@ -41,8 +50,91 @@ from ..model.ctf import apply_filter
 from ..runtime import fft
 from ..runtime.jit import jit, pjit
 from ..runtime.errors import NumbaemError
+from . import kernels
 
 logger = logging.getLogger(__name__)
+
+
+#: Rotations a patch's record keeps at most (the top of a concentrated posterior).
+RECORD_MAX = 16
+
+#: A record holds all but this much of its patch's rotation mass (or the patch has none).
+RECORD_EPS = 1e-3
+
+
+class Records:
+    """The rotations each patch's posterior held at its last E-step (what a local search starts from).
+
+    ``quats[patch]`` is a (m, 4) float32 array of unit quaternions ``(w, x, y, z)``: the
+    ``m <= RECORD_MAX`` rotations of largest posterior mass that hold all but ``eps`` of
+    the patch's rotation mass, or empty when more are needed (a diffuse posterior: no
+    local search for that patch). Any grid can write a record; any level can be searched
+    near one.
+    """
+
+    def __init__(self, quats=None):
+        self.quats = {} if quats is None else quats
+
+    def update(self, other):
+        if other is not None:
+            self.quats.update(other.quats)
+        return self
+
+    def __len__(self):
+        return len(self.quats)
+
+    def has(self, patch):
+        q = self.quats.get(int(patch))
+        return q is not None and len(q) > 0
+
+    @property
+    def nbytes(self):
+        return sum(q.nbytes + 96 for q in self.quats.values())
+
+    def to_arrays(self):
+        """``ids (N,), ptr (N + 1,), quats (Q, 4)`` sorted by patch (for saving and sending)."""
+        ids = np.array(sorted(self.quats), dtype=np.int64)
+        counts = np.array([len(self.quats[int(i)]) for i in ids], np.int64)
+        ptr = _counts_to_ptr(counts)
+        q = np.concatenate([self.quats[int(i)] for i in ids]) if len(ids) else np.zeros((0, 4))
+        return ids, ptr, np.asarray(q, np.float32).reshape(-1, 4)
+
+    @classmethod
+    def from_arrays(cls, ids, ptr, quats):
+        return cls({int(i): np.asarray(quats[ptr[k]:ptr[k + 1]], np.float32) for k, i in enumerate(ids)})
+
+
+def record_of(mass, rotations, eps):
+    """The record of one patch: quaternions of its top rotations holding all but ``eps`` of its rotation mass.
+
+    Parameters
+    ----------
+    mass : ndarray, shape (m,)
+        Posterior masses of the patch's states' rotations.
+    rotations : callable(positions) -> ndarray (k, 4)
+        The unit quaternions of some of them (called for the few recorded only).
+    eps : float
+
+    Returns
+    -------
+    ndarray, float32, shape (k, 4)
+        Empty when more than :data:`RECORD_MAX` rotations are needed (a diffuse posterior).
+    """
+    mass = np.asarray(mass, dtype=np.float64)
+    total = mass.sum()
+    if len(mass) == 0 or not total > 0:
+        return np.zeros((0, 4), np.float32)
+    top = np.argsort(-mass, kind="stable")[:RECORD_MAX + 1]
+    need = int(np.searchsorted(np.cumsum(mass[top]), (1.0 - eps) * total, side="left")) + 1
+    if need > RECORD_MAX:
+        return np.zeros((0, 4), np.float32)
+    return np.asarray(rotations(top[:need]), np.float32).reshape(-1, 4)
+
+
+def _counts_to_ptr(counts):
+    ptr = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return ptr
 
 
 @dataclasses.dataclass
@@ -54,7 +146,11 @@ class SufficientStats:
     W : ndarray, shape (K, 2L, 2L)
         ``sum_j w_jkl`` (zero at the dropped and the empty shift).
     G : ndarray, complex, shape (K, 2L, L + 1)
-        ``sum_j FFT2(Z y_j) conj(FFT2(w_jk))`` (real-FFT half spectrum).
+        A real-FFT half spectrum whose inverse, cropped to ``L x L``, is the data image
+        ``g_k = sum_j sum_l w_jkl (C T_l Z)^T y_j`` of MODEL section 6: the FFT route
+        accumulates ``sum_j FFT2(Z y_j) conj(FFT2(w_jk))``, the direct route computes
+        ``g_k`` itself and stores ``FFT2(Z g_k)``. Only ``crop(IFFT2(G_k))`` is used
+        (:func:`numbaem.em.mstep.data_images`).
     n_patches : int
     sum_empty : float
         ``sum_j w_{j,empty}``.
@@ -62,6 +158,13 @@ class SufficientStats:
         ``sum_j ||y_j||^2``.
     loglik : float
         ``sum_j log p(y_j)``, the approximate log-likelihood (section 4) of the patches seen.
+    rotations : ndarray of int, optional
+        The rotations (rows of the stage's grid) the rows of ``W`` and ``G`` belong to,
+        when not all of them are present (the coarse-to-fine search, :mod:`numbaem.em.search`).
+    search : dict, optional
+        The search's report (pairs per level, mass dropped, seconds per pass), additive.
+    records : Records, optional
+        The patches' records (what a later local search starts from).
     """
 
     W: np.ndarray
@@ -70,6 +173,9 @@ class SufficientStats:
     sum_empty: float = 0.0
     sum_yy: float = 0.0
     loglik: float = 0.0
+    rotations: np.ndarray = None
+    search: dict = None
+    records: "Records" = None
 
     @classmethod
     def zeros(cls, K, L, n_groups=None):
@@ -84,13 +190,33 @@ class SufficientStats:
         return self.W.shape[0] if self.W.ndim == 4 else None
 
     def add(self, other):
-        """In-place sum (chunks, or workers' partial results)."""
-        self.W += other.W
-        self.G += other.G
+        """In-place sum (chunks, or workers' partial results).
+
+        Statistics on rows of a grid (``rotations`` set: the coarse-to-fine search keeps
+        only the rotations some patch reached) are merged by rotation; the result's rows
+        are sorted by rotation, so the sum does not depend on which side held a row.
+        """
+        if self.rotations is not None or other.rotations is not None:
+            if self.rotations is None or other.rotations is None:
+                raise NumbaemError("cannot add statistics of a whole grid to statistics of some of its rotations")
+            rot = np.union1d(self.rotations, other.rotations)
+            W = np.zeros((len(rot),) + self.W.shape[1:])
+            G = np.zeros((len(rot),) + self.G.shape[1:], self.G.dtype)
+            for part in (self, other):
+                pos = np.searchsorted(rot, part.rotations)
+                W[pos] += part.W
+                G[pos] += part.G
+            self.W, self.G, self.rotations = W, G, rot
+        else:
+            self.W += other.W
+            self.G += other.G
         self.n_patches += other.n_patches
         self.sum_empty += other.sum_empty
         self.sum_yy += other.sum_yy
         self.loglik += other.loglik
+        self.search = merge_reports(self.search, other.search)
+        if other.records is not None:
+            self.records = (self.records or Records()).update(other.records)
         return self
 
     @property
@@ -99,13 +225,66 @@ class SufficientStats:
 
     def to_arrays(self):
         """Plain dict of arrays and floats (for sending or saving)."""
-        return dict(W=self.W, G=self.G, n_patches=self.n_patches, sum_empty=self.sum_empty,
-                    sum_yy=self.sum_yy, loglik=self.loglik)
+        out = dict(W=self.W, G=self.G, n_patches=self.n_patches, sum_empty=self.sum_empty,
+                   sum_yy=self.sum_yy, loglik=self.loglik)
+        if self.rotations is not None:
+            out["rotations"] = self.rotations
+        if self.search is not None:
+            out["search"] = dict(self.search)
+        if self.records is not None:
+            out["records_ids"], out["records_ptr"], out["records_quats"] = self.records.to_arrays()
+        return out
+
+    @classmethod
+    def from_arrays(cls, d):
+        """Inverse of :meth:`to_arrays`."""
+        d = dict(d)
+        rec = None
+        if "records_ids" in d:
+            rec = Records.from_arrays(d.pop("records_ids"), d.pop("records_ptr"), d.pop("records_quats"))
+        return cls(**d, records=rec)
+
+
+def merge_reports(a, b):
+    """Sum two search reports (dicts of numbers); keys starting with ``max_`` take the maximum."""
+    if a is None or b is None:
+        return b if a is None else a
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = (max(out[k], v) if k.startswith("max_") else out[k] + v) if k in out else v
+    return out
+
+
+def stats_from_arrays(d):
+    """Statistics from their ``to_arrays`` dict: :class:`SufficientStats`, or a search's
+    :class:`numbaem.em.search.SearchStats` (which has data images ``g``)."""
+    if "g" in d:
+        from .search import SearchStats
+        return SearchStats.from_arrays(d)
+    return SufficientStats.from_arrays(d)
+
+
+def add_stat_arrays(a, b):
+    """``a + b`` of two statistics' ``to_arrays`` dicts into new arrays (inputs untouched)."""
+    plain = ("W", "G", "n_patches", "sum_empty", "sum_yy", "loglik")
+    if set(a) == set(b) == set(plain):
+        return {k: a[k] + b[k] for k in a}
+    sa = stats_from_arrays({k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()})
+    return sa.add(stats_from_arrays(b)).to_arrays()
+
+
+#: The direct route (:mod:`numbaem.em.kernels`) runs up to this patch size; above it the
+#: FFT route is faster (``L^4`` sums against ``2L x 2L`` transforms).
+DIRECT_MAX_L = 13
+
+#: Single precision is used (``precision='auto'``) when the estimated rounding error of a
+#: score, in nats, stays below this (:func:`choose_precision`).
+SINGLE_SCORE_TOLERANCE = 1e-3
 
 
 @dataclasses.dataclass
 class ProjectionSpectra:
-    """What the E-step needs of the current volume: ``conj(FFT2(Z p_k))`` and ``e_k``.
+    """What the FFT route of the E-step needs of the current volume: ``conj(FFT2(Z p_k))`` and ``e_k``.
 
     Attributes
     ----------
@@ -124,10 +303,16 @@ class ProjectionSpectra:
     L: int
     log_shift_offset: float = 0.0
 
+    route = "fft"
+    dtype = np.dtype(np.float64)
+
     @property
     def K(self):
         return self.Pc.shape[0]
 
+    @property
+    def nbytes(self):
+        return self.Pc.nbytes + self.e.nbytes
 
 class GroupSpectra:
     """The projections and the groups' filters: per-group :class:`ProjectionSpectra` on demand.
@@ -145,11 +330,14 @@ class GroupSpectra:
         ``Psi_g`` (:func:`numbaem.model.ctf.filter_matrices`).
     window : int, optional
         Shifts restricted to ``|l_0|, |l_1| <= window`` in every group (:func:`restrict_shifts`).
+    route, precision, sigma2
+        As for :func:`projection_spectra`: each group's spectra are made for that route.
     """
 
-    def __init__(self, proj, filters, window=None):
+    def __init__(self, proj, filters, window=None, route=None, precision="auto", sigma2=None):
         self.proj = np.asarray(proj, dtype=np.float64)
         self.window = window
+        self.route, self.precision, self.sigma2 = route, precision, sigma2
         self.filters = np.asarray(filters, dtype=np.float64)
         K, L, _ = self.proj.shape
         if self.filters.ndim != 3 or self.filters.shape[1:] != (L * L, L * L):
@@ -165,29 +353,144 @@ class GroupSpectra:
     def n_groups(self):
         return self.filters.shape[0]
 
+    @property
+    def nbytes(self):
+        return self.proj.nbytes + self.filters.nbytes
+
+    route = "groups"
+
     def group(self, g):
-        """:class:`ProjectionSpectra` of the filtered projections ``Psi_g p_k``."""
-        spectra = projection_spectra(apply_filter(self.filters[g], self.proj))
+        """The spectra (:func:`projection_spectra`) of the filtered projections ``Psi_g p_k``."""
+        spectra = projection_spectra(apply_filter(self.filters[g], self.proj), self.route, self.precision,
+                                     self.sigma2)
         return spectra if self.window is None else restrict_shifts(spectra, self.window)
 
 
-def projection_spectra(proj):
-    """Spectra of the projections ``p_k`` (section 5).
 
-    One transform workspace of shape ``(K, 2L, 2L)`` serves all three transforms; besides
-    it, only the two results are allocated (:func:`numbaem.em.plan.plan_iteration`
-    counts exactly these).
+@dataclasses.dataclass
+class DirectSpectra:
+    """What the direct route of the E-step needs of the current volume (:mod:`numbaem.em.kernels`).
+
+    Attributes
+    ----------
+    P : ndarray, shape (B, L, L, KB)
+        The projections ``p_k``, rotation ``k = b KB + t`` at ``P[b, :, :, t]``.
+    E : ndarray, shape (B, S, S, KB), ``S = 2L - 1``
+        ``e_k`` at the linear shifts ``s = i - (L - 1)``; ``+inf`` in the padding lanes.
+    K, L : int
+    """
+
+    P: np.ndarray
+    E: np.ndarray
+    K: int
+    L: int
+    quats: np.ndarray = None     # (K, 4) unit quaternions of the rotations: set to write records
+    log_shift_offset: float = 0.0   # as ProjectionSpectra's (restrict_shifts)
+
+    route = "direct"
+
+    @property
+    def dtype(self):
+        return self.P.dtype
+
+    @property
+    def KB(self):
+        return self.P.shape[3]
+
+    @property
+    def nbytes(self):
+        return self.P.nbytes + self.E.nbytes
+
+
+def choose_route(L):
+    """``'direct'`` for ``L <= DIRECT_MAX_L``, else ``'fft'`` (``NUMBAEM_ROUTE=fft|direct`` forces one:
+    the benchmarks compare the routes in one run)."""
+    import os
+    forced = os.environ.get("NUMBAEM_ROUTE")
+    if forced in ("fft", "direct"):
+        return forced
+    return "direct" if int(L) <= DIRECT_MAX_L else "fft"
+
+
+def score_rounding(proj, sigma2):
+    """Estimated rounding error (nats) of a single-precision score of the direct route.
+
+    A score is ``(2 c - e) / (2 sigma^2)`` with ``|c| <= ||y|| ||p||`` and ``e <= ||p||^2``;
+    with ``||y||^2 ~ ||p||^2 + L^2 sigma^2`` (a projection in noise) and ``P = max_k
+    ||p_k||^2 / sigma^2`` it is at most ``sqrt(P (P + L^2)) + P / 2``. Each of its ``L^2``
+    products and sums rounds at ``2^-24`` relative; the error grows like ``sqrt(L^2) = L``
+    for round-to-nearest. Returns ``2^-24 L (sqrt(P (P + L^2)) + P / 2)``.
+    """
+    proj = np.asarray(proj)
+    L = proj.shape[-1]
+    P = float(np.max(np.sum(proj.astype(np.float64) ** 2, axis=(-2, -1)))) / float(sigma2)
+    return 2.0 ** -24 * L * (math.sqrt(P * (P + L * L)) + 0.5 * P)
+
+
+def choose_precision(proj, sigma2=None, precision="auto"):
+    """The floating-point type of the direct route's scores: float32 or float64.
+
+    ``'auto'`` takes float32 when :func:`score_rounding` is at most
+    :data:`SINGLE_SCORE_TOLERANCE` (1e-3 nats: the posteriors move by at most 0.1%
+    relative; the EM stays within 1e-4 of the float64 run, ``tests/test_search.py``), and
+    float64 otherwise or when ``sigma2`` is unknown. ``'float32'`` / ``'float64'`` force it.
+    """
+    if precision in ("float32", "single"):
+        return np.dtype(np.float32)
+    if precision in ("float64", "double") or sigma2 is None:
+        return np.dtype(np.float64)
+    if precision != "auto":
+        raise NumbaemError(f"precision={precision!r} is not one of 'auto', 'float32', 'float64'")
+    return np.dtype(np.float32 if score_rounding(proj, sigma2) <= SINGLE_SCORE_TOLERANCE else np.float64)
+
+
+def direct_spectra(proj, dtype=np.float64, threads=None):
+    """:class:`DirectSpectra` of the projections ``proj`` (K, L, L) in lane blocks."""
+    from ..runtime.threads import resolve_threads
+    proj = np.asarray(proj, dtype=np.float64)
+    K, L, _ = proj.shape
+    S = 2 * L - 1
+    dtype = np.dtype(dtype)
+    KB, B = kernels.lane_blocks(K, resolve_threads(threads))
+    P = np.zeros((B, L, L, KB), dtype)
+    E = np.full((B, S, S, KB), np.inf, dtype)
+    e = np.empty((K, S, S))
+    kernels.box_energies(proj, e)
+    for b in range(B):
+        k0, k1 = b * KB, min(K, (b + 1) * KB)
+        P[b, :, :, :k1 - k0] = proj[k0:k1].transpose(1, 2, 0)
+        E[b, :, :, :k1 - k0] = e[k0:k1].transpose(1, 2, 0)
+    return DirectSpectra(P, E, K, L)
+
+
+def projection_spectra(proj, route=None, precision="auto", sigma2=None):
+    """What the E-step needs of the projections ``p_k`` (section 5), for the route that will run.
 
     Parameters
     ----------
     proj : ndarray, shape (K, L, L)
+    route : {'direct', 'fft'}, optional
+        Default :func:`choose_route` of ``L``.
+    precision : {'auto', 'float32', 'float64'}
+        The direct route's floating-point type (:func:`choose_precision`; the FFT route
+        is float64).
+    sigma2 : float, optional
+        The noise variance, for ``precision='auto'`` (without it: float64).
 
     Returns
     -------
-    ProjectionSpectra
+    DirectSpectra or ProjectionSpectra
+        The FFT route's: ``conj(FFT2(Z p_k))`` and ``e_k``, made in one transform
+        workspace of shape ``(K, 2L, 2L)`` (:func:`numbaem.em.plan.plan_iteration`
+        counts exactly it and the two results).
     """
     proj = np.asarray(proj, dtype=np.float64)
     K, L, _ = proj.shape
+    route = choose_route(L) if route is None else route
+    if route == "direct":
+        return direct_spectra(proj, choose_precision(proj, sigma2, precision))
+    if route != "fft":
+        raise NumbaemError(f"route={route!r} is not 'direct' or 'fft'")
     ws = fft.workspace((K, 2 * L, 2 * L))
     ws.real[...] = 0.0
     ws.real[:, :L, :L] = proj
@@ -235,12 +538,20 @@ def restrict_shifts(spectra, window):
     if not 0 <= w < L:
         raise NumbaemError(f"shift window {window} must lie in 0 .. {L - 1} for L={L}")
     if isinstance(spectra, GroupSpectra):      # each group's spectra are restricted as they are made
-        return GroupSpectra(spectra.proj, spectra.filters, w)
+        return GroupSpectra(spectra.proj, spectra.filters, w, spectra.route, spectra.precision, spectra.sigma2)
+    offset = spectra.log_shift_offset + math.log((2 * L - 1) ** 2 / (2 * w + 1) ** 2)
+    if spectra.route == "direct":              # E at the linear shifts s = -(L-1) .. L-1
+        s = np.abs(np.arange(-(L - 1), L)) <= w
+        E = spectra.E.copy()
+        E[:, ~(s[:, None] & s[None, :]), :] = np.inf
+        return dataclasses.replace(spectra, E=E, log_shift_offset=offset)
+    if spectra.route != "fft":
+        raise NumbaemError("boxes around picks (a shift window) run with an exhaustive rotation search; give the "
+                           "schedule's stages rotations=K instead of fine=STEP")
     sl = np.abs(signed_shifts(L)) <= w
     allowed = sl[:, None] & sl[None, :]
     e = spectra.e.copy()
     e[:, ~allowed] = np.inf
-    offset = spectra.log_shift_offset + math.log((2 * L - 1) ** 2 / (2 * w + 1) ** 2)
     return ProjectionSpectra(spectra.Pc, e, L, offset)
 
 
@@ -481,17 +792,80 @@ def _accumulate(C, Yh, Q, norm, n_valid, W, G):
                     G[k, a, b] += s * (Yh[j, a, b] * complex(q.real, -q.imag))
 
 
-def chunk_bytes(n_chunk, K, L):
+def chunk_bytes(n_chunk, K, L, route="fft", itemsize=8):
     """Bytes of the per-chunk work arrays for ``n_chunk`` patches and ``K`` rotations.
 
-    Per (patch, rotation): the ``2L x 2L`` scores and their half spectrum (the chunk's
-    FFT workspace) and two numbers (block maximum and sum). Per patch: its spectrum
-    workspace, the patch buffer and the temporaries of reading it, and the per-patch
-    vectors of the posteriors.
+    FFT route: per (patch, rotation), the ``2L x 2L`` scores and their half spectrum
+    (the chunk's FFT workspace) and two numbers (block maximum and sum); per patch, its
+    spectrum workspace, the patch buffer and the temporaries of reading it, and the
+    per-patch vectors of the posteriors. Direct route (``itemsize`` of its precision):
+    per pair the ``(2L-1)^2`` exponentials, a lane sum and a block scale; per patch the
+    patch in that precision, the buffer and the temporaries of reading it, and per task
+    its scratch (a block of ``KB`` lanes of projections' energies and back-correlations).
     """
+    if route == "direct":
+        S = 2 * L - 1
+        KB = kernels.MAX_BLOCK
+        per_pair = S * S * itemsize + 8 + 16
+        per_patch = L * L * (itemsize + 3 * 8) + 128
+        scratch = KB * (S * S + 2 * L * L) * itemsize
+        return n_chunk * (K * per_pair + per_patch) + scratch
     per_pair = (2 * L) * (2 * L) * 8 + (2 * L) * (L + 1) * 16 + 16
     per_patch = (2 * L) * (L + 1) * 16 + (2 * L) ** 2 * 8 + 3 * L * L * 8 + 128
     return n_chunk * (K * per_pair + per_patch)
+
+
+def shift_index(L):
+    """MODEL's circular shift index ``l = s mod 2L`` of the linear shifts ``s = -(L-1) .. L-1``."""
+    return np.arange(-(L - 1), L) % (2 * L)
+
+
+class DirectAccumulator:
+    """The direct route's sums over patches, in its lane-block layout, until they are added to statistics.
+
+    ``W[b, i1, i2, t]`` and ``g[b, q1, q2, t]`` (float64) for rotation ``b KB + t``;
+    :meth:`add_to` converts them to the layout of :class:`SufficientStats` (``W`` at the
+    circular shifts, ``G = FFT2(Z g)``) once, after every chunk has been added.
+    """
+
+    def __init__(self, spectra):
+        B, L, _, KB = spectra.P.shape
+        S = 2 * L - 1
+        self.K, self.L = spectra.K, L
+        self.W = np.zeros((B, S, S, KB))
+        self.g = np.zeros((B, L, L, KB))
+        self.n_patches = 0
+        self.sum_empty = 0.0
+        self.sum_yy = 0.0
+        self.loglik = 0.0
+
+    @property
+    def nbytes(self):
+        return self.W.nbytes + self.g.nbytes
+
+    def add_to(self, stats):
+        """Add into ``stats`` (a :class:`SufficientStats` of ``K`` rotations)."""
+        K, L = self.K, self.L
+        S = 2 * L - 1
+        W = self.W.transpose(0, 3, 1, 2).reshape(-1, S, S)[:K]
+        g = self.g.transpose(0, 3, 1, 2).reshape(-1, L, L)[:K]
+        idx = shift_index(L)
+        stats.W[:, idx[:, None], idx[None, :]] += W
+        add_data_images(stats.G, g)
+        stats.n_patches += self.n_patches
+        stats.sum_empty += self.sum_empty
+        stats.sum_yy += self.sum_yy
+        stats.loglik += self.loglik
+        return stats
+
+
+def add_data_images(G, g):
+    """``G += FFT2(Z g)`` for data images ``g`` (K, L, L): the half spectrum whose crop is ``g``."""
+    K, L, _ = g.shape
+    ws = fft.workspace((K, 2 * L, 2 * L))
+    ws.real[...] = 0.0
+    ws.real[:, :L, :L] = g
+    G += ws.forward()
 
 
 def _no_timer(name):
@@ -507,7 +881,8 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
     patches : ndarray, shape (n, L, L)
         ``n <= n_chunk``; the FFT plans are sized for ``n_chunk`` patches (padding rows
         are zero and do not count), so every chunk of a run reuses the same plans.
-    spectra : ProjectionSpectra
+    spectra : DirectSpectra or ProjectionSpectra
+        From :func:`projection_spectra`; its type selects the route.
     upsilon : float
         Prior probability of an empty patch, in (0, 1).
     sigma2 : float
@@ -520,9 +895,11 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
         Also return the posteriors (n, K, 2L, 2L) and the empty-state posteriors (n,)
         (tests only: this is the array the streaming design never keeps).
     timer : callable(name) -> context manager, optional
-        Wraps each step (``patch_spectra``, ``products``, ``fft_backward``,
-        ``posteriors``, ``fft_forward``, ``accumulate``, ``rest``); the bench uses it
-        to time the steps of this very code path.
+        Wraps each step; the bench uses it to time the steps of this very code path.
+        FFT route: ``patch_spectra``, ``products``, ``fft_backward``, ``posteriors``,
+        ``fft_forward``, ``accumulate``, ``rest``. Direct route: ``scores``
+        (correlations, scores, exponentials), ``posteriors`` (normalisation),
+        ``accumulate`` and ``rest``.
     return_best : bool
         Also return :func:`best_states` of the chunk's patches (posterior picks).
 
@@ -546,6 +923,20 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
         raise NumbaemError(f"chunk of {n} patches exceeds the planned chunk size {n_chunk}")
     K = spectra.K
     timer = timer or _no_timer
+    if spectra.route == "direct":
+        acc = DirectAccumulator(spectra)
+        res = _direct_chunk(patches, spectra, upsilon, sigma2, acc, keep_posteriors or return_best, timer)
+        with timer("rest"):
+            acc.add_to(stats)
+        if not (keep_posteriors or return_best):
+            return res
+        loglik, post, w_empty = res
+        out = (loglik,)
+        if keep_posteriors:
+            out += (post, w_empty)
+        if return_best:
+            out += (best_states(post, w_empty),)
+        return out if len(out) > 1 else loglik
     with timer("patch_spectra"):
         wp = fft.workspace((n_chunk, 2 * L, 2 * L))   # FFT2(Z y_j), padding rows zero
         wp.real[...] = 0.0
@@ -581,20 +972,102 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
     return out if len(out) > 1 else loglik
 
 
+def _direct_chunk(patches, spectra, upsilon, sigma2, acc, keep_posteriors=False, timer=None, patch_ids=None,
+                  records=None):
+    """The direct route on one chunk: adds into the :class:`DirectAccumulator` ``acc``.
+
+    Scores of a (patch, lane block) are exponentiated against the block's own maximum
+    (so a block is done in one visit); the patch's normaliser then combines the blocks,
+    ``tot_j = upsilon' + sum_b exp(bmax_jb - mx_j) sum_t lsum_jbt`` (empty state counted
+    once, ``upsilon'`` its relative weight), and block ``b``'s posteriors are its
+    exponentials times ``f_jb = exp(bmax_jb - mx_j) / tot_j``, a factor the accumulation
+    applies. Returns the per-patch log-likelihood (and posteriors in MODEL's layout when
+    ``keep_posteriors``).
+    """
+    timer = timer or _no_timer
+    n, L, _ = patches.shape
+    K, S = spectra.K, 2 * L - 1
+    B, KB = spectra.P.shape[0], spectra.KB
+    dt = spectra.dtype.type
+    Y = np.ascontiguousarray(patches, dtype=spectra.dtype)
+    C = np.empty((n, B, S, S, KB), spectra.dtype)
+    bmax = np.empty((n, B))
+    lsum = np.empty((n, B, KB))
+    inv2s2 = 1.0 / (2.0 * sigma2)
+    with timer("scores"):
+        kernels.dense_scores(Y, spectra.P, spectra.E, n, dt(2.0 * inv2s2), dt(inv2s2), True, C, bmax, lsum)
+    log_shift_prior = math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * K) + spectra.log_shift_offset
+    with timer("posteriors"):
+        f, w_empty, lse = block_scales(bmax + log_shift_prior, lsum.sum(axis=2), math.log(upsilon))
+    post = None
+    if keep_posteriors:
+        post = np.zeros((n, K, 2 * L, 2 * L))
+        idx = shift_index(L)
+        w = (C * f[:, :, None, None, None]).transpose(0, 1, 4, 2, 3).reshape(n, B * KB, S, S)[:, :K]
+        post[:, :, idx[:, None], idx[None, :]] = w
+    with timer("accumulate"):
+        kernels.dense_accumulate(Y, C, np.ascontiguousarray(np.broadcast_to(f[:, :, None], lsum.shape)), n,
+                                 acc.W, acc.g)
+    if records is not None and patch_ids is not None and spectra.quats is not None:
+        mass = (f[:, :, None] * lsum).reshape(n, B * KB)[:, :K]
+        for j in range(n):
+            records.quats[int(patch_ids[j])] = record_of(mass[j], lambda pos: spectra.quats[pos], RECORD_EPS)
+    yy = np.einsum("jab,jab->j", patches, patches)
+    loglik = lse - yy / (2.0 * sigma2) - 0.5 * L * L * math.log(2.0 * math.pi * sigma2)
+    acc.n_patches += n
+    acc.sum_empty += float(w_empty.sum())
+    acc.sum_yy += float(yy.sum())
+    acc.loglik += float(loglik.sum())
+    if keep_posteriors:
+        return loglik, post, w_empty
+    return loglik
+
+
+def block_scales(bmax, bsum, log_upsilon):
+    """Posterior scales of blocks of states from their maxima and sums (a log-sum-exp per patch).
+
+    Parameters
+    ----------
+    bmax : ndarray, shape (n, B)
+        Each block's largest log-probability (log prior included; ``-inf`` for an empty block).
+    bsum : ndarray, shape (n, B)
+        Each block's sum of ``exp(logp - bmax)``.
+    log_upsilon : float
+        Log-probability of the empty state (counted once per patch).
+
+    Returns
+    -------
+    f : ndarray, shape (n, B)
+        ``exp(bmax - mx) / tot``: the posterior of a state is its ``exp(logp - bmax)``
+        times its block's ``f``; 0 where a block lies 50 below the patch's best state.
+    w_empty : ndarray, shape (n,)
+    lse : ndarray, shape (n,)
+        ``log sum_states exp(logp)``.
+    """
+    mx = np.maximum(bmax.max(axis=1, initial=-np.inf), log_upsilon)
+    rel = bmax - mx[:, None]
+    w = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0)
+    tot = np.exp(log_upsilon - mx) + (w * bsum).sum(axis=1)
+    f = w / tot[:, None]
+    return f, np.exp(log_upsilon - mx) / tot, mx + np.log(tot)
+
+
 def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, timer=None, stats=None,
                  release=True):
     """E-step over the patches ``idx`` of ``source``, chunk by chunk; their sufficient statistics.
 
-    Memory: one chunk of ``n_chunk`` patches at a time (the FFT plans are sized for it).
-    ``timer`` (see :func:`numbaem.em.estep.e_step_chunk`) also wraps the patch reads
-    (``read_patches``).
+    Memory: one chunk of ``n_chunk`` patches at a time (the FFT plans are sized for it;
+    the direct route keeps its sums in its own layout and converts them once, at the
+    end). ``timer`` (see :func:`numbaem.em.estep.e_step_chunk`) also wraps the patch
+    reads (``read_patches``).
 
-    ``spectra`` is a :class:`ProjectionSpectra` (one model for every patch) or a
-    :class:`GroupSpectra` (CTF groups, MODEL section 11): then ``source.patch_groups``
-    tells each patch's group, the patches of each group run against that group's
-    spectra (made one group at a time), and the statistics have a group axis.
-    ``stats`` (optional) is added into instead of new statistics; ``release=False``
-    keeps the chunk's FFT workspaces for a following call.
+    ``spectra`` is a :class:`ProjectionSpectra` or :class:`DirectSpectra` (one model for
+    every patch), a search's model (:mod:`numbaem.em.search`), or a :class:`GroupSpectra`
+    (CTF groups, MODEL section 11): then ``source.patch_groups`` tells each patch's group,
+    the patches of each group run against that group's spectra (made one group at a
+    time), and the statistics have a group axis. ``stats`` (optional) is added into
+    instead of new statistics; ``release=False`` keeps the chunk's FFT workspaces for a
+    following call.
     """
     if isinstance(spectra, GroupSpectra):
         return _stream_groups(source, idx, spectra, upsilon, sigma2, n_chunk, progress, timer, stats)
@@ -602,6 +1075,23 @@ def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, 
     L, K = source.L, spectra.K
     stats = SufficientStats.zeros(K, L) if stats is None else stats
     buf = np.empty((n_chunk, L, L))
+    if spectra.route == "search":
+        from .search import search_stats
+        return search_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress, timer)
+    if spectra.route == "direct":
+        acc = DirectAccumulator(spectra)
+        records = Records() if spectra.quats is not None else None
+        for i in range(0, len(idx), n_chunk):
+            sel = idx[i:i + n_chunk]
+            with clock("read_patches"):
+                patches = source.get(sel, out=buf[:len(sel)])
+            _direct_chunk(patches, spectra, upsilon, sigma2, acc, timer=timer, patch_ids=sel, records=records)
+            if progress is not None:
+                progress(len(sel))
+        with clock("rest"):
+            acc.add_to(stats)
+        stats.records = records
+        return stats
     for i in range(0, len(idx), n_chunk):
         sel = idx[i:i + n_chunk]
         with clock("read_patches"):

@@ -40,6 +40,7 @@ import os
 from ..runtime.errors import NumbaemError
 from ..runtime.memory import format_size
 from .estep import chunk_bytes
+from .kernels import LANE
 
 #: Bytes set aside for the interpreter and the libraries (measured 0.2-0.3 GiB resident).
 INTERPRETER_BYTES = 256 << 20
@@ -77,12 +78,31 @@ def phi_bytes(L, lmax, n_ls):
     return n_ls * (2 * lmax + 1) * L * L * 16
 
 
-def worker_bytes(K, L, n_chunk, n_groups=None):
+def worker_bytes(K, L, n_chunk, n_groups=None, route="fft", itemsize=8):
     """Bytes one E-step task holds: the projection spectra, its statistics and one chunk
     (with CTF groups also the projections and the filters it makes a group's spectra from)."""
     r, c = _sizes(K, L)
     extra = 0 if n_groups is None else 2 * K * L * L * 8 + int(n_groups) * L ** 4 * 8
-    return 2 * K * (r + c) + chunk_bytes(n_chunk, K, L) + extra
+    return spectra_bytes(K, L, route, itemsize) + K * (r + c) + sums_bytes(K, L, route) + \
+        chunk_bytes(n_chunk, K, L, route, itemsize) + extra
+
+
+def spectra_bytes(K, L, route="fft", itemsize=8):
+    """Bytes of what the E-step holds of the projections: the FFT route's spectra ``K (r + c)``,
+    or the direct route's projections and energies in lane blocks (padded to :data:`LANE`)."""
+    if route == "direct":
+        Kp = -(-K // LANE) * LANE + LANE * 2
+        return Kp * (L * L + (2 * L - 1) ** 2) * itemsize
+    r, c = _sizes(K, L)
+    return K * (r + c)
+
+
+def sums_bytes(K, L, route="fft"):
+    """Bytes of the direct route's sums in its own layout (:class:`numbaem.em.estep.DirectAccumulator`)."""
+    if route != "direct":
+        return 0
+    Kp = -(-K // LANE) * LANE + LANE * 2
+    return Kp * ((2 * L - 1) ** 2 + L * L) * 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +140,8 @@ class IterationPlan:
         return self.parts["peak"]
 
 
-def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None, n_groups=None):
+def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None, n_groups=None, route=None,
+                   itemsize=8):
     """The :class:`IterationPlan` of an iteration with ``K`` rotations and ``M`` coefficients.
 
     Parameters
@@ -138,12 +159,17 @@ def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None
         Named in the error message.
     n_groups : int, optional
         CTF groups (None: no filters, MODEL sections 4-6).
+    route : {'direct', 'fft'}, optional
+        The E-step's route (default: :func:`numbaem.em.estep.choose_route` of ``L``), and
+        ``itemsize`` the direct route's bytes per number (4: single precision).
 
     Raises
     ------
     NumbaemError
         When not even one patch fits.
     """
+    from .estep import choose_route
+    route = choose_route(L) if route is None else route
     room = int(budget) - INTERPRETER_BYTES
     r, c = _sizes(K, L)
     a = L * L * M * 8
@@ -151,22 +177,24 @@ def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None
     mstep_b = min(MSTEP_BLOCK_BYTES, op_block * a)
     mstep_b = max(a, mstep_b - mstep_b % a)
     workspace_K = K * (r + c)
+    spec_b = spectra_bytes(K, L, route, itemsize)
     if n_groups is None:
-        resident = (op_block * a + 2 * K * (r + c) + K * L * L * 8 + phi + 3 * M * M * 8
-                    + 8 * int(n_selected) + SMALL_OBJECTS_BYTES)
+        resident = (op_block * a + spec_b + K * (r + c) + sums_bytes(K, L, route) + K * L * L * 8 + phi
+                    + 3 * M * M * 8 + 8 * int(n_selected) + SMALL_OBJECTS_BYTES)
         phases = dict(spectra=workspace_K,
                       mstep=workspace_K + 2 * K * L * L * 8 + mstep_b + M * M * 8)
     else:
         G, P = int(n_groups), L * L
-        # Y_g and its product of the Gram route, or the copy Psi_g A_k of the direct route (numbaem.em.mstep)
+        # Y_g and its product of the Gram route, or the copy Psi_g A_k of the direct route (numbaem.em.mstep);
+        # the statistics have a group axis (and the direct route's sums are one group's at a time)
         mstep_b = max(2 * P * P * 8, P * M * 8)
-        resident = (op_block * a + (1 + G) * K * (r + c) + K * L * L * 8 + G * P * P * 8 + phi + 3 * M * M * 8
-                    + 8 * int(n_selected) + SMALL_OBJECTS_BYTES)
+        resident = (op_block * a + spec_b + G * K * (r + c) + sums_bytes(K, L, route) + K * L * L * 8
+                    + G * P * P * 8 + phi + 3 * M * M * 8 + 8 * int(n_selected) + SMALL_OBJECTS_BYTES)
         phases = dict(spectra=workspace_K + K * L * L * 8,
                       mstep=workspace_K + (G + 2) * K * P * 8 + mstep_b + 2 * P * P * 8 + P * M * 8 + M * M * 8)
     # with groups, each group's spectra are made during the E-step, beside the chunk's arrays
     beside = 0 if n_groups is None else workspace_K + K * L * L * 8
-    per = chunk_bytes(1, K, L)
+    per = chunk_bytes(1, K, L, route, itemsize)
     free = room - resident - beside
     if free < per or room - resident - max(phases.values()) < 0:
         need = INTERPRETER_BYTES + resident + max(per + beside, max(phases.values()))
@@ -178,8 +206,66 @@ def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None
     target = chunk_target_bytes() if target is None else int(target)
     n_chunk = int(max(1, min(n_selected, free // per, max(1, target // per))))
     # the chunk's workspaces ride in the FFT cache beside the (K, 2L, 2L) one
-    cache = chunk_bytes(n_chunk, K, L) + workspace_K + (1 << 20)
-    phases["estep"] = chunk_bytes(n_chunk, K, L) + beside
-    parts = dict(K=K, resident=resident, operator=op_block * a, **{f"phase_{k}": v for k, v in phases.items()})
+    cache = (chunk_bytes(n_chunk, K, L) if route == "fft" else 0) + workspace_K + (1 << 20)
+    phases["estep"] = chunk_bytes(n_chunk, K, L, route, itemsize) + beside
+    parts = dict(K=K, route=route, resident=resident, operator=op_block * a,
+                 **{f"phase_{k}": v for k, v in phases.items()})
     parts["peak"] = resident + max(phases.values())
     return IterationPlan(int(budget), n_chunk, int(op_block), int(mstep_b), int(cache), parts)
+
+
+def plan_search(budget, basis, spec, n_selected, itemsize=8, *, records=0, target=None, n_groups=None):
+    """The :class:`IterationPlan` of a coarse-to-fine search iteration (:mod:`numbaem.em.search`).
+
+    Resident: the coarse level's projections and energies (lane blocks), the direction
+    images of every finer level (steering), the sums of every level (dense: rows never
+    reached are never written, but are counted), ``H`` with its factor, the minibatch's
+    indices and the records (64 bytes a rotation, at most 16 a patch, for ``records``
+    patches). E-step: one chunk (:func:`numbaem.em.search.chunk_bytes`). M-step: the
+    statistics of every row (worst case: every rotation reached), their ``h`` and one
+    block of the operator of the rows and its copy ``B`` (at most :data:`MSTEP_BLOCK_BYTES` each).
+    With ``n_groups`` CTF groups: their filters, one group's coarse spectra beside the
+    unfiltered coarse projections, and the filtered block ``Psi_g A`` in the M-step.
+
+    Raises
+    ------
+    NumbaemError
+        When not even one patch fits, naming the levels and what they need.
+    """
+    from ..model import hopf
+    from .search import accumulator_bytes, chunk_bytes as search_chunk_bytes, direction_bytes
+    L, M, lmax = basis.L, basis.M, basis.lmax
+    S = 2 * L - 1
+    room = int(budget) - INTERPRETER_BYTES
+    rows = sum(hopf.size(r) for r in spec.levels)
+    a = L * L * M * 8
+    mstep_b = max(a, MSTEP_BLOCK_BYTES - MSTEP_BLOCK_BYTES % a)
+    resident = (spectra_bytes(hopf.size(spec.coarse), L, "direct", itemsize)
+                + sum(direction_bytes(r, L, lmax) for r in spec.levels[1:]) + accumulator_bytes(spec, L)
+                + phi_bytes(L, lmax, len(basis.ls_pairs)) + 3 * M * M * 8 + 8 * int(n_selected)
+                + 64 * 16 * int(records) + SMALL_OBJECTS_BYTES)
+    grouped = 0
+    if n_groups is not None:
+        grouped = int(n_groups) * L ** 4 * 8 + spectra_bytes(hopf.size(spec.coarse), L, "direct", itemsize) \
+            + hopf.size(spec.coarse) * L * L * 8
+        resident += grouped
+    phases = dict(spectra=hopf.size(spec.coarse) * L * L * 8 * 2,
+                  mstep=rows * ((S * S + L * L) * 8 + 8) + L * L * 8 * (mstep_b // a) + 2 * mstep_b + M * M * 8
+                  + (mstep_b if n_groups is not None else 0))
+    fixed = search_chunk_bytes(0, spec, L, itemsize)        # a group of refining patches, scratch
+    per = search_chunk_bytes(1, spec, L, itemsize) - fixed   # one more patch
+    free = room - resident - fixed
+    if free < per or room - resident - max(phases.values()) < 0:
+        need = INTERPRETER_BYTES + resident + max(fixed + per, max(phases.values()))
+        steps = "-".join(f"{hopf.level_step(r):g}" for r in spec.levels)
+        raise NumbaemError(f"the memory budget {format_size(budget)} is too small for a search over {steps} "
+                           f"degrees ({rows} rotations over its levels) at L={L} with M={M} coefficients: at least "
+                           f"{format_size(need)} is needed (of which {format_size(INTERPRETER_BYTES)} for the "
+                           "interpreter); raise --memory or use a coarser fine step")
+    target = chunk_target_bytes() if target is None else int(target)
+    n_chunk = int(max(1, min(n_selected, free // per, max(1, target // per))))
+    phases["estep"] = search_chunk_bytes(n_chunk, spec, L, itemsize)
+    parts = dict(K=rows, route="search", precision=f"float{8 * itemsize}", resident=resident, operator=mstep_b,
+                 **{f"phase_{k}": v for k, v in phases.items()})
+    parts["peak"] = resident + max(phases.values())
+    return IterationPlan(int(budget), n_chunk, int(mstep_b // a), int(mstep_b), 1 << 20, parts)

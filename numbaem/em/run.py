@@ -28,10 +28,11 @@ from ..runtime.errors import NumbaemError
 from ..runtime.threads import prefer_passive_openmp
 from ..runtime.validate import as_rng
 from ..runtime.memory import default_budget, peak_rss, reset_peak_rss
-from .estep import GroupSpectra, projection_spectra, restrict_shifts, stream_stats
+from .estep import GroupSpectra, Records, choose_precision, choose_route, projection_spectra, restrict_shifts, \
+    stream_stats
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
-from .plan import phi_bytes, plan_iteration
-from .schedule import default_schedule, validate_schedule
+from .plan import phi_bytes, plan_iteration, plan_search
+from .schedule import Stage, default_schedule, load_schedule, parse_schedule, validate_schedule  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class EMState:
     total_iterations: int = 0
     rng: np.random.Generator = None
     history: list = dataclasses.field(default_factory=list)
+    records: Records = None   # what each patch's posterior held last (for local searches)
 
 
 class LocalExecutor:
@@ -62,11 +64,11 @@ class LocalExecutor:
         return stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress)
 
 
-def stage_plan(budget, basis, K, n_selected, n_groups=None):
-    """The memory plan of a stage's iterations (:func:`numbaem.em.plan.plan_iteration`)."""
+def stage_plan(budget, basis, K, n_selected, n_groups=None, route=None, itemsize=8):
+    """The memory plan of an exhaustive stage's iterations (:func:`numbaem.em.plan.plan_iteration`)."""
     return plan_iteration(budget, K, basis.L, basis.M, n_selected,
                           phi=phi_bytes(basis.L, basis.lmax, len(basis.ls_pairs)), lmax=basis.lmax,
-                          n_groups=n_groups)
+                          n_groups=n_groups, route=route, itemsize=itemsize)
 
 
 def _filters(source):
@@ -75,8 +77,32 @@ def _filters(source):
     return get() if get is not None else None
 
 
+class SearchOperator:
+    """Stands in for :class:`numbaem.model.projection.Operator` in a search stage: the basis and
+    the search; the operator of the rotations reached is built in blocks in the M-step."""
+
+    def __init__(self, basis, spec):
+        self.basis = basis
+        self.spec = spec
+
+    @property
+    def K(self):
+        from ..model import hopf
+        return sum(hopf.size(r) for r in self.spec.levels)
+
+
+def check_search_source(source, stage, where="a search stage"):
+    """Refuse a coarse-to-fine search on what it does not model: boxes around picks (a shift window)."""
+    if not stage.is_search:
+        return
+    if getattr(source, "shift_window", None) is not None:
+        raise NumbaemError(f"{where} (fine=...) does not run on boxes around picks; give the stages rotations=K "
+                           "with --particles")
+
+
 def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhonov=0.0,
-                 budget=None, progress=None, n_chunk=None, executor=None, temperature=1.0):
+                 budget=None, progress=None, n_chunk=None, executor=None, temperature=1.0, precision="auto",
+                 record=False):
     """One EM iteration (in place on ``state``); returns the iteration's record.
 
     ``progress`` is an optional callable ``progress(n_done)`` called after each chunk;
@@ -90,6 +116,12 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     each group uses its filtered projections ``Psi_g A_k x`` (:class:`GroupSpectra`) and
     the M-step sums the groups' statistics through ``Psi_g``; without, the iteration is
     that of sections 5 and 6, unchanged.
+
+    ``operator`` is the stage's :class:`Operator` for an exhaustive stage, a
+    :class:`SearchOperator` for a search (``stage.fine``; :mod:`numbaem.em.search`).
+    ``precision`` is the direct route's (:func:`numbaem.em.estep.choose_precision`);
+    ``record`` makes the E-step write each patch's record into ``state.records`` (what a
+    later local search starts from).
     """
     t0 = time.perf_counter()
     reset_peak_rss()
@@ -97,25 +129,55 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     L, M, K = basis.L, basis.M, operator.K
     budget = default_budget() if budget is None else budget
     idx = source.sample(stage.frac, state.rng)
+    extra = {}
+    sigma2_e = state.sigma2 * temperature
     filters = _filters(source)
-    plan = stage_plan(budget, basis, K, len(idx), n_groups=None if filters is None else len(filters))
-    n_chunk = plan.n_chunk if n_chunk is None else int(n_chunk)
-    old_limit = fft.set_cache_limit(plan.fft_cache_bytes)
-    try:
-        proj = operator.project(state.theta)
-        spectra = projection_spectra(proj) if filters is None else GroupSpectra(proj, filters)
-        del proj
-        if getattr(source, "shift_window", None) is not None:   # boxes around picks (numbaem.data.boxes)
-            spectra = restrict_shifts(spectra, source.shift_window)
+    if stage.is_search:
+        from .search import SearchModel, search_normal_equations
+        check_search_source(source, stage)
+        spec = stage.search_spec()
+        model = SearchModel(state.theta, basis, spec, sigma2=sigma2_e, precision=precision,
+                            previous=state.records if spec.local > 0 else None, record=record)
+        plan = plan_search(budget, basis, spec, len(idx), model.dtype.itemsize,
+                           records=len(state.records or ()), n_groups=None if filters is None else len(filters))
+        n_chunk = plan.n_chunk if n_chunk is None else int(n_chunk)
         executor = executor or LocalExecutor()
-        stats = executor.sufficient_stats(source, idx, spectra, state.upsilon, state.sigma2 * temperature, n_chunk,
-                                          progress)
-        del spectra
+        stats = executor.sufficient_stats(source, idx, model, state.upsilon, sigma2_e, n_chunk, progress)
+        del model
         t_e = time.perf_counter()
-        H, b = normal_equations(operator.blocks(), stats.W, stats.G, L, M, max_block_bytes=plan.mstep_block_bytes,
-                                filters=filters)
-    finally:
-        fft.set_cache_limit(old_limit)
+        H, b = search_normal_equations(stats, spec, basis, max_block_bytes=plan.mstep_block_bytes, filters=filters)
+        extra = search_record(stats, spec)
+        extra["precision"] = plan.parts["precision"]
+    else:
+        proj = operator.project(state.theta)
+        route = choose_route(L)
+        dtype = choose_precision(proj, sigma2_e, precision) if route == "direct" else np.dtype(np.float64)
+        plan = stage_plan(budget, basis, K, len(idx), None if filters is None else len(filters), route,
+                          dtype.itemsize)
+        n_chunk = plan.n_chunk if n_chunk is None else int(n_chunk)
+        extra["precision"] = str(dtype)
+        old_limit = fft.set_cache_limit(plan.fft_cache_bytes)
+        try:
+            if filters is None:
+                spectra = projection_spectra(proj, route=route, precision=str(dtype))
+                if record and route == "direct":
+                    from ..model.rotations import matrices_to_quaternions
+                    spectra.quats = matrices_to_quaternions(operator.rots).astype(np.float32)
+            else:
+                spectra = GroupSpectra(proj, filters, route=route, precision=str(dtype))
+            del proj
+            if getattr(source, "shift_window", None) is not None:   # boxes around picks (numbaem.data.boxes)
+                spectra = restrict_shifts(spectra, source.shift_window)
+            executor = executor or LocalExecutor()
+            stats = executor.sufficient_stats(source, idx, spectra, state.upsilon, sigma2_e, n_chunk, progress)
+            del spectra
+            t_e = time.perf_counter()
+            H, b = normal_equations(operator.blocks(), stats.W, stats.G, L, M,
+                                    max_block_bytes=plan.mstep_block_bytes, filters=filters)
+        finally:
+            fft.set_cache_limit(old_limit)
+    if getattr(stats, "records", None) is not None:
+        state.records = (state.records or Records()).update(stats.records)
     sol = solve(H, b, tikhonov)
     loglik = stats.loglik
     state.theta = sol.theta
@@ -125,13 +187,43 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     state.iteration += 1
     state.total_iterations += 1
     t1 = time.perf_counter()
-    return dict(iteration=state.total_iterations, stage=state.stage + 1, stage_iteration=state.iteration,
-                lmax=basis.lmax, K=K, M=M, patches=int(len(idx)), chunk=int(n_chunk),
-                loglik=float(loglik), loglik_per_patch=float(loglik / len(idx)),
-                upsilon=state.upsilon, sigma2=state.sigma2, tikhonov=sol.tikhonov,
-                seconds=t1 - t0, seconds_estep=t_e - t0, seconds_mstep=t1 - t_e, peak_memory=peak_rss(),
-                planned_peak_bytes=int(plan.peak), temperature=float(temperature),
-                filter_groups=None if filters is None else len(filters))
+    rec = dict(iteration=state.total_iterations, stage=state.stage + 1, stage_iteration=state.iteration,
+               lmax=basis.lmax, K=K, M=M, patches=int(len(idx)), chunk=int(n_chunk),
+               loglik=float(loglik), loglik_per_patch=float(loglik / len(idx)),
+               upsilon=state.upsilon, sigma2=state.sigma2, tikhonov=sol.tikhonov,
+               seconds=t1 - t0, seconds_estep=t_e - t0, seconds_mstep=t1 - t_e, peak_memory=peak_rss(),
+               planned_peak_bytes=int(plan.peak), temperature=float(temperature),
+               filter_groups=None if filters is None else len(filters))
+    rec.update(extra)
+    return rec
+
+
+def search_record(stats, spec):
+    """The per-iteration figures of a search (for the iteration's record and the bench).
+
+    ``search_pairs`` per level, ``search_fraction_fine`` (pairs scored at the fine level
+    over patches x its rotations), ``search_fraction_all`` (pairs scored at every level over
+    patches x the fine level's rotations: the cost relative to an exhaustive search on the
+    fine level), ``search_final_level`` (patches whose posteriors live on each level),
+    ``search_mass_pruned_mean`` / ``_max`` (per patch), ``search_seconds`` per pass,
+    ``search_rows`` (rotations reached) and ``search_local`` (patches searched locally).
+    """
+    from ..model import hopf
+    rep = stats.search or {}
+    n = max(1, int(rep.get("patches", stats.n_patches)))
+    Kf = hopf.size(spec.fine)
+    pairs = {r: int(rep.get(f"pairs_level_{r}", 0)) for r in spec.levels}
+    return dict(search_levels=list(spec.levels),
+                search_steps=[hopf.level_step(r) for r in spec.levels],
+                search_pairs=pairs,
+                search_fraction_fine=pairs[spec.fine] / (n * Kf),
+                search_fraction_all=sum(pairs.values()) / (n * Kf),
+                search_final_level={r: int(rep.get(f"patches_final_level_{r}", 0)) for r in spec.levels},
+                search_mass_pruned_mean=float(rep.get("mass_pruned", 0.0)) / n,
+                search_mass_pruned_max=float(rep.get("max_mass_pruned", 0.0)),
+                search_seconds={k[8:]: float(v) for k, v in rep.items() if k.startswith("seconds_")},
+                search_rows=int(len(stats.rotations)),
+                search_local=int(rep.get("patches_local", 0)))
 
 
 def sample_patches(source, rng, n=2000):
@@ -287,7 +379,8 @@ def _check_anneal(anneal):
 
 def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=None, upsilon0=0.5,
                 rng=None, memory=None, tikhonov=0.0, truth=None, callback=None, progress=True,
-                state=None, should_stop=None, executor=None, anneal=None, restarts=1, scale_init=False):
+                state=None, should_stop=None, executor=None, anneal=None, restarts=1, scale_init=False,
+                precision="auto"):
     """Run the approximate EM with frequency marching.
 
     Parameters
@@ -342,6 +435,9 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         atomic model's density). The data's excess energy is a mean over all patches,
         empty ones included, so the start comes out somewhat small; the first M-step
         sets the scale.
+    precision : {'auto', 'float32', 'float64'}
+        Floating-point type of the direct route's scores (``numbaem.em.estep.choose_precision``:
+        'auto' takes float32 where its rounding stays below 1e-3 nats).
 
     Returns
     -------
@@ -361,7 +457,8 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                            "of the patches' pixels, or estimate it (estimate_noise=True)")
     if not 0 < upsilon0 < 1:
         raise NumbaemError(f"upsilon0={upsilon0} must lie strictly between 0 and 1")
-    schedule = validate_schedule(schedule or default_schedule(L), L)
+    boxes = getattr(source, "shift_window", None) is not None
+    schedule = validate_schedule(schedule or default_schedule(L, search=not boxes), L)
     budget = default_budget() if memory is None else int(memory)
     anneal = _check_anneal(anneal)
     restarts = int(restarts)
@@ -374,7 +471,7 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         return _best_of_restarts(source, sigma2=sigma2, estimate_noise=estimate_noise, schedule=schedule,
                                  upsilon0=upsilon0, rng=rng, memory=budget, tikhonov=tikhonov, truth=truth,
                                  callback=callback, progress=progress, should_stop=should_stop, executor=executor,
-                                 anneal=anneal, restarts=restarts)
+                                 anneal=anneal, restarts=restarts, precision=precision)
     stopped = False
     if state is None:
         theta = initial_theta(init, L, schedule[0].lmax, rng=rng, source=source, sigma2=sigma2, scale=scale_init)
@@ -395,10 +492,24 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
             fft.clear_cache()  # the previous stage's chunk buffers (another K) are not reused
             n_sel = int(math.ceil(stage.frac * source.n_patches))
             filters = _filters(source)
-            plan = stage_plan(budget, basis, stage.rotations, n_sel, None if filters is None else len(filters))
-            op = Operator(basis, rotation_grid(stage.rotations), plan.parts["operator"])
-            logger.info("stage %d/%d: lmax=%d (M=%d), K=%d, frac=%g, %d iterations", state.stage + 1,
-                        len(schedule), stage.lmax, basis.M, stage.rotations, stage.frac, stage.iters)
+            if stage.is_search:
+                check_search_source(source, stage, f"stage {state.stage + 1}, a search")
+                spec = stage.search_spec()
+                plan_search(budget, basis, spec, n_sel, 8, records=source.n_patches,   # refuse early if too small
+                            n_groups=None if filters is None else len(filters))
+                op = SearchOperator(basis, spec)
+                logger.info("stage %d/%d: lmax=%d (M=%d), search %s degrees (levels %d-%d), prune %g%s, frac=%g, "
+                            "%d iterations", state.stage + 1, len(schedule), stage.lmax, basis.M,
+                            "-".join(f"{hopf_step(r):g}" for r in spec.levels), spec.coarse, spec.fine,
+                            spec.prune, f", local {spec.local:g} degrees" if spec.local else "", stage.frac,
+                            stage.iters)
+            else:
+                plan = stage_plan(budget, basis, stage.rotations, n_sel, None if filters is None else len(filters),
+                                  route=choose_route(L))
+                op = Operator(basis, rotation_grid(stage.rotations), plan.parts["operator"])
+                logger.info("stage %d/%d: lmax=%d (M=%d), K=%d, frac=%g, %d iterations", state.stage + 1,
+                            len(schedule), stage.lmax, basis.M, stage.rotations, stage.frac, stage.iters)
+            record = any(st.is_search and st.local > 0 for st in schedule[state.stage:])
             while state.iteration < stage.iters:
                 if should_stop is not None and should_stop():
                     stopped = True
@@ -407,7 +518,7 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                 temperature = anneal_temperature(anneal, state.total_iterations)
                 rec = em_iteration(state, source, op, stage, estimate_noise=estimate_noise, tikhonov=tikhonov,
                                    budget=budget, progress=inner.update if inner else None,
-                                   executor=executor, temperature=temperature)
+                                   executor=executor, temperature=temperature, precision=precision, record=record)
                 if inner:
                     inner.close()
                 if truth is not None:
@@ -432,6 +543,11 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
     return Reconstruction(volume=synthesize(state.theta, basis), pixel_size=getattr(source, "pixel_size", None),
                           theta=state.theta, basis=basis, upsilon=state.upsilon, sigma2=state.sigma2,
                           history=state.history, state=state, stopped=stopped)
+
+
+def hopf_step(level):
+    from ..model import hopf
+    return hopf.level_step(level)
 
 
 def log_likelihood(source, theta, basis, K, upsilon, sigma2, idx=None, memory=None):

@@ -1,9 +1,15 @@
 """Schedules of frequency marching and stochastic EM (MODEL section 7).
 
-A schedule is a list of stages ``(lmax, iters, frac, rotations)``, written as
-``"lmax=2,iters=5,frac=0.1,rotations=300;lmax=4,iters=5,..."`` or as a TOML file with
-``[[stage]]`` tables; each stage starts from the previous estimate with the new
-coefficients zero.
+A schedule is a list of stages, written as ``"lmax=2,iters=5,frac=0.1,rotations=300;
+lmax=4,iters=5,..."`` or as a TOML file with ``[[stage]]`` tables; each stage starts from
+the previous estimate with the new coefficients zero.
+
+The rotation search of a stage is either exhaustive on ``rotations`` near-uniform
+(super-Fibonacci) rotations, or, with ``fine`` (an angular step in degrees), the
+coarse-to-fine search of :mod:`numbaem.em.search` on the hierarchical Hopf grid: every
+patch scored at the ``coarse`` step, refined while its posterior is concentrated down to
+the ``fine`` step, losing at most ``prune`` of its posterior mass; ``local`` (degrees)
+scores a patch seen before only near the rotations its posterior held last time.
 """
 import dataclasses
 import math
@@ -12,7 +18,10 @@ from ..model.basis import FBBasis
 from ..runtime.errors import NumbaemError
 
 
-STAGE_KEYS = ("lmax", "iters", "frac", "rotations")
+STAGE_KEYS = ("lmax", "iters", "frac", "rotations", "fine", "coarse", "prune", "local", "cap", "margin")
+
+#: The coarse step (degrees) of a search stage that names none: Hopf level 1, 576 rotations.
+DEFAULT_COARSE_STEP = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,20 +37,77 @@ class Stage:
     frac : float
         Stochastic factor in (0, 1]: fraction of patches drawn per iteration.
     rotations : int
-        ``K``, size of the rotation grid.
+        ``K``, size of the rotation grid of an exhaustive search (unused with ``fine``).
+    fine : float, optional
+        Finest angular step in degrees of a coarse-to-fine search on the Hopf grid (the
+        level whose step is at most this: 60 / 2^r degrees); None: exhaustive search.
+    coarse : float, optional
+        The search's coarse step in degrees (default :data:`DEFAULT_COARSE_STEP`, or
+        one level above ``fine`` when that is coarser).
+    prune : float
+        Posterior mass a patch may lose to pruning, in [0, 1).
+    local : float
+        Local search radius in degrees (0: none).
+    cap : int
+        A patch is refined while at most this many rotations hold all but its share of
+        ``prune`` of its rotation mass (0: always refined).
+    margin : float
+        Neighbours within this many grid steps of a refined rotation are refined too.
     """
 
     lmax: int
     iters: int
     frac: float = 1.0
     rotations: int = 300
+    fine: float = None
+    coarse: float = None
+    prune: float = 1e-3
+    local: float = 0.0
+    cap: int = 32
+    margin: float = 1.5
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.fine is None:   # exhaustive stages keep the keys they always had
+            for k in ("fine", "coarse", "prune", "local", "cap", "margin"):
+                d.pop(k)
+        else:                   # a search has no K of its own
+            d.pop("rotations")
+            if self.coarse is None:
+                d.pop("coarse")
+        return d
+
+    @property
+    def is_search(self):
+        return self.fine is not None
+
+    def search_spec(self):
+        """The :class:`numbaem.em.search.SearchSpec` of a search stage (None for an exhaustive one)."""
+        if self.fine is None:
+            return None
+        from ..model import hopf
+        from .search import SearchSpec
+        rf = hopf.level_for_step(self.fine)
+        rc = hopf.level_for_step(self.coarse if self.coarse is not None else DEFAULT_COARSE_STEP)
+        if self.coarse is None:
+            rc = min(rc, max(0, rf - 1))
+        return SearchSpec(rc, rf, self.prune, cap=self.cap, margin=self.margin, local=self.local)
+
+    @property
+    def size(self):
+        """Rotations of the statistics: ``rotations``, or every rotation of the search's levels."""
+        spec = self.search_spec()
+        if spec is None:
+            return self.rotations
+        from ..model import hopf
+        return sum(hopf.size(r) for r in spec.levels)
 
 
 _KINDS = dict(lmax="a whole number >= 0", iters="a whole number >= 1", frac="a fraction in (0, 1]",
-              rotations="a whole number >= 1")
+              rotations="a whole number >= 1", fine="an angle in degrees > 0", coarse="an angle in degrees > 0",
+              prune="a fraction in [0, 1)", local="an angle in degrees >= 0", cap="a whole number >= 1",
+              margin="a number > 0")
+_WHOLE = ("lmax", "iters", "rotations", "cap")
 
 
 def _number(d, key, where, whole):
@@ -62,16 +128,32 @@ def _stage_from_mapping(d, where):
     if unknown:
         raise NumbaemError(f"schedule {where} has unknown key(s) {', '.join(sorted(unknown))}; "
                            f"the keys are {', '.join(STAGE_KEYS)}")
-    vals = {k: _number(d, k, where, k != "frac") for k in STAGE_KEYS if k in d}
+    vals = {k: _number(d, k, where, k in _WHOLE) for k in STAGE_KEYS if k in d}
     if "lmax" not in vals or "iters" not in vals:
         raise NumbaemError(f"schedule {where} needs at least lmax and iters, e.g. 'lmax=4,iters=5,frac=0.1,rotations=300'")
     lmax, iters = vals["lmax"], vals["iters"]
     frac, K = vals.get("frac", 1.0), vals.get("rotations", 300)
+    fine, coarse = vals.get("fine"), vals.get("coarse")
+    prune, local = vals.get("prune", 1e-3), vals.get("local", 0.0)
+    cap, margin = vals.get("cap", 32), vals.get("margin", 1.5)
     for key, val, ok in (("lmax", lmax, lmax >= 0), ("iters", iters, iters >= 1), ("frac", frac, 0 < frac <= 1),
-                         ("rotations", K, K >= 1)):
+                         ("rotations", K, K >= 1), ("fine", fine, fine is None or fine > 0),
+                         ("coarse", coarse, coarse is None or coarse > 0), ("prune", prune, 0 <= prune < 1),
+                         ("local", local, local >= 0), ("cap", cap, cap >= 1), ("margin", margin, margin > 0)):
         if not ok:
             raise NumbaemError(f"schedule {where}: {key}={val} must be {_KINDS[key]}")
-    return Stage(lmax, iters, frac, K)
+    if fine is None and any(k in d for k in ("coarse", "prune", "local", "cap", "margin")):
+        raise NumbaemError(f"schedule {where}: coarse, prune and local belong to a coarse-to-fine search; "
+                           "give its finest step too, e.g. 'fine=7.5'")
+    if fine is not None and "rotations" in d:
+        raise NumbaemError(f"schedule {where}: give either rotations=K (exhaustive search) or fine=STEP "
+                           "(coarse-to-fine search on the Hopf grid), not both")
+    st = Stage(lmax, iters, frac, K, fine, coarse, prune, local, cap, margin)
+    try:
+        st.search_spec()
+    except NumbaemError as exc:
+        raise NumbaemError(f"schedule {where}: {exc}") from None
+    return st
 
 
 def parse_schedule(text):
@@ -111,15 +193,24 @@ def load_schedule(path):
     return [_stage_from_mapping(s, f"stage {i + 1} of {path}") for i, s in enumerate(stages)]
 
 
-def default_schedule(L):
+def default_schedule(L, search=True):
     """The documented default: three stages marching to the highest ``lmax`` the patch size allows.
 
-    ``lmax`` at about a third, two thirds and all of the top order; ``K`` = 100, 300,
-    1000; 4, 4 and 6 full-batch iterations. Large data sets should pass ``frac < 1``.
+    ``lmax`` at about a third, two thirds and all of the top order; 4, 4 and 6 full-batch
+    iterations. The first two search exhaustively on K = 100 and 300 rotations; the last
+    is a coarse-to-fine search from 30 degrees (576 rotations) down to 7.5 degrees (15 for
+    ``L > 9``, where each rotation's share of the M-step costs ``L^2 M^2``), pruning 1e-3 of
+    each patch's posterior, and searching each patch within 20 degrees of where its
+    posterior was (local search) once it was concentrated. Large data sets should pass
+    ``frac < 1``. ``search=False`` makes the last stage an exhaustive search on K = 1000
+    rotations (boxes around picks, whose shift window the search does not model).
     """
     top = FBBasis.max_lmax(L)
     l1, l2 = max(1, round(top / 3)), max(1, round(2 * top / 3))
-    return [Stage(l1, 4, 1.0, 100), Stage(l2, 4, 1.0, 300), Stage(top, 6, 1.0, 1000)]
+    fine = 7.5 if L <= 9 else 15.0
+    last = Stage(top, 6, 1.0, fine=fine, coarse=DEFAULT_COARSE_STEP, prune=1e-3, local=20.0) if search else \
+        Stage(top, 6, 1.0, 1000)
+    return [Stage(l1, 4, 1.0, 100), Stage(l2, 4, 1.0, 300), last]
 
 
 def validate_schedule(stages, L):

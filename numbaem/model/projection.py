@@ -186,6 +186,107 @@ def project(theta, basis, rots):
     return out
 
 
+
+
+@pjit
+def _steer(q, dir_of, alpha, lmax, out):
+    """``out[k] = Re sum_N e^{-i N alpha_k} q[dir_of[k], N + lmax]`` (MODEL section 3, in-plane phases)."""
+    n = out.shape[0]
+    P = out.shape[1]
+    for k in prange(n):
+        d = dir_of[k]
+        a = alpha[k]
+        o = out[k]
+        o[:] = 0.0
+        for N in range(-lmax, lmax + 1):
+            c = math.cos(N * a)
+            sn = math.sin(N * a)
+            qn = q[d, N + lmax]
+            for p in range(P):
+                v = qn[p]
+                o[p] += c * v.real + sn * v.imag
+
+
+def direction_images(theta, basis, beta, gamma):
+    """``q_{d,N}[p] = sum_{l,s} Phi_{l,s,N}[p] sum_m D^l_{N,m}(Ry(beta_d) Rz(gamma_d)) x[l,m,s]``.
+
+    The projection of rotation ``Rz(alpha) Ry(beta_d) Rz(gamma_d)`` is then
+    ``Re sum_N e^{-i N alpha} q_{d,N}`` (MODEL section 3: an in-plane rotation is a phase per
+    ``N``), so all in-plane angles of one viewing direction share ``q``.
+
+    Parameters
+    ----------
+    theta : ndarray, shape (M,)
+    basis : FBBasis
+    beta, gamma : ndarray, shape (D,)
+        The directions' Euler angles.
+
+    Returns
+    -------
+    q : ndarray, complex, shape (D, 2 lmax + 1, L^2)
+    """
+    from .rotations import wigner_d
+    lmax, L = basis.lmax, basis.L
+    x = basis.to_complex(np.asarray(theta, dtype=np.float64))
+    phi = phi_images(basis)                                     # (n_ls, 2 lmax + 1, L^2)
+    D = len(beta)
+    d = np.stack([wigner_d(lmax, b) for b in beta]) if D else np.zeros((0, lmax + 1, 2 * lmax + 1, 2 * lmax + 1))
+    xr = np.zeros((D, len(basis.ls_pairs), 2 * lmax + 1), np.complex128)   # x'[d, (l,s), N]
+    i = 0
+    for l in range(lmax + 1):
+        Sl = basis.S[l]
+        m = np.arange(-l, l + 1)
+        xl = x[basis.offsets[l]:basis.offsets[l + 1]].reshape(2 * l + 1, Sl)          # [m + l, s]
+        rot = np.exp(-1j * np.outer(gamma, m))[:, :, None] * xl[None]                  # (D, m, s)
+        dl = d[:, l, lmax - l:lmax + l + 1, lmax - l:lmax + l + 1]                     # (D, N, m)
+        xr[:, i:i + Sl, lmax - l:lmax + l + 1] = np.einsum("dnm,dms->dsn", dl, rot)
+        i += Sl
+    q = np.einsum("din,inp->dnp", xr, phi)
+    return q
+
+
+def project_hopf(theta, basis, level, idx=None):
+    """Projections ``A_w theta`` for rotations of the Hopf grid (:mod:`numbaem.model.hopf`), by steering.
+
+    Equal to :func:`project` at ``hopf.rotations(level, idx)`` (to round-off), at a cost
+    of ``(2 lmax + 1) L^2`` per rotation after ``(2 lmax + 1) n_ls L^2`` per viewing
+    direction, instead of building ``A_w`` (``L^2 M (2 lmax + 1)``) per rotation.
+
+    Parameters
+    ----------
+    theta : ndarray, shape (M,)
+    basis : FBBasis
+    level : int
+    idx : ndarray of int, optional
+        Tree-order indices (default: the whole level).
+
+    Returns
+    -------
+    images : ndarray, shape (n, L, L)
+    """
+    from . import hopf
+    theta = np.asarray(theta, dtype=np.float64)
+    if theta.shape != (basis.M,):
+        raise NumbaemError(f"theta has shape {theta.shape}; expected ({basis.M},) for L={basis.L}, lmax={basis.lmax}")
+    idx = np.arange(hopf.size(level)) if idx is None else np.asarray(idx, dtype=np.int64)
+    ang = hopf.euler_angles(level, idx)
+    pix, _ = hopf.tree_to_cells(level, idx)
+    upix, dir_of = np.unique(pix, return_inverse=True)
+    L = basis.L
+    out = np.empty((len(idx), L * L))
+    first = np.zeros(len(upix), np.int64)
+    first[dir_of[::-1]] = np.arange(len(idx))[::-1]        # one rotation of each direction
+    step = max(1, int(2 ** 26 // ((2 * basis.lmax + 1) * L * L * 16)))   # q in blocks of at most 64 MiB
+    for d0 in range(0, len(upix), step):
+        sl = slice(d0, min(d0 + step, len(upix)))
+        q = direction_images(theta, basis, ang[first[sl], 1], ang[first[sl], 2])
+        sel = np.nonzero((dir_of >= sl.start) & (dir_of < sl.stop))[0]
+        part = np.empty((len(sel), L * L))
+        _steer(q, dir_of[sel] - sl.start, ang[sel, 0], basis.lmax, part)
+        out[sel] = part
+    return out.reshape(-1, L, L)
+
+
 class Operator:
     """The projection operators of one stage: basis, rotation grid and (if it fits) ``A``.
 
@@ -222,4 +323,4 @@ class Operator:
         return out
 
 
-__all__ = ["Operator", "phi_images", "pixel_polar", "projection_matrices", "project"]
+__all__ = ["Operator", "direction_images", "phi_images", "pixel_polar", "projection_matrices", "project", "project_hopf"]

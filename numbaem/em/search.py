@@ -1,0 +1,1112 @@
+"""Coarse-to-fine rotation search on the hierarchical Hopf grid (MODEL sections 5-6; ``docs/theory-search.md``).
+
+The exhaustive E-step scores every patch against every rotation of one grid. Here a stage
+has a *coarse* level ``rc`` and a *fine* level ``rf >= rc`` of the Hopf grid
+(:mod:`numbaem.model.hopf`, ``72 * 8^r`` rotations at level ``r``, children of a cell
+contiguous):
+
+1. Every patch is scored against every rotation of level ``rc`` (the dense direct
+   kernels) under the prior ``(1 - upsilon) / ((2L-1)^2 K_rc)`` per state, giving the
+   posterior mass ``pi_jk`` of each rotation summed over shifts.
+2. A patch whose posterior is *concentrated* -- after dropping the rotations of least mass
+   whose total is at most ``eps = prune / (rf - rc)``, at most ``cap`` rotations are
+   left -- is *refined*: the rotations left, joined by every rotation of the level within
+   ``margin`` grid steps of them (a peak between two centres is refined from both), are
+   replaced by their 8 children at the next level, scored under that level's prior (the
+   sparse kernels: each patch against its own rotations), and step 2 repeats down to
+   ``rf``. The mass dropped is what the patch loses; it is at most ``prune``.
+3. A patch whose posterior is diffuse (an empty patch, a projection that barely
+   overlaps it) stops refining: its posteriors live on the level it reached, where they
+   were just computed in full (nothing is lost). A patch that reaches ``rf`` stops there.
+4. Each patch's posteriors, normalised over its final level's states and the empty state,
+   feed the sufficient statistics of the rotations of that level (rows keyed by level and
+   rotation: :attr:`numbaem.em.estep.SufficientStats.rotations`, see :meth:`SearchModel.rotations`).
+
+With ``prune = 0`` and no ``cap`` every patch reaches ``rf`` having evaluated every
+rotation, and the E-step equals the exhaustive one on level ``rf`` to round-off (tested).
+The masses dropped estimate the fine posterior mass lost: exact for the coarse
+posteriors, and a good estimate where the coarse level resolves the posterior (measured
+and tested in ``tests/test_search.py``). Per iteration the search reports the (patch,
+rotation) pairs scored at each level, the fraction of patches that reached ``rf``, the
+mass dropped (sum and largest per patch) and the seconds of each pass.
+
+Local search (``local > 0``): a patch with a *record* (:class:`numbaem.em.estep.Records`:
+the few rotations its posterior held at its last E-step, on whatever grid) is scored at
+level ``max(rc, rf - 2)`` only on the rotations within ``local`` degrees of its record;
+the rest follows as above. A patch without one (first seen, or diffuse last time: its
+posterior needed more than 16 rotations) takes the full level ``rc``.
+"""
+import copy
+import dataclasses
+import logging
+import math
+import time
+
+import numpy as np
+
+from ..model import hopf
+from ..model.projection import _steer, direction_images
+from ..runtime.errors import NumbaemError
+from ..runtime.jit import jit
+from . import kernels
+from .estep import (RECORD_EPS, Records, _no_timer, block_scales, choose_precision, direct_spectra, merge_reports,
+                    record_of, shift_index)
+
+logger = logging.getLogger(__name__)
+
+#: (patch, rotation) pairs one refinement pass scores at most: the patches of a chunk that
+#: refine are taken in groups of about this many (their work arrays stay bounded).
+MAX_PAIRS = 1 << 14
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpec:
+    """The rotation search of a stage (module doc).
+
+    Attributes
+    ----------
+    coarse : int
+        Hopf level every patch is scored on.
+    fine : int
+        Finest Hopf level (``> coarse``).
+    prune : float
+        Posterior mass a patch may lose, in ``[0, 1)``, over all its refinement steps.
+    cap : int
+        A patch is refined while at most this many rotations hold all but its step's
+        ``eps`` of its rotation mass (0: no cap, every patch is refined).
+    margin : float
+        Rotations within ``margin`` grid steps of a refined one are refined too.
+    local : float
+        Local search radius in degrees (0: every patch scored on all of level ``coarse``).
+    """
+
+    coarse: int
+    fine: int
+    prune: float = 1e-3
+    cap: int = 32
+    margin: float = 1.5
+    local: float = 0.0
+
+    def __post_init__(self):
+        hopf.size(self.coarse)
+        hopf.size(self.fine)
+        if self.fine <= self.coarse:
+            raise NumbaemError(f"the fine step {hopf.level_step(self.fine):g} degrees (Hopf level {self.fine}) of a "
+                               f"search must be finer than its coarse step {hopf.level_step(self.coarse):g} degrees "
+                               f"(level {self.coarse}); for one grid use the exhaustive search (rotations=K)")
+        if not 0.0 <= self.prune < 1.0:
+            raise NumbaemError(f"prune={self.prune} must lie in [0, 1): the posterior mass a patch may lose")
+        if int(self.cap) != self.cap or self.cap < 0:
+            raise NumbaemError(f"cap={self.cap} must be a whole number of rotations >= 0 (0: no cap)")
+        for name in ("margin", "local"):
+            v = getattr(self, name)
+            if not v >= 0 or not math.isfinite(v):
+                raise NumbaemError(f"{name}={v} must be a number >= 0")
+
+    @property
+    def eps(self):
+        """Mass dropped per refinement step at most."""
+        return self.prune / (self.fine - self.coarse)
+
+    @property
+    def local_level(self):
+        """The level a local search starts at: two above the fine one (or the coarse one)."""
+        return max(self.coarse, self.fine - 2)
+
+    @property
+    def levels(self):
+        return tuple(range(self.coarse, self.fine + 1))
+
+
+class SearchModel:
+    """What the coarse-to-fine E-step needs of the current volume (in place of the spectra).
+
+    Holds the coefficients, the coarse level's spectra (dense lane blocks) and, built on
+    first use in each process, per level the direction images of
+    :func:`numbaem.model.projection.direction_images` from which the projection of any
+    rotation of the level is steered (``(2 lmax + 1) L^2`` complex numbers per viewing
+    direction, ``12 * 4^r`` directions at level ``r``).
+
+    Rows of the statistics are numbered over the levels: rotation ``k`` of level ``r``
+    is row ``offset(r) + k`` (:meth:`rotations` turns rows into matrices).
+
+    Parameters
+    ----------
+    theta : ndarray, shape (M,)
+    basis : FBBasis
+    spec : SearchSpec
+    sigma2 : float, optional
+        For the precision (:func:`numbaem.em.estep.choose_precision`).
+    precision : str
+    previous : Records, optional
+        The patches' records of earlier iterations (local search).
+    record : bool
+        Write each patch's record (for a later local search).
+    filt : ndarray, shape (L^2, L^2), optional
+        A CTF group's ``Psi_g`` (MODEL section 11): every projection is ``Psi_g A_k x``
+        (:meth:`for_group` makes the model of each group, sharing the direction images).
+    """
+
+    route = "search"
+
+    def __init__(self, theta, basis, spec, sigma2=None, precision="auto", previous=None, record=False, filt=None):
+        from ..model.projection import project_hopf
+        self.theta = np.asarray(theta, dtype=np.float64)
+        self.basis = basis
+        self.spec = spec
+        self.L = basis.L
+        self.filt = None if filt is None else np.asarray(filt, dtype=np.float64)
+        self._coarse_raw = project_hopf(self.theta, basis, spec.coarse)
+        coarse = self._filtered(self._coarse_raw)
+        self.sigma2, self.precision = sigma2, precision
+        self.dtype = choose_precision(coarse, sigma2, precision)
+        self.coarse = direct_spectra(coarse, self.dtype)
+        self.previous = previous
+        self.record = bool(record)
+        self.max_pairs = MAX_PAIRS
+        self._q = {}
+
+    def _filtered(self, proj):
+        if self.filt is None:
+            return proj
+        n, L, _ = proj.shape
+        return (proj.reshape(n, L * L) @ self.filt.T).reshape(n, L, L)
+
+    def for_group(self, filt):
+        """The model of a CTF group: projections ``Psi_g A_k x`` (same coefficients, levels and
+        direction images; the coarse level's spectra made for the group, in this model's precision)."""
+        other = copy.copy(self)
+        other.filt = np.asarray(filt, dtype=np.float64)
+        other.coarse = direct_spectra(other._filtered(self._coarse_raw), self.dtype)
+        return other
+
+    @property
+    def K(self):
+        """Rows of the statistics (every rotation of every level of the search)."""
+        return sum(hopf.size(r) for r in self.spec.levels)
+
+    def offset(self, level):
+        return sum(hopf.size(r) for r in range(self.spec.coarse, level))
+
+    def rotations(self, rows):
+        """Rotation matrices (n, 3, 3) of statistics rows."""
+        return rotations_of_rows(self.spec, rows)
+
+    @property
+    def nbytes(self):
+        prev = self.previous.nbytes if self.previous is not None else 0
+        return self.coarse.nbytes + self.theta.nbytes + sum(q.nbytes for q in self._q.values()) + prev
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_q"] = {}            # rebuilt where it is used (a Dask worker), not sent
+        return d
+
+    def direction_images(self, level):
+        q = self._q.get(level)
+        if q is None:
+            n_dir = hopf.N_BASE_PIX * 4 ** level
+            rows = hopf.cells_to_tree(level, np.arange(n_dir), np.zeros(n_dir, np.int64))
+            ang = hopf.euler_angles(level, rows)
+            q = direction_images(self.theta, self.basis, ang[:, 1], ang[:, 2])
+            self._q[level] = q
+        return q
+
+    def projections(self, level, idx):
+        """Projections (n, L, L) float64 of the rotations ``idx`` of ``level``, steered."""
+        idx = np.asarray(idx, dtype=np.int64)
+        q = self.direction_images(level)
+        pix, _ = hopf.tree_to_cells(level, idx)
+        alpha = hopf.euler_angles(level, idx)[:, 0]
+        out = np.empty((len(idx), self.L * self.L))
+        _steer(q, pix, alpha, self.basis.lmax, out)
+        if self.filt is not None:
+            out = out @ self.filt.T
+        return out.reshape(-1, self.L, self.L)
+
+
+def rotations_of_rows(spec, rows):
+    """Rotation matrices of statistics rows numbered over the search's levels (:class:`SearchModel`)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), 3, 3))
+    start = 0
+    for r in spec.levels:
+        K = hopf.size(r)
+        sel = (rows >= start) & (rows < start + K)
+        if sel.any():
+            out[sel] = hopf.rotations(r, rows[sel] - start)
+        start += K
+    return out
+
+
+def direction_bytes(level, L, lmax):
+    """Bytes of one level's direction images (:meth:`SearchModel.direction_images`)."""
+    return hopf.N_BASE_PIX * 4 ** level * (2 * lmax + 1) * L * L * 16
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _csr(counts):
+    ptr = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return ptr
+
+
+def prune(ptr, mass, eps):
+    """Per patch, keep the states of largest mass, dropping a tail of total mass at most ``eps``.
+
+    Parameters
+    ----------
+    ptr : ndarray, shape (n + 1,)
+        Patch ``j``'s states are ``ptr[j]:ptr[j+1]`` of ``mass``.
+    mass : ndarray
+        Posterior masses.
+    eps : float
+
+    Returns
+    -------
+    keep : ndarray of bool, like ``mass``
+    dropped : ndarray, shape (n,)
+        The mass dropped per patch (at most ``eps``).
+    """
+    n = len(ptr) - 1
+    if eps <= 0 or len(mass) == 0:
+        return np.ones(len(mass), bool), np.zeros(n)
+    seg = np.repeat(np.arange(n), np.diff(ptr))
+    order = np.lexsort((mass, seg))                       # per patch, ascending mass
+    m = mass[order]
+    cs = np.cumsum(m)
+    start = ptr[:-1]
+    before = np.where(start > 0, cs[np.maximum(start - 1, 0)], 0.0)
+    within = cs - before[seg]                             # ascending cumulative mass within the patch
+    drop_sorted = within <= eps
+    keep = np.ones(len(mass), bool)
+    keep[order] = ~drop_sorted
+    dropped = np.bincount(seg, weights=np.where(drop_sorted, m, 0.0), minlength=n)
+    return keep, dropped
+
+
+def expand(level, lists, margin):
+    """Each patch's rotations joined by their neighbours within ``margin`` steps of ``level`` (sorted)."""
+    if margin <= 0:
+        return lists
+    ptr, nbr = hopf.neighbour_table(level, round(margin * hopf.level_step(level), 9))
+    out = []
+    for c in lists:
+        if len(c) == 0:
+            out.append(c)
+        else:
+            out.append(np.unique(np.concatenate([nbr[ptr[k]:ptr[k + 1]] for k in c])))
+    return out
+
+
+def cells_near(level, quats, radius_deg):
+    """Rotations of ``level`` within ``radius_deg`` of any of the unit quaternions ``quats`` (m, 4),
+    and the nearest one to each (so never none), sorted."""
+    if len(quats) == 0:
+        return np.zeros(0, np.int64)
+    tree = hopf._kdtree(level)
+    q = np.asarray(quats, np.float64)
+    both = np.concatenate([q, -q])
+    chord = 2.0 * math.sin(math.radians(radius_deg) / 4.0)
+    hits = tree.query_ball_point(both, chord)
+    d, nearest = tree.query(both)
+    m = len(q)
+    nearest = np.where(d[:m] <= d[m:], nearest[:m], nearest[m:])
+    return np.unique(np.concatenate([np.asarray(h, np.int64) for h in hits] + [nearest.astype(np.int64)]))
+
+
+def _tasks(ptr, max_block):
+    """Split each patch's lanes into tasks of at most ``max_block``: (patch, start, length) arrays."""
+    counts = np.diff(ptr)
+    per = -(-counts // max_block)
+    t_patch = np.repeat(np.arange(len(counts), dtype=np.int64), per)
+    first = _csr(per)
+    k = np.arange(len(t_patch)) - first[t_patch]
+    t_start = ptr[t_patch] + k * max_block
+    t_len = np.minimum(max_block, ptr[t_patch + 1] - t_start)
+    return t_patch, t_start.astype(np.int64), t_len.astype(np.int64)
+
+
+def _patch_matrix(t_patch, values, n, fill):
+    """(n, tasks per patch) matrix of per-task ``values`` (``fill`` elsewhere), and each task's column."""
+    counts = np.bincount(t_patch, minlength=n)
+    width = max(1, int(counts.max()) if len(counts) else 1)
+    col = np.arange(len(t_patch)) - _csr(counts)[t_patch]
+    out = np.full((n, width), fill)
+    out[t_patch, col] = values
+    return out, col
+
+
+def _report_add(rep, key, value):
+    if key.startswith("max_"):
+        rep[key] = max(rep.get(key, value), value)
+    else:
+        rep[key] = rep.get(key, 0) + value
+
+
+class SearchAccumulator:
+    """Sums over patches of a search, by level and rotation (float64), until they become statistics.
+
+    Per level ``r``: ``W[r]`` (K_r, S, S) at the linear shifts and ``g[r]`` (K_r, L, L),
+    allocated zero (pages of rotations no patch reaches are never written) and counted
+    whole by the memory plan; the dense coarse pass adds into lane-block arrays
+    (:class:`numbaem.em.estep.DirectAccumulator` layout) folded in at the end.
+    """
+
+    def __init__(self, model):
+        L = model.L
+        S = 2 * L - 1
+        self.model, self.L = model, L
+        self.W = {r: np.zeros((hopf.size(r), S, S)) for r in model.spec.levels}
+        self.g = {r: np.zeros((hopf.size(r), L, L)) for r in model.spec.levels}
+        self.touched = {r: np.zeros(hopf.size(r), bool) for r in model.spec.levels}
+        B, _, _, KB = model.coarse.P.shape
+        self.Wd = np.zeros((B, S, S, KB))
+        self.gd = np.zeros((B, L, L, KB))
+        self.n_patches = 0
+        self.sum_empty = 0.0
+        self.sum_yy = 0.0
+        self.loglik = 0.0
+        self.report = {}
+
+    def to_stats(self):
+        """:class:`SearchStats` of the rows some patch reached (copies of those rows only)."""
+        model, L = self.model, self.L
+        S = 2 * L - 1
+        rc = model.spec.coarse
+        Kc = hopf.size(rc)
+        Wd = self.Wd.transpose(0, 3, 1, 2).reshape(-1, S, S)[:Kc]
+        gd = self.gd.transpose(0, 3, 1, 2).reshape(-1, L, L)[:Kc]
+        self.W[rc] += Wd
+        self.g[rc] += gd
+        self.touched[rc] |= np.any(Wd.reshape(Kc, -1) != 0, axis=1)
+        self.Wd[:] = 0.0
+        self.gd[:] = 0.0
+        rows, Ws, gs = [], [], []
+        for r in model.spec.levels:
+            t = np.nonzero(self.touched[r])[0]
+            rows.append(model.offset(r) + t)
+            Ws.append(self.W[r][t])
+            gs.append(self.g[r][t])
+        return SearchStats(np.concatenate(Ws), np.concatenate(gs), np.concatenate(rows), self.n_patches,
+                           self.sum_empty, self.sum_yy, self.loglik, search=dict(self.report))
+
+
+@dataclasses.dataclass
+class SearchStats:
+    """Sufficient statistics of a search (MODEL section 6) on the rows some patch reached.
+
+    The layout of the direct route (:mod:`numbaem.em.kernels`): ``W`` at the linear
+    shifts, and the data images ``g`` themselves (no transform is needed to reach them).
+
+    Attributes
+    ----------
+    W : ndarray, shape (R, S, S)
+        ``sum_j w_jks`` at the linear shifts ``s = i - (L-1)`` (``S = 2L - 1``).
+    g : ndarray, shape (R, L, L)
+        ``g_k = sum_j sum_s w_jks (C T_s Z)^T y_j``.
+    rotations : ndarray of int, shape (R,)
+        The rows' numbers over the search's levels (:meth:`SearchModel.rotations`), sorted.
+    n_patches, sum_empty, sum_yy, loglik :
+        As in :class:`numbaem.em.estep.SufficientStats`.
+    search : dict
+        The report (additive; ``max_`` keys take the maximum).
+    records : Records, optional
+    """
+
+    W: np.ndarray
+    g: np.ndarray
+    rotations: np.ndarray
+    n_patches: int = 0
+    sum_empty: float = 0.0
+    sum_yy: float = 0.0
+    loglik: float = 0.0
+    search: dict = None
+    records: Records = None
+
+    def add(self, other):
+        """In-place sum, merged by row (the result's rows sorted)."""
+        rot = np.union1d(self.rotations, other.rotations)
+        W = np.zeros((len(rot),) + self.W.shape[1:])
+        g = np.zeros((len(rot),) + self.g.shape[1:])
+        for part in (self, other):
+            pos = np.searchsorted(rot, part.rotations)
+            W[pos] += part.W
+            g[pos] += part.g
+        self.W, self.g, self.rotations = W, g, rot
+        self.n_patches += other.n_patches
+        self.sum_empty += other.sum_empty
+        self.sum_yy += other.sum_yy
+        self.loglik += other.loglik
+        self.search = merge_reports(self.search, other.search)
+        if other.records is not None:
+            self.records = (self.records or Records()).update(other.records)
+        return self
+
+    @property
+    def nbytes(self):
+        return self.W.nbytes + self.g.nbytes + self.rotations.nbytes
+
+    def to_arrays(self):
+        out = dict(W=self.W, g=self.g, rotations=self.rotations, n_patches=self.n_patches,
+                   sum_empty=self.sum_empty, sum_yy=self.sum_yy, loglik=self.loglik, search=dict(self.search or {}))
+        if self.records is not None:
+            out["records_ids"], out["records_ptr"], out["records_quats"] = self.records.to_arrays()
+        return out
+
+    @classmethod
+    def from_arrays(cls, d):
+        d = dict(d)
+        rec = None
+        if "records_ids" in d:
+            rec = Records.from_arrays(d.pop("records_ids"), d.pop("records_ptr"), d.pop("records_quats"))
+        return cls(**d, records=rec)
+
+
+@jit
+def _box_sums(W, h):
+    """``h[q] = sum_s W[s] [q + s in the box]`` for each row (MODEL section 6's ``h_k = sum_l W_k[l] m_l``).
+
+    W : (R, S, S) at the linear shifts; h : (R, L, L). Pixel ``q`` of a projection shifted
+    by ``s`` lands on ``q + s``, inside iff ``-q <= s <= L - 1 - q``: a rectangle of
+    shifts, summed from a table of prefix sums.
+    """
+    R, S, _ = W.shape
+    L = h.shape[1]
+    cs = np.zeros((S + 1, S + 1))
+    for r in range(R):
+        for i in range(S):
+            for k in range(S):
+                cs[i + 1, k + 1] = cs[i, k + 1] + cs[i + 1, k] - cs[i, k] + W[r, i, k]
+        for q1 in range(L):
+            lo1 = L - 1 - q1            # s1 = -q1  -> index L - 1 - q1
+            hi1 = lo1 + L               # s1 = L - 1 - q1 -> index 2L - 2 - q1, exclusive end + 1
+            for q2 in range(L):
+                lo2 = L - 1 - q2
+                hi2 = lo2 + L
+                h[r, q1, q2] = cs[hi1, hi2] - cs[lo1, hi2] - cs[hi1, lo2] + cs[lo1, lo2]
+
+
+def box_sums(W, L):
+    """``h`` (R, L, L) of :func:`_box_sums` (clipped at 0: a sum of non-negative weights)."""
+    h = np.empty((len(W), L, L))
+    if len(W):
+        _box_sums(np.ascontiguousarray(W), h)
+    return np.maximum(h, 0.0)
+
+
+#: The M-step leaves out the rows of least weight whose weights sum to at most this
+#: fraction of the total: their share of ``H`` and ``b`` is below round-off.
+NEGLIGIBLE_ROW_WEIGHT = 1e-13
+
+
+def significant_rows(stats, tol=NEGLIGIBLE_ROW_WEIGHT):
+    """Positions of the rows that carry all but ``tol`` of the statistics' total weight ``sum W``.
+
+    A row's part of ``H`` is ``A_k^T diag(h_k) A_k`` with ``h_k <= sum_s W_k[s]``, so
+    leaving out rows of total weight ``tol sum_k sum_s W_k[s]`` changes ``H`` (and ``b``
+    likewise) by at most ``tol`` relative (with ``||A_k||`` bounded): round-off. At high
+    SNR most rows a search reaches hold exponentially small posteriors.
+    """
+    w = stats.W.reshape(len(stats.W), -1).sum(axis=1)
+    total = w.sum()
+    if not total > 0:
+        return np.zeros(0, np.int64)
+    order = np.argsort(w, kind="stable")
+    drop = np.cumsum(w[order]) <= tol * total
+    return np.sort(order[~drop])
+
+
+def search_normal_equations(stats, spec, basis, max_block_bytes=16 << 20, filters=None):
+    """``H`` and ``b`` of MODEL section 6 from a search's statistics.
+
+    ``H = sum_k A_k^T diag(h_k) A_k`` and ``b = sum_k A_k^T g_k`` over the rows that carry
+    weight (:func:`significant_rows`), with ``A_k`` built for blocks of rows (at most
+    ``max_block_bytes`` of ``A``; never all rows at once) and ``h_k`` by :func:`box_sums`.
+    Rows are left out up to a total weight of ``1e-3 prune`` of the whole (the search
+    already lets each patch lose up to ``prune``; without pruning, only round-off:
+    :data:`NEGLIGIBLE_ROW_WEIGHT`).
+
+    With CTF groups (:class:`GroupSearchStats` and ``filters`` ``Psi_g``, MODEL section 11)
+    ``A_k`` becomes ``Psi_g A_k`` in each group's sums: ``H = sum_g sum_k (Psi_g A_k)^T
+    diag(h_gk) (Psi_g A_k)``, ``b = sum_g sum_k (Psi_g A_k)^T g_gk``.
+    """
+    M = basis.M
+    if isinstance(stats, GroupSearchStats):
+        if filters is None or len(filters) != len(stats.parts):
+            raise NumbaemError(f"statistics of {len(stats.parts)} CTF groups need one filter per group")
+        H = np.zeros((M, M))
+        b = np.zeros(M)
+        for part, filt in zip(stats.parts, filters):
+            if part is not None:
+                Hg, bg = _search_normal_equations(part, spec, basis, max_block_bytes, filt)
+                H += Hg
+                b += bg
+        return H, b
+    return _search_normal_equations(stats, spec, basis, max_block_bytes, None)
+
+
+def _search_normal_equations(stats, spec, basis, max_block_bytes, filt):
+    from ..model.projection import projection_matrices
+    L, M = basis.L, basis.M
+    H = np.zeros((M, M))
+    b = np.zeros(M)
+    keep = significant_rows(stats, max(NEGLIGIBLE_ROW_WEIGHT, 1e-3 * spec.prune))
+    step = max(1, int(max_block_bytes // (L * L * M * 8)))
+    for i in range(0, len(keep), step):
+        pos = keep[i:i + step]
+        A = projection_matrices(basis, rotations_of_rows(spec, stats.rotations[pos]))
+        if filt is not None:
+            A = np.matmul(filt, A)                      # Psi_g A_k, block by block
+        h = np.sqrt(box_sums(stats.W[pos], L)).reshape(len(pos), L * L)
+        B = (h[:, :, None] * A).reshape(-1, M)
+        H += B.T @ B
+        del B
+        b += A.reshape(-1, M).T @ stats.g[pos].reshape(-1)
+    return H, b
+
+
+# --------------------------------------------------------------------------- the passes
+
+class _Pass:
+    """The scores of one pass over some (patch, rotation) pairs of one level, kept until the
+    patches' normalisers are known.
+
+    ``bm`` holds each block's largest log-probability (log prior included), ``lsum`` each
+    pair's sum of ``exp(logp - bm)`` over the shifts, ``keep`` whether the pair's states
+    count in the patch's posterior (a refined rotation is replaced by its children, a
+    dropped one is lost), ``mass`` each pair's posterior mass among this pass's states.
+    Dense (every rotation of the level, lane-block layout ``(n_g, B, KB)``, patches
+    ``rows`` of the chunk) or sparse (tasks of a patch's own rotations, pair-major).
+    """
+
+    def __init__(self, level, dense, **kw):
+        self.level, self.dense = level, dense
+        self.__dict__.update(kw)
+
+    def terms(self):
+        """``(patch, bm, kept sum)`` per block: what the patches' normalisers add up."""
+        if self.dense:
+            kept = (self.lsum * self.keep).sum(axis=2)
+            return np.repeat(self.rows, self.bm.shape[1]), self.bm.ravel(), kept.ravel()
+        kept = np.bincount(self.pair_task, weights=self.lsum * self.keep, minlength=len(self.t_patch))
+        return self.t_patch, self.bm, kept
+
+    def pair_ranges(self, j):
+        """``(rotations, masses, index of the pairs)`` of chunk patch ``j`` in this pass."""
+        if self.dense:
+            i = self.pos[j]
+            K = self.K
+            return np.arange(K, dtype=np.int64), self.mass[i], (i, slice(0, K))
+        a, b = self.ptr[j], self.ptr[j + 1]
+        return self.rot[a:b], self.mass[a:b], slice(a, b)
+
+    def set_keep(self, j, keep):
+        _, _, where = self.pair_ranges(j)
+        if self.dense:
+            i, sl = where
+            flat = self.keep[i].reshape(-1)
+            flat[sl] = keep
+        else:
+            self.keep[where] = keep
+
+
+def _dense_pass(Y, model, rows, c2, inv, log_prior, log_u, timer):
+    """Every rotation of the coarse level against the chunk's patches ``rows`` (exponentials kept)."""
+    cs = model.coarse
+    B, KB = cs.P.shape[0], cs.KB
+    L = Y.shape[1]
+    S = 2 * L - 1
+    Yg = np.ascontiguousarray(Y[rows])
+    C = np.empty((len(rows), B, S, S, KB), model.dtype)
+    bmax = np.empty((len(rows), B))
+    lsum = np.empty((len(rows), B, KB))
+    with timer("coarse"):
+        kernels.dense_scores(Yg, cs.P, cs.E, len(rows), c2, inv, True, C, bmax, lsum)
+    bm = bmax + log_prior
+    f, _, _ = block_scales(bm, lsum.sum(axis=2), log_u)
+    mass = (f[:, :, None] * lsum).reshape(len(rows), B * KB)[:, :cs.K]
+    pos = {int(j): i for i, j in enumerate(rows)}
+    return _Pass(model.spec.coarse, True, rows=np.asarray(rows), pos=pos, Y=Yg, C=C, bm=bm, lsum=lsum,
+                 keep=np.ones(lsum.shape, bool), mass=mass, K=cs.K)
+
+
+def _sparse_pass(Y, model, level, ptr, rot, c2, inv, log_prior, log_u, timer):
+    """Each patch against its rotations ``rot[ptr[j]:ptr[j+1]]`` of ``level`` (exponentials kept)."""
+    n, L, _ = Y.shape
+    S = 2 * L - 1
+    U, lanes = np.unique(rot, return_inverse=True)
+    lanes = lanes.astype(np.int64).ravel()
+    PU64 = model.projections(level, U) if len(U) else np.zeros((0, L, L))
+    EU = np.empty((len(U), S, S), model.dtype)
+    if len(U):
+        kernels.box_energies(PU64, EU)
+    PU = np.ascontiguousarray(PU64, dtype=model.dtype)
+    t_patch, t_start, t_len = _tasks(ptr, kernels.MAX_BLOCK)
+    T = len(t_patch)
+    t_off = np.zeros(T, np.int64)
+    if T:
+        t_off[1:] = np.cumsum(t_len[:-1] * S * S)
+    buf = np.empty(max(1, int(len(rot)) * S * S), model.dtype)
+    bmax = np.empty(T)
+    lsum = np.empty(len(rot))
+    with timer(f"level_{level}"):
+        if T:
+            kernels.sparse_scores(Y, PU, EU, lanes, t_patch, t_start, t_len, t_off, c2, inv, buf, bmax, lsum)
+    bm = bmax + log_prior
+    pair_task = np.repeat(np.arange(T), t_len)
+    tsum = np.bincount(pair_task, weights=lsum, minlength=T) if T else np.zeros(0)
+    bmm, col = _patch_matrix(t_patch, bm, n, -np.inf)
+    bs, _ = _patch_matrix(t_patch, tsum, n, 0.0)
+    f, _, _ = block_scales(bmm, bs, log_u)
+    mass = f[t_patch, col][pair_task] * lsum if T else np.zeros(0)
+    return _Pass(level, False, ptr=ptr, rot=rot, U=U, lanes=lanes, t_patch=t_patch, t_start=t_start, t_len=t_len,
+                 t_off=t_off, buf=buf, bm=bm, lsum=lsum, keep=np.ones(len(rot), bool), mass=mass,
+                 pair_task=pair_task)
+
+
+def _normalisers(passes, patches, n, log_u):
+    """Per chunk patch: ``(mx, Z)`` over the kept states of ``passes`` and the empty state (for ``patches``)."""
+    P, BM, KS = [], [], []
+    for ps in passes:
+        p, bm, ks = ps.terms()
+        P.append(p)
+        BM.append(bm)
+        KS.append(ks)
+    p, bm, ks = np.concatenate(P), np.concatenate(BM), np.concatenate(KS)
+    sel = np.isin(p, patches) & (ks > 0)
+    p, bm, ks = p[sel], bm[sel], ks[sel]
+    mx = np.full(n, log_u)
+    np.maximum.at(mx, p, bm)
+    Z = np.exp(log_u - mx)
+    rel = bm - mx[p]
+    np.add.at(Z, p, np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0) * ks)
+    return mx, Z
+
+
+def _accumulate_pass(ps, Y, mx, Z, patches, acc):
+    """A pass's kept states of the chunk patches ``patches`` into ``acc``, scaled by their posteriors."""
+    sel = np.zeros(len(mx), bool)
+    sel[patches] = True
+    if ps.dense:
+        use = sel[ps.rows]
+        rel = ps.bm - mx[ps.rows][:, None]
+        f = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0)
+        f = f / Z[ps.rows][:, None]
+        fl = np.where(use[:, None, None] & ps.keep, f[:, :, None], 0.0)
+        if np.any(fl > 0):
+            kernels.dense_accumulate(ps.Y, ps.C, np.ascontiguousarray(fl), len(ps.rows), acc.Wd, acc.gd)
+        return
+    if not len(ps.rot):
+        return
+    tp = ps.t_patch
+    rel = ps.bm - mx[tp]
+    ft = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0) / Z[tp]
+    fp = np.where(sel[tp][ps.pair_task] & ps.keep, ft[ps.pair_task], 0.0)
+    if not np.any(fp > 0):
+        return
+    L = acc.L
+    gbuf = np.empty((len(ps.rot), L, L), ps.buf.dtype)
+    kernels.sparse_back(Y, tp, ps.t_start, ps.t_len, ps.t_off, fp, ps.buf, gbuf)
+    pair_lane = (np.arange(len(ps.rot)) - ps.t_start[ps.pair_task]).astype(np.int64)
+    order = np.argsort(ps.lanes, kind="stable").astype(np.int64)       # by rotation, patch order within
+    r_ptr = np.searchsorted(ps.lanes[order], np.arange(len(ps.U) + 1)).astype(np.int64)
+    kernels.sparse_accumulate(r_ptr, order, ps.U.astype(np.int64), ps.pair_task, pair_lane, ps.t_off, ps.t_len, fp,
+                              ps.buf, gbuf, acc.W[ps.level], acc.g[ps.level])
+    acc.touched[ps.level][ps.U[np.unique(ps.lanes[fp > 0])]] = True
+
+
+
+
+def _decide(ps, j, spec, cap, last, coarse_mass, partial):
+    """Which rotations patch ``j`` refines from pass ``ps`` (returned); its other states stay here.
+
+    Below the fine level, with ``eps`` the step's share of ``prune``:
+
+    - *concentrated* -- dropping the tail of least mass (at most ``eps``) leaves at most
+      ``cap`` rotations: those and every rotation within the margin are refined (their
+      states here are replaced by their children); the tail stays here, at this level's
+      resolution (``coarse_mass[j]`` adds its mass: what the search leaves unrefined, at
+      most ``eps`` per step);
+    - *partly concentrated* -- at most ``cap`` rotations hold ``REFINE_SHARE`` of the mass
+      (a projection's rotation with a diffuse share from shifts that leave little of it
+      in the patch): those and their margin are refined, the rest stays here
+      (``partial[j]`` is set);
+    - *diffuse*: nothing is refined.
+
+    No state is ever dropped: a rotation not refined keeps its state at its level (it is
+    computed already), so the posterior is a quadrature on an adaptive grid.
+    """
+    rot, mass, _ = ps.pair_ranges(j)
+    if last or len(rot) == 0:
+        return np.zeros(0, np.int64)
+    tot = mass.sum()
+    if not tot > 0:
+        return np.zeros(0, np.int64)
+    keep, _ = prune(np.array([0, len(mass)]), mass, spec.eps)
+    rest = np.nonzero(keep)[0]
+    if cap is None or len(rest) <= cap:
+        top = rot[rest]
+        part = False
+    else:
+        order = np.argsort(-mass, kind="stable")
+        need = int(np.searchsorted(np.cumsum(mass[order]), REFINE_SHARE * tot, side="left")) + 1
+        if need > cap:
+            return np.zeros(0, np.int64)
+        top = rot[np.sort(order[:need])]
+        part = True
+    refine = expand(ps.level, [np.sort(top)], spec.margin)[0]
+    refined = np.isin(rot, refine)
+    ps.set_keep(j, ~refined)
+    left = mass[~refined].sum()
+    if part:
+        partial[j] = True
+    else:
+        coarse_mass[j] += left
+    return refine
+
+
+#: A partly concentrated patch refines the fewest rotations holding this share of its
+#: rotation mass (and their margin); the rest of its states stay where they are.
+REFINE_SHARE = 0.9
+
+
+def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=None, keep_posteriors=False,
+                 records=None):
+    """The coarse-to-fine E-step on one chunk of patches (module doc); adds into ``acc``.
+
+    Parameters
+    ----------
+    patches : ndarray, shape (n, L, L)
+    model : SearchModel
+    upsilon, sigma2 : float
+    acc : SearchAccumulator
+    patch_ids : ndarray of int, optional
+        Global patch numbers: the keys of the records read (local search) and written.
+    timer : callable(name) -> context manager, optional
+        Wraps ``coarse`` (the dense pass), ``level_<r>`` (each sparse pass) and ``accumulate``.
+    keep_posteriors : bool
+        Also return each patch's posteriors (a dict: patch position -> list of
+        ``(level, rotations (m,), posteriors (m, 2L, 2L))`` in MODEL's layout), the
+        empty-state posteriors and each patch's finest level (tests).
+    records : Records, optional
+        Receives each patch's record (needs ``patch_ids``).
+
+    Returns
+    -------
+    loglik : ndarray, shape (n,)
+        Each patch's log-likelihood over the states its posterior counts.
+    """
+    timer = timer or _no_timer
+    spec = model.spec
+    n, L, _ = patches.shape
+    if L != model.L:
+        raise NumbaemError(f"patches are {L}x{L} but the model is for {model.L}x{model.L}; use one patch size")
+    if not 0.0 < upsilon < 1.0:
+        raise NumbaemError(f"upsilon={upsilon} must lie strictly between 0 and 1")
+    if not sigma2 > 0:
+        raise NumbaemError(f"sigma2={sigma2} must be positive; give the noise variance of the micrograph pixels")
+    dt = model.dtype.type
+    Y = np.ascontiguousarray(patches, dtype=model.dtype)
+    inv2s2 = 1.0 / (2.0 * sigma2)
+    c2, inv = dt(2.0 * inv2s2), dt(inv2s2)
+    log_u = math.log(upsilon)
+    rep = acc.report
+    rc, rf = spec.coarse, spec.fine
+    cap = spec.cap if spec.cap > 0 else None
+
+    def log_state_prior(level):
+        return math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * hopf.size(level))
+
+    dropped = np.zeros(n)          # mass a concentrated patch leaves unrefined (at most prune)
+    partial = np.zeros(n, bool)    # patches refined in part only
+    finest = np.full(n, -1)
+    mx = np.zeros(n)
+    Z = np.ones(n)
+    kept_posts = {}
+    kept_mass = {}
+
+    # ---- the start: every rotation of rc (dense), or near the patch's record at rl (local search)
+    prev = model.previous
+    local = np.zeros(n, bool)
+    if spec.local > 0 and prev is not None and patch_ids is not None:
+        local = np.array([prev.has(p) for p in patch_ids], bool)
+    starts = []
+    t0 = time.perf_counter()
+    glob = np.nonzero(~local)[0]
+    if len(glob):
+        starts.append(_dense_pass(Y, model, glob, c2, inv, log_state_prior(rc), log_u, timer))
+        _report_add(rep, f"pairs_level_{rc}", len(glob) * hopf.size(rc))
+    loc = np.nonzero(local)[0]
+    rl = spec.local_level
+    if len(loc):
+        sub = [cells_near(rl, prev.quats[int(patch_ids[j])], spec.local) if local[j] else np.zeros(0, np.int64)
+               for j in range(n)]
+        ptr = _csr([len(c) for c in sub])
+        starts.append(_sparse_pass(Y, model, rl, ptr, np.concatenate(sub), c2, inv, log_state_prior(rl), log_u,
+                                   timer))
+        _report_add(rep, f"pairs_level_{rl}", int(ptr[-1]))
+        _report_add(rep, "patches_local", int(len(loc)))
+    _report_add(rep, f"seconds_level_{rc}", time.perf_counter() - t0)
+
+    # ---- decisions at the start; the refining patches go on in groups (bounded work arrays)
+    nxt = {}
+    for ps in starts:
+        members = ps.rows if ps.dense else loc
+        for j in members:
+            finest[j] = ps.level
+            r = _decide(ps, j, spec, cap, ps.level == rf, dropped, partial)
+            if len(r):
+                nxt[j] = (ps.level, r)
+    todo = np.array(sorted(nxt), np.int64)
+    cost = np.array([8 * len(nxt[j][1]) for j in todo], np.int64)
+    start = 0
+    while start < len(todo):
+        stop_at = start + max(1, int(np.searchsorted(np.cumsum(cost[start:]), model.max_pairs, side="right")))
+        group = todo[start:stop_at]
+        passes = _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dropped, partial, finest,
+                         rep, timer)
+        gmx, gZ = _normalisers(starts + passes, group, n, log_u)
+        mx[group], Z[group] = gmx[group], gZ[group]
+        t0 = time.perf_counter()
+        with timer("accumulate"):
+            for ps in passes:
+                _accumulate_pass(ps, Y, mx, Z, group, acc)
+        _report_add(rep, "seconds_accumulate", time.perf_counter() - t0)
+        if keep_posteriors:
+            _collect(passes, group, mx, Z, kept_posts, L)
+        if records is not None:
+            _final_masses(passes, group, mx, Z, kept_mass)
+        start = stop_at
+    others = np.setdiff1d(np.arange(n), todo)
+    if len(others):
+        omx, oZ = _normalisers(starts, others, n, log_u)
+        mx[others], Z[others] = omx[others], oZ[others]
+    t0 = time.perf_counter()
+    with timer("accumulate"):
+        for ps in starts:
+            _accumulate_pass(ps, Y, mx, Z, np.arange(n), acc)
+    _report_add(rep, "seconds_accumulate", time.perf_counter() - t0)
+    if keep_posteriors:
+        _collect(starts, np.arange(n), mx, Z, kept_posts, L)
+    if records is not None:
+        _final_masses(starts, np.arange(n), mx, Z, kept_mass)
+    del starts
+
+    lse = mx + np.log(Z)
+    w_empty = np.exp(log_u - mx) / Z
+    yy = np.einsum("jab,jab->j", patches, patches)
+    loglik = lse - yy / (2.0 * sigma2) - 0.5 * L * L * math.log(2.0 * math.pi * sigma2)
+    acc.n_patches += n
+    acc.sum_empty += float(w_empty.sum())
+    acc.sum_yy += float(yy.sum())
+    acc.loglik += float(loglik.sum())
+    _report_add(rep, "patches", n)
+    _report_add(rep, "mass_pruned", float(dropped.sum()))
+    _report_add(rep, "max_mass_pruned", float(dropped.max()) if n else 0.0)
+    _report_add(rep, "patches_partly_refined", int(partial.sum()))
+    for r in spec.levels:
+        _report_add(rep, f"patches_final_level_{r}", int(np.sum(finest == r)))
+    if records is not None and patch_ids is not None:
+        from ..model.rotations import matrices_to_quaternions
+        for j in range(n):
+            parts = kept_mass.get(j, [])
+            mass = np.concatenate([m for _, _, m in parts]) if parts else np.zeros(0)
+            lev = np.concatenate([np.full(len(r), lv) for lv, r, _ in parts]) if parts else np.zeros(0, int)
+            rot = np.concatenate([r for _, r, _ in parts]) if parts else np.zeros(0, np.int64)
+            records.quats[int(patch_ids[j])] = record_of(
+                mass, lambda pos, lev=lev, rot=rot: matrices_to_quaternions(
+                    np.stack([hopf.rotations(int(lev[k]), rot[k:k + 1])[0] for k in pos])), RECORD_EPS)
+    if keep_posteriors:
+        return loglik, kept_posts, w_empty, finest
+    return loglik
+
+
+def _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dropped, partial, finest, rep, timer):
+    """Refine the patches ``group`` (positions in the chunk) level by level; returns their passes."""
+    n = len(Y)
+    passes = []
+    cur = {j: nxt[j] for j in group}
+    while cur:
+        level = min(lv for lv, _ in cur.values()) + 1
+        now = {j: c for j, (lv, c) in cur.items() if lv + 1 == level}
+        lists = [hopf.children(now[j]).ravel() if j in now else np.zeros(0, np.int64) for j in range(n)]
+        ptr = _csr([len(c) for c in lists])
+        t0 = time.perf_counter()
+        ps = _sparse_pass(Y, model, level, ptr, np.concatenate(lists), c2, inv, log_state_prior(level), log_u, timer)
+        _report_add(rep, f"pairs_level_{level}", int(ptr[-1]))
+        _report_add(rep, f"seconds_level_{level}", time.perf_counter() - t0)
+        passes.append(ps)
+        for j in now:
+            finest[j] = level
+            r = _decide(ps, j, spec, cap, level == spec.fine, dropped, partial)
+            if len(r):
+                cur[j] = (level, r)
+            else:
+                del cur[j]
+    return passes
+
+
+def _final_masses(passes, patches, mx, Z, out):
+    """Each patch's posterior mass per kept rotation, ``out[j] = [(level, rotations, masses), ...]``."""
+    want = set(int(j) for j in patches)
+    for ps in passes:
+        if ps.dense:
+            for i, j in enumerate(ps.rows):
+                if int(j) not in want:
+                    continue
+                rel = ps.bm[i] - mx[j]
+                f = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0) / Z[j]
+                m = (f[:, None] * ps.lsum[i] * ps.keep[i]).reshape(-1)[:ps.K]
+                rot = np.nonzero(m > 0)[0]
+                out.setdefault(int(j), []).append((ps.level, rot, m[rot]))
+            continue
+        rel = ps.bm - mx[ps.t_patch]
+        ft = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0) / Z[ps.t_patch]
+        m = ft[ps.pair_task] * ps.lsum * ps.keep
+        for j in want:
+            a, b = ps.ptr[j], ps.ptr[j + 1]
+            if b > a:
+                sel = np.nonzero(m[a:b] > 0)[0]
+                out.setdefault(j, []).append((ps.level, ps.rot[a:b][sel], m[a:b][sel]))
+
+
+def _collect(passes, patches, mx, Z, out, L):
+    """The kept posteriors of ``patches`` in ``passes`` (MODEL's layout), into ``out[j]``."""
+    S = 2 * L - 1
+    idx = shift_index(L)
+    want = set(int(j) for j in patches)
+    for ps in passes:
+        if ps.dense:
+            for i, j in enumerate(ps.rows):
+                if int(j) not in want:
+                    continue
+                f = np.exp(np.maximum(ps.bm[i] - mx[j], kernels.LOG_NEGLIGIBLE)) / Z[j]
+                f = np.where(ps.bm[i] - mx[j] > kernels.LOG_NEGLIGIBLE, f, 0.0)
+                lanes = (ps.C[i] * f[:, None, None, None]).transpose(0, 3, 1, 2).reshape(-1, S, S)[:ps.K]
+                keep = ps.keep[i].reshape(-1)[:ps.K]
+                rot = np.nonzero(keep)[0]
+                if not len(rot):
+                    continue
+                w = np.zeros((len(rot), 2 * L, 2 * L))
+                w[:, idx[:, None], idx[None, :]] = lanes[rot]
+                out.setdefault(int(j), []).append((ps.level, rot, w))
+            continue
+        for i in range(len(ps.t_patch)):
+            j = int(ps.t_patch[i])
+            if j not in want:
+                continue
+            p0, nb, off = ps.t_start[i], ps.t_len[i], ps.t_off[i]
+            rel = ps.bm[i] - mx[j]
+            f = math.exp(max(rel, kernels.LOG_NEGLIGIBLE)) / Z[j] if rel > kernels.LOG_NEGLIGIBLE else 0.0
+            blk = ps.buf[off:off + S * S * nb].reshape(S, S, nb).transpose(2, 0, 1) * f
+            keep = ps.keep[p0:p0 + nb]
+            if not keep.any():
+                continue
+            w = np.zeros((int(keep.sum()), 2 * L, 2 * L))
+            w[:, idx[:, None], idx[None, :]] = blk[keep]
+            out.setdefault(j, []).append((ps.level, ps.rot[p0:p0 + nb][keep], w))
+
+
+# --------------------------------------------------------------------------- a stream of chunks
+
+def search_stats(source, idx, model, upsilon, sigma2, n_chunk, progress=None, timer=None):
+    """Coarse-to-fine E-step over the patches ``idx`` of ``source``, chunk by chunk.
+
+    With CTF groups (``source.filter_matrices()``, MODEL section 11) the patches of each
+    group are searched against that group's filtered projections (:meth:`SearchModel.for_group`)
+    and the result is a :class:`GroupSearchStats`.
+
+    Returns
+    -------
+    SearchStats or GroupSearchStats
+        On the rows reached (``rotations``, numbered over the levels:
+        :meth:`SearchModel.rotations`), with the search report (``search``) and, when
+        ``model.record``, each patch's record (``records``).
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    get = getattr(source, "filter_matrices", None)
+    filters = get() if get is not None else None
+    if filters is None or model.filt is not None:
+        return _search_stats(source, idx, model, upsilon, sigma2, n_chunk, progress, timer)
+    groups = source.patch_groups(idx)
+    parts = []
+    for g in range(len(filters)):
+        sel = idx[groups == g]
+        parts.append(_search_stats(source, sel, model.for_group(filters[g]), upsilon, sigma2, n_chunk, progress,
+                                   timer) if len(sel) else None)
+    return GroupSearchStats(parts, model)
+
+
+def _search_stats(source, idx, model, upsilon, sigma2, n_chunk, progress=None, timer=None):
+    clock = timer or _no_timer
+    L = source.L
+    acc = SearchAccumulator(model)
+    buf = np.empty((n_chunk, L, L))
+    records = Records() if model.record else None
+    for i in range(0, len(idx), n_chunk):
+        sel = idx[i:i + n_chunk]
+        with clock("read_patches"):
+            patches = source.get(sel, out=buf[:len(sel)])
+        search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=sel, timer=timer, records=records)
+        if progress is not None:
+            progress(len(sel))
+    with clock("rest"):
+        stats = acc.to_stats()
+    stats.records = records
+    return stats
+
+
+class GroupSearchStats:
+    """A search's statistics per CTF group (``parts[g]``: :class:`SearchStats`, or None for a
+    group with no patch in the minibatch), with the totals of :class:`SearchStats`."""
+
+    def __init__(self, parts, model=None):
+        self.parts = list(parts)
+        live = [p for p in self.parts if p is not None]
+        self.n_patches = sum(p.n_patches for p in live)
+        self.sum_empty = sum(p.sum_empty for p in live)
+        self.sum_yy = sum(p.sum_yy for p in live)
+        self.loglik = sum(p.loglik for p in live)
+        self.search = None
+        self.records = None
+        for p in live:
+            self.search = merge_reports(self.search, p.search)
+            if p.records is not None:
+                self.records = (self.records or Records()).update(p.records)
+        self.rotations = np.unique(np.concatenate([p.rotations for p in live])) if live else np.zeros(0, np.int64)
+
+    @property
+    def nbytes(self):
+        return sum(p.nbytes for p in self.parts if p is not None)
+
+
+def accumulator_bytes(spec, L):
+    """Bytes of the :class:`SearchAccumulator` of a search (every level dense)."""
+    S = 2 * L - 1
+    return sum(hopf.size(r) for r in spec.levels) * ((S * S + L * L) * 8 + 1) + hopf.size(spec.coarse) * 8 * (S * S + L * L)
+
+
+def chunk_bytes(n_chunk, spec, L, itemsize):
+    """Bytes of a chunk's work arrays in a search (an upper bound).
+
+    The dense pass at level ``coarse`` keeps its exponentials (as the exhaustive direct
+    route: ``(2L-1)^2`` per pair) and per pair a lane sum and a mass. The refining patches
+    are scored in groups of at most :data:`MAX_PAIRS` pairs (or one patch's, if more:
+    ``8 cap`` times the cells within the margin, or a whole level without a cap), each
+    pair with its exponentials, back-correlation, indices, and a projection and energies
+    of its rotation.
+    """
+    S = 2 * L - 1
+    Kc = hopf.size(spec.coarse)
+    dense = n_chunk * Kc * (S * S * itemsize + 3 * 8)
+    one = max(hopf.size(r) if spec.cap == 0 else min(hopf.size(r), 8 * spec.cap * _margin_cells(spec.margin))
+              for r in spec.levels[1:])
+    pairs = max(MAX_PAIRS, one)
+    group = pairs * ((S * S + 2 * L * L) * itemsize + 8 * 8 + L * L * 8)
+    return dense + group + n_chunk * L * L * (itemsize + 3 * 8) + kernels.MAX_BLOCK * (S * S + 2 * L * L) * 8
+
+
+def _margin_cells(margin):
+    """Cells within ``margin`` steps of one cell, at most (measured at levels 1-3: 17 at 1.5, 13 at 1.25)."""
+    return 1 if margin <= 0 else int(max(1, math.ceil(8 * margin ** 3 + 1)))

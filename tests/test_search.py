@@ -1,0 +1,277 @@
+"""Coarse-to-fine search (numbaem.em.search) against the exhaustive E-step on the fine grid,
+its pruning bound, local searches and records, and the single-precision EM."""
+import math
+
+import numpy as np
+import pytest
+
+from numbaem.data.patches import PatchSource
+from numbaem.em import run as em
+from numbaem.em.estep import Records, SufficientStats, e_step_chunk, projection_spectra, shift_index, stream_stats
+from numbaem.em.mstep import normal_equations
+from numbaem.em.search import (SearchAccumulator, SearchModel, SearchSpec, SearchStats, prune, search_chunk,
+                               search_normal_equations, search_stats)
+from numbaem.model import hopf
+from numbaem.model.basis import FBBasis, expand, synthesize
+from numbaem.model.projection import project, project_hopf, projection_matrices
+from numbaem.model.rotations import random_rotations
+from numbaem.runtime.errors import NumbaemError
+
+import naive
+
+
+def _molecule_theta(L, lmax):
+    """A smooth, compact volume (a projection of it fades at the box's edge, as a particle's does)."""
+    from numbaem.runtime.fourier import downsample
+    from numbaem.sim.molecule import synthetic_molecule
+    basis = FBBasis(L, lmax)
+    return basis, expand(downsample(synthetic_molecule(3 * L, seed=0), L), basis)
+
+
+def _patches(rng, basis, theta, n, snr):
+    """``n`` patches, every other one holding a projection at a Haar-random rotation and some shift."""
+    L = basis.L
+    P = project(theta, basis, random_rotations(n, rng))
+    sigma2 = float(np.mean(np.sum(P ** 2, axis=(1, 2)))) / (L * L * snr)
+    y = rng.standard_normal((n, L, L)) * math.sqrt(sigma2)
+    shifts = [(0, 0), (1, 0), (0, 1), (1, 1), (2 * L - 1, 0), (2 * L - 1, 2 * L - 1), (0, 2 * L - 1), (3, 2)]
+    for j in range(0, n, 2):
+        y[j] += naive.shift_crop(P[j], shifts[(j // 2) % len(shifts)], L)
+    return y, sigma2
+
+
+def _exhaustive(patches, theta, basis, level, upsilon, sigma2):
+    proj = project_hopf(theta, basis, level)
+    st = SufficientStats.zeros(len(proj), basis.L)
+    ll, w, we = e_step_chunk(patches, projection_spectra(proj, route="direct"), upsilon, sigma2, st,
+                             keep_posteriors=True)
+    return st, ll, w, we
+
+
+def _exhaustive_masses(patches, theta, basis, level, upsilon, sigma2):
+    """Posterior mass of every (patch, rotation) of ``level`` (summed over shifts), exhaustively
+    by the direct route's kernels (tested against brute force in test_estep.py)."""
+    from numbaem.em import kernels
+    from numbaem.em.estep import block_scales, direct_spectra
+    L = basis.L
+    sp = direct_spectra(project_hopf(theta, basis, level))
+    n = len(patches)
+    B, KB = sp.P.shape[0], sp.KB
+    bmax, lsum = np.empty((n, B)), np.empty((n, B, KB))
+    kernels.dense_scores(np.ascontiguousarray(patches), sp.P, sp.E, n, 1.0 / sigma2, 0.5 / sigma2, False,
+                         np.empty((1, 1, 1, 1, 1)), bmax, lsum)
+    lp = math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * sp.K)
+    f, _, _ = block_scales(bmax + lp, lsum.sum(axis=2), math.log(upsilon))
+    return (f[:, :, None] * lsum).reshape(n, -1)[:, :sp.K]
+
+
+def test_nothing_pruned_equals_the_exhaustive_search(rng):
+    """prune = 0 and no cap: every patch refines to the fine level having scored every
+    rotation, and the posteriors, log-likelihoods, statistics and normal equations equal
+    those of the exhaustive E-step on the fine level to round-off (two refinement steps)."""
+    basis, theta = _molecule_theta(5, 2)
+    L = basis.L
+    patches, sigma2 = _patches(rng, basis, theta, 6, snr=5.0)
+    spec = SearchSpec(0, 2, prune=0.0, cap=0, margin=0.0)
+    model = SearchModel(theta, basis, spec, precision="float64")
+    acc = SearchAccumulator(model)
+    ll, post, w_empty, final = search_chunk(patches, model, 0.4, sigma2, acc, patch_ids=np.arange(6),
+                                            keep_posteriors=True)
+    st_ex, ll_ex, w_ex, we_ex = _exhaustive(patches, theta, basis, 2, 0.4, sigma2)
+    assert np.all(final == 2)
+    np.testing.assert_allclose(ll, ll_ex, rtol=1e-13)
+    np.testing.assert_allclose(w_empty, we_ex, rtol=1e-12)
+    for j in range(6):
+        assert {lv for lv, _, _ in post[j]} == {2}                # nothing of levels 0 and 1 counts
+        rots = np.concatenate([r for _, r, _ in post[j]])
+        w = np.concatenate([x for _, _, x in post[j]])
+        assert np.array_equal(np.sort(rots), np.arange(hopf.size(2)))
+        assert np.abs(w - w_ex[j, rots]).max() < 1e-13 * w_ex.max()
+    stats = acc.to_stats()
+    rows = stats.rotations - model.offset(2)
+    assert np.all(rows >= 0)
+    idx = shift_index(L)
+    np.testing.assert_allclose(stats.W, st_ex.W[rows][:, idx][:, :, idx], rtol=1e-12, atol=1e-15)
+    H, b = search_normal_equations(stats, spec, basis)
+    A = projection_matrices(basis, hopf.rotations(2))
+    H_ex, b_ex = normal_equations([(slice(0, len(A)), A)], st_ex.W, st_ex.G, L, basis.M)
+    assert np.abs(H - H_ex).max() < 1e-12 * np.abs(H_ex).max()
+    assert np.abs(b - b_ex).max() < 1e-12 * np.abs(b_ex).max()
+    rep = acc.report
+    assert rep["pairs_level_2"] == 6 * hopf.size(2) and rep["mass_pruned"] == 0.0
+
+
+def test_pruned_mass_is_reported_and_bounded():
+    """A refined patch leaves the tail of its coarse posterior (at most prune, reported)
+    at the coarse resolution; its fine posterior mass outside the region refined (against
+    the exhaustive search on the fine level) stays within 5 prune where the coarse level
+    resolves the posterior (here SNR 30, levels 15 -> 7.5 degrees; measured at most 2.1
+    prune over four data sets, the coarse grid being a quadrature of the same integral; at
+    30 degrees the same SNR misses up to 6% on some patches, which is why the coarse step
+    is a stage option), and the patches with diffuse posteriors (no signal) stay coarse."""
+    basis, theta = _molecule_theta(7, 4)
+    rng = np.random.default_rng(100)
+    patches, sigma2 = _patches(rng, basis, theta, 16, snr=30.0)
+    prune_mass = 1e-3
+    spec = SearchSpec(2, 3, prune=prune_mass, cap=32, margin=1.5)
+    model = SearchModel(theta, basis, spec, precision="float64")
+    acc = SearchAccumulator(model)
+    ll, post, _, final = search_chunk(patches, model, 0.5, sigma2, acc, patch_ids=np.arange(16),
+                                      keep_posteriors=True)
+    assert acc.report["max_mass_pruned"] <= prune_mass
+    refined = final == 3
+    assert 4 <= refined.sum() <= 8 and not refined[1::2].any()   # the empty patches stay at 15 degrees
+    masses = _exhaustive_masses(patches, theta, basis, 3, 0.5, sigma2)
+    outside = []
+    for j in np.nonzero(refined)[0]:
+        coarse = sum(w.sum() for lv, _, w in post[j] if lv < 3)
+        if coarse > prune_mass:                                   # refined in part only
+            continue
+        fine = np.zeros(hopf.size(3), bool)
+        for lv, rots, _ in post[j]:
+            if lv == 3:
+                fine[rots] = True
+        outside.append(masses[j][~fine].sum())
+    assert len(outside) >= 3 and max(outside) <= 5 * prune_mass
+    # far fewer pairs scored than an exhaustive search on the fine level
+    assert acc.report["pairs_level_3"] < 0.05 * 16 * hopf.size(3)
+
+
+def test_prune_matches_a_greedy_twin(rng):
+    """prune() drops, per patch, the longest tail of smallest masses whose sum stays within eps."""
+    ptr = np.array([0, 5, 5, 12])
+    mass = rng.random(12) ** 3 * 0.01
+    keep, dropped = prune(ptr, mass, 2e-3)
+    for j in range(3):
+        m = mass[ptr[j]:ptr[j + 1]]
+        order = np.argsort(m)
+        tot, drop = 0.0, np.zeros(len(m), bool)
+        for i in order:
+            if tot + m[i] > 2e-3:
+                break
+            tot += m[i]
+            drop[i] = True
+        assert np.array_equal(keep[ptr[j]:ptr[j + 1]], ~drop)
+        assert dropped[j] == pytest.approx(tot, rel=1e-12, abs=1e-18)
+
+
+def test_search_statistics_merge_by_rotation(rng):
+    """Two tasks' statistics on different rows add into the sorted union (the Dask reduce)."""
+    from numbaem.em.estep import add_stat_arrays, stats_from_arrays
+    a = SearchStats(rng.random((3, 9, 9)), rng.random((3, 5, 5)), np.array([1, 4, 7]), 3, 0.5, 2.0, -1.0,
+                    search=dict(patches=3, max_mass_pruned=1e-4), records=Records({0: np.ones((1, 4), np.float32)}))
+    b = SearchStats(rng.random((2, 9, 9)), rng.random((2, 5, 5)), np.array([4, 9]), 2, 0.25, 1.0, -2.0,
+                    search=dict(patches=2, max_mass_pruned=3e-4), records=Records({5: np.zeros((0, 4), np.float32)}))
+    out = stats_from_arrays(add_stat_arrays(a.to_arrays(), b.to_arrays()))
+    assert np.array_equal(out.rotations, [1, 4, 7, 9])
+    np.testing.assert_allclose(out.W[1], a.W[1] + b.W[0])
+    np.testing.assert_allclose(out.g[3], b.g[1])
+    assert out.n_patches == 5 and out.search == dict(patches=5, max_mass_pruned=3e-4)
+    assert set(out.records.quats) == {0, 5}
+
+
+def test_local_search_starts_near_the_record(rng):
+    """A patch with a record is scored only near it (at two levels above the fine one), and
+    still finds its rotation: a record at the true rotation gives the exhaustive
+    posterior's peak; a record far from it does not (the local search cannot leave)."""
+    basis, theta = _molecule_theta(7, 4)
+    L = basis.L
+    R = random_rotations(1, rng)
+    P = project(theta, basis, R)
+    sigma2 = float(np.sum(P ** 2)) / (L * L * 50.0)
+    y = P + rng.standard_normal((1, L, L)) * math.sqrt(sigma2)
+    from numbaem.model.rotations import geodesic_distance, matrices_to_quaternions
+    spec = SearchSpec(0, 3, prune=1e-3, cap=32, margin=1.5, local=20.0)
+    out = {}
+    for name, rot in (("near", R[0]), ("far", R[0] @ random_rotations(1, np.random.default_rng(9))[0])):
+        rec = Records({7: matrices_to_quaternions(rot[None]).astype(np.float32)})
+        model = SearchModel(theta, basis, spec, precision="float64", previous=rec)
+        acc = SearchAccumulator(model)
+        new = Records()
+        search_chunk(y, model, 0.3, sigma2, acc, patch_ids=np.array([7]), records=new)
+        assert acc.report["patches_local"] == 1 and "pairs_level_0" not in acc.report   # no global pass
+        assert acc.report["pairs_level_1"] < hopf.size(1) // 10                          # a few cells near the record
+        from numbaem.model.rotations import quaternions_to_matrices
+        best = quaternions_to_matrices(new.quats[7][:1].astype(np.float64))[0]
+        out[name] = math.degrees(geodesic_distance(best, R[0]))
+    assert out["near"] < 6.0          # level 3 is 7.5 degrees apart
+    assert out["far"] > 20.0
+
+
+def test_search_stage_runs_through_reconstruct_and_records(rng):
+    """A schedule with an exhaustive stage, a search and a local search: the log carries the
+    search figures, the patches holding a whole projection get records and are searched
+    locally, and the likelihood stays within the exhaustive stage's range (the wiring)."""
+    basis, theta = _molecule_theta(7, 4)
+    L = basis.L
+    mic = np.zeros((70, 70))
+    P = project(theta, basis, random_rotations(9, rng))
+    for k, p in enumerate(P):
+        r, c = divmod(k, 3)
+        mic[3 * L * r:3 * L * r + L, 3 * L * c:3 * L * c + L] += p     # each inside one patch
+    sigma2 = float(np.mean(np.sum(P ** 2, axis=(1, 2)))) / (L * L * 50.0)
+    mic += rng.standard_normal(mic.shape) * math.sqrt(sigma2)
+    src = PatchSource([mic], L)
+    sched = em.parse_schedule("lmax=4,iters=1,rotations=300;lmax=4,iters=1,fine=15,coarse=30;"
+                              "lmax=4,iters=2,fine=7.5,coarse=30,local=25")
+    res = em.reconstruct(src, synthesize(theta, basis), sigma2=sigma2, schedule=sched, rng=rng, progress=False)
+    h = res.history
+    assert "search_levels" not in h[0] and h[1]["search_levels"] == [1, 2] and h[2]["search_levels"] == [1, 2, 3]
+    assert h[1]["search_local"] == 0 and 6 <= h[3]["search_local"] <= 20
+    assert h[2]["search_final_level"][3] >= 6                           # the whole projections reach 7.5 degrees
+    assert 0 < h[3]["search_fraction_all"] < 0.1
+    assert len(res.state.records) == src.n_patches
+    assert sum(len(q) > 0 for q in res.state.records.quats.values()) >= 6
+    for r in h[1:]:
+        assert r["search_mass_pruned_max"] <= 1e-3
+        assert abs(r["loglik"] - h[0]["loglik"]) < 0.05 * abs(h[0]["loglik"])
+
+
+def test_schedule_keys_for_the_search():
+    st = em.parse_schedule("lmax=4,iters=2,fine=7.5,coarse=30,prune=1e-2,local=15")[0]
+    spec = st.search_spec()
+    assert (spec.coarse, spec.fine, spec.prune, spec.local) == (1, 3, 1e-2, 15.0)
+    assert st.size == sum(hopf.size(r) for r in (1, 2, 3))
+    assert em.parse_schedule("lmax=4,iters=2,fine=7.5")[0].search_spec().coarse == 1   # default 30 degrees
+    assert em.parse_schedule("lmax=4,iters=2,fine=30")[0].search_spec().coarse == 0    # one level above
+    assert "fine" not in em.parse_schedule("lmax=4,iters=2,rotations=50")[0].to_dict()
+    for bad, match in [("lmax=4,iters=2,prune=0.1", "fine"), ("lmax=4,iters=2,fine=7.5,rotations=100", "either"),
+                       ("lmax=4,iters=2,fine=7.5,prune=1.5", "prune"), ("lmax=4,iters=2,fine=0.01", "finer"),
+                       ("lmax=4,iters=2,fine=30,coarse=15", "finer than its coarse"), ("lmax=4,iters=2,fine=x", "number")]:
+        with pytest.raises(NumbaemError, match=match):
+            em.parse_schedule(bad)
+
+
+@pytest.mark.slow
+def test_single_precision_em_stays_with_double(rng):
+    """The EM in single precision (scores and correlations in float32, sums over patches in
+    float64) stays within 1e-4 relative of the float64 run over four iterations at an SNR
+    where the automatic choice takes float32 (SNR 10; its score rounding estimate 4e-4)."""
+    basis, theta = _molecule_theta(7, 4)
+    L = basis.L
+    src_rng = np.random.default_rng(11)
+    N = 140
+    mic = np.zeros((N, N))
+    P = project(theta, basis, random_rotations(36, src_rng))
+    for k, p in enumerate(P):
+        r, c = divmod(k, 6)
+        s = (2 * L + 1) * np.array([r, c]) + src_rng.integers(0, 3, 2)
+        mic[s[0]:s[0] + L, s[1]:s[1] + L] += p
+    sigma2 = float(np.mean(np.sum(P ** 2, axis=(1, 2)))) / (L * L * 10.0)
+    mic += src_rng.standard_normal(mic.shape) * math.sqrt(sigma2)
+    src = PatchSource([mic], L)
+    th0 = theta + 0.3 * np.linalg.norm(theta) / math.sqrt(len(theta)) * src_rng.standard_normal(len(theta))
+    sched = [em.Stage(4, 4, 1.0, 200)]
+    runs = {}
+    for prec in ("float64", "float32"):
+        res = em.reconstruct(src, synthesize(th0, basis), sigma2=sigma2, schedule=sched, rng=np.random.default_rng(1),
+                             progress=False, precision=prec)
+        runs[prec] = res
+        assert all(r["precision"] == prec for r in res.history)
+    a, b = runs["float64"], runs["float32"]
+    for ra, rb in zip(a.history, b.history):
+        assert abs(ra["loglik"] - rb["loglik"]) <= 1e-4 * abs(ra["loglik"])
+    assert np.linalg.norm(b.theta - a.theta) <= 1e-4 * np.linalg.norm(a.theta)
+    # and the automatic choice at this SNR is single precision
+    from numbaem.em.estep import choose_precision
+    assert choose_precision(project(th0, basis, random_rotations(50, rng)), sigma2) == np.float32
