@@ -76,8 +76,6 @@ def add_args(p):
                    help="stages 'lmax=..,iters=..,frac=..,rotations=..;...' or a .toml file (default: see above)")
     p.add_argument("--downsample-init", action="store_true",
                    help="Fourier-downsample an initial volume that is larger than L to side L")
-    p.add_argument("--pixel-size", type=positive_float, default=None, metavar="A",
-                   help="the micrographs' pixel size in Angstrom, for an atomic-model start (default: the MRC header)")
     p.add_argument("--restarts", type=positive_int, default=1, metavar="N",
                    help="with --init random: run from N seeded random starts and keep the run with the highest "
                         "log-likelihood (default 1)")
@@ -118,7 +116,8 @@ def add_args(p):
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     d = p.add_argument_group("real micrographs (MODEL section 11)")
     d.add_argument("--pixel-size", type=positive_float, default=None, metavar="ANGSTROM",
-                   help="pixel size of the micrographs as given (default: their MRC headers)")
+                   help="pixel size of the micrographs as given (default: their MRC headers); an atomic-model start "
+                        "needs one")
     d.add_argument("--particle-diameter", type=positive_float, default=None, metavar="ANGSTROM",
                    help="diameter of the box you would extract around a particle: the working pixel size becomes "
                         "DIAMETER / L and the micrographs are Fourier-cropped to it (default: no resampling)")
