@@ -81,10 +81,11 @@ class IterationSetup:
         fft.clear_cache()
         t0 = time.perf_counter()
         projection_matrices(self.basis, self.rots[:2])
-        spectra = projection_spectra(self.operator.project(self.theta))
         n = min(self.n_chunk, self.source.n_patches)
-        stats = SufficientStats.zeros(self.K, self.L)
-        e_step_chunk(self.source.get(np.arange(n)), spectra, self.upsilon, self.sigma2, stats, n_chunk=self.n_chunk)
+        for route in ("direct", "fft"):       # the run's route and the one bench/_profile takes apart
+            stats = SufficientStats.zeros(self.K, self.L)
+            e_step_chunk(self.source.get(np.arange(n)), self.spectra(route), self.upsilon, self.sigma2, stats,
+                         n_chunk=self.n_chunk)
         H, b = normal_equations(self.operator.blocks(), stats.W, stats.G, self.L, self.M,
                                 max_block_bytes=self.plan.mstep_block_bytes)
         solve(H + np.trace(H) / self.M * np.eye(self.M), b)
@@ -118,8 +119,10 @@ class IterationSetup:
         """The patch indices of one iteration's minibatch (the same draw ``em_iteration`` makes)."""
         return self.source.sample(self.frac, np.random.default_rng(self.seed))
 
-    def spectra(self):
-        return projection_spectra(self.operator.project(self.theta))
+    def spectra(self, route=None):
+        """The E-step's spectra of the start on ``route`` (default: the route the run takes,
+        :func:`numbaem.em.estep.choose_route`), in the precision the run chooses."""
+        return projection_spectra(self.operator.project(self.theta), route=route, sigma2=self.sigma2)
 
     def estep(self, reps=1):
         """Time ``stream_stats`` alone over the minibatch; returns (timing, stats)."""

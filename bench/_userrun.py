@@ -199,15 +199,18 @@ def measure(cfg, data_spec, run, profile_patches, count_patches, extra=None):
                         sigma2=ds.sigma2, upsilon=run.upsilon0)
     idx = st.indices()                       # the minibatch of the run's first iteration
     spectra = st.spectra()
+    # the FFT route's steps are the ones taken apart against this machine's peaks (FFT, exp, bandwidth);
+    # at L <= 13 the run itself takes the direct route, whose kernels bench/search.py measures
+    spectra_fft = st.spectra("fft")
     rng = cfg.rng(17)
     sub = np.sort(rng.choice(idx, size=min(len(idx), max(profile_patches, st.n_chunk)), replace=False))
     few = np.sort(rng.choice(idx, size=min(len(idx), count_patches), replace=False))
     st.warm_up()
-    prof = profile_estep(source, sub, spectra, st.upsilon, st.sigma2, st.n_chunk)
-    counts = block_counts(source, few, spectra, st.upsilon, st.sigma2, st.n_chunk)
+    prof = profile_estep(source, sub, spectra_fft, st.upsilon, st.sigma2, st.n_chunk)
+    counts = block_counts(source, few, spectra_fft, st.upsilon, st.sigma2, st.n_chunk)
     peaks = kernel_peaks(st.L, st.K, st.n_chunk, cfg.threads, quick=cfg.quick)
     report = kernel_report(prof, peaks, len(sub), st.K, st.L, counts["evaluated_fraction"])
-    estep = dict(profile=prof, profile_patches=int(len(sub)), blocks=counts, peaks=peaks, kernels=report,
+    estep = dict(route_taken_apart="fft", route_of_the_run=spectra.route, profile=prof, profile_patches=int(len(sub)), blocks=counts, peaks=peaks, kernels=report,
                  chunk=st.n_chunk, operator_kept=st.operator.A is not None, operator_bytes=st.operator.nbytes)
     params = dict(L=st.L, lmax=run.lmax, M=st.M, K=run.K, frac=run.frac, patches=recs[0]["patches"],
                   patches_in_source=source.n_patches, chunk=recs[0]["chunk"], budget_bytes=budget,

@@ -249,7 +249,7 @@ def test_without_ctf_or_whitening_the_iteration_is_that_of_sections_5_and_6_to_t
     rec = em.em_iteration(state, PatchSource([mic], L), op, stage, budget=1 << 30)
     src = PatchSource([mic], L)
     idx = np.arange(src.n_patches)
-    stats = stream_stats(src, idx, projection_spectra(op.project(start)), 0.5, s2, rec["chunk"])
+    stats = stream_stats(src, idx, projection_spectra(op.project(start), sigma2=s2), 0.5, s2, rec["chunk"])
     H, b = normal_equations(op.blocks(), stats.W, stats.G, L, basis.M,
                             max_block_bytes=em.stage_plan(1 << 30, basis, K, len(idx)).mstep_block_bytes)
     assert np.array_equal(state.theta, solve(H, b).theta)

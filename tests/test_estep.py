@@ -154,8 +154,9 @@ def test_concurrent_estep_calls_in_threads_are_independent(rng):
         assert np.array_equal(a.W, b.W) and np.array_equal(a.G, b.G) and a.loglik == b.loglik
 
 
+@pytest.mark.parametrize("route", ["direct", "fft"])
 @pytest.mark.parametrize("window", [0, 1, 2])
-def test_restricted_shifts_match_brute_force(rng, window):
+def test_restricted_shifts_match_brute_force(rng, window, route):
     """Boxes around picks (shifts |l| <= w): the E-step equals the brute-force sum over the
     allowed shifts only, each with prior (1 - upsilon) / ((2w + 1)^2 K)."""
     from numbaem.em.estep import restrict_shifts
@@ -165,7 +166,7 @@ def test_restricted_shifts_match_brute_force(rng, window):
     L, K = basis.L, len(A)
     upsilon = 0.3
     stats = SufficientStats.zeros(K, L)
-    spectra = restrict_shifts(projection_spectra(proj), window)
+    spectra = restrict_shifts(projection_spectra(proj, route=route), window)
     loglik, w, w_empty = e_step_chunk(patches, spectra, upsilon, sigma2, stats, keep_posteriors=True)
     logp_empty, logp, ll_ref = naive.brute_log_posteriors(patches, A, theta, upsilon, sigma2, window=window)
     np.testing.assert_allclose(loglik, ll_ref, rtol=1e-13)
@@ -217,7 +218,8 @@ def _group_case(rng, L=5, lmax=2, K=3, sigma2=0.5):
     return basis, A, theta, Psi, source, sigma2
 
 
-def test_estep_with_ctf_groups_matches_brute_force(rng):
+@pytest.mark.parametrize("route", ["direct", "fft"])
+def test_estep_with_ctf_groups_matches_brute_force(rng, route):
     """stream_stats with per-group spectra against the brute-force sum over states with the
     explicit matrices Psi_g A_k (MODEL section 11): posteriors summed per group, log-likelihood."""
     from numbaem.em.estep import GroupSpectra, stream_stats
@@ -225,7 +227,7 @@ def test_estep_with_ctf_groups_matches_brute_force(rng):
     L, K = basis.L, len(A)
     idx = np.arange(source.n_patches)
     proj = (A @ theta).reshape(K, L, L)
-    stats = stream_stats(source, idx, GroupSpectra(proj, Psi), 0.3, sigma2, n_chunk=3)
+    stats = stream_stats(source, idx, GroupSpectra(proj, Psi, route=route), 0.3, sigma2, n_chunk=3)
     patches, groups = source.get(idx), source.patch_groups(idx)
     assert groups.tolist() == [1] * 4 + [0] * 4 + [1] * 4
     logp_empty, logp, ll = naive.brute_log_posteriors_groups(patches, groups, A, Psi, theta, 0.3, sigma2)
@@ -237,7 +239,7 @@ def test_estep_with_ctf_groups_matches_brute_force(rng):
     np.testing.assert_allclose(stats.sum_empty, np.exp(logp_empty - ll).sum(), rtol=1e-11)
     assert stats.n_patches == 12
     # the filter matters: scoring group 1's patches against group 0's filter changes the posteriors
-    wrong = stream_stats(source, idx, GroupSpectra(proj, Psi[::-1].copy()), 0.3, sigma2, n_chunk=3)
+    wrong = stream_stats(source, idx, GroupSpectra(proj, Psi[::-1].copy(), route=route), 0.3, sigma2, n_chunk=3)
     assert abs(wrong.loglik - stats.loglik) > 1e-3 * abs(stats.loglik)
 
 

@@ -25,7 +25,7 @@ def _molecule_theta(L, lmax):
     from numbaem.runtime.fourier import downsample
     from numbaem.sim.molecule import synthetic_molecule
     basis = FBBasis(L, lmax)
-    return basis, expand(downsample(synthetic_molecule(3 * L, seed=0), L), basis)
+    return basis, expand(downsample(synthetic_molecule(3 * L, rng=0), L), basis)
 
 
 def _patches(rng, basis, theta, n, snr):
@@ -157,7 +157,7 @@ def test_prune_matches_a_greedy_twin(rng):
 
 def test_search_statistics_merge_by_rotation(rng):
     """Two tasks' statistics on different rows add into the sorted union (the Dask reduce)."""
-    from numbaem.em.estep import add_stat_arrays, stats_from_arrays
+    from numbaem.em.search import add_stat_arrays, stats_from_arrays
     a = SearchStats(rng.random((3, 9, 9)), rng.random((3, 5, 5)), np.array([1, 4, 7]), 3, 0.5, 2.0, -1.0,
                     search=dict(patches=3, max_mass_pruned=1e-4), records=Records({0: np.ones((1, 4), np.float32)}))
     b = SearchStats(rng.random((2, 9, 9)), rng.random((2, 5, 5)), np.array([4, 9]), 2, 0.25, 1.0, -2.0,
@@ -237,7 +237,7 @@ def test_schedule_keys_for_the_search():
     assert "fine" not in em.parse_schedule("lmax=4,iters=2,rotations=50")[0].to_dict()
     for bad, match in [("lmax=4,iters=2,prune=0.1", "fine"), ("lmax=4,iters=2,fine=7.5,rotations=100", "either"),
                        ("lmax=4,iters=2,fine=7.5,prune=1.5", "prune"), ("lmax=4,iters=2,fine=0.01", "finer"),
-                       ("lmax=4,iters=2,fine=30,coarse=15", "finer than its coarse"), ("lmax=4,iters=2,fine=x", "number")]:
+                       ("lmax=4,iters=2,fine=30,coarse=15", "finer than its coarse"), ("lmax=4,iters=2,fine=x", "fine=.x. is not an angle")]:
         with pytest.raises(NumbaemError, match=match):
             em.parse_schedule(bad)
 
@@ -275,3 +275,40 @@ def test_single_precision_em_stays_with_double(rng):
     # and the automatic choice at this SNR is single precision
     from numbaem.em.estep import choose_precision
     assert choose_precision(project(th0, basis, random_rotations(50, rng)), sigma2) == np.float32
+
+
+def test_search_on_ctf_groups_equals_the_brute_force_grouped_em(rng):
+    """Nothing pruned, CTF groups (MODEL section 11): the search's log-likelihood, per-group
+    statistics and normal equations equal the brute-force sums over every state of the fine
+    level with the explicit matrices ``Psi_g A_k`` (tests/naive.py)."""
+    from numbaem.em.search import GroupSearchStats
+    from numbaem.model.ctf import CTFParams, ImageFilter, filter_matrices
+    basis, theta = _molecule_theta(5, 2)
+    L = basis.L
+    filters = [ImageFilter(6.0, CTFParams(12000, 11000, 30, 300, 2.7, 0.1)),
+               ImageFilter(6.0, CTFParams(25000, 25000, 0, 300, 2.7, 0.1))]
+    Psi = filter_matrices(filters, L)
+    mics = [rng.standard_normal((2 * L, 2 * L)) * 0.7 for _ in range(3)]
+    A1 = projection_matrices(basis, hopf.rotations(1, np.array([17])))[0]
+    mics[0][:L, L:] += naive.shift_crop((Psi[1] @ A1 @ theta).reshape(L, L), (2, 6), L)
+    source = PatchSource(mics, L, groups=np.array([1, 0, 1]), filters=filters)
+    idx = np.arange(source.n_patches)
+    spec = SearchSpec(0, 1, prune=0.0, cap=0, margin=0.0)
+    model = SearchModel(theta, basis, spec, precision="float64")
+    stats = search_stats(source, idx, model, 0.3, 0.49, n_chunk=5)
+    assert isinstance(stats, GroupSearchStats)
+    A = projection_matrices(basis, hopf.rotations(1))
+    patches, groups = source.get(idx), source.patch_groups(idx)
+    logp_empty, logp, ll = naive.brute_log_posteriors_groups(patches, groups, A, Psi, theta, 0.3, 0.49)
+    np.testing.assert_allclose(stats.loglik, ll.sum(), rtol=1e-12)
+    w = np.exp(logp - ll[:, None, None, None])
+    idx_s = shift_index(L)
+    for g in (0, 1):
+        part = stats.parts[g]
+        rows = part.rotations - model.offset(1)
+        ref = w[groups == g].sum(axis=0)[rows][:, idx_s][:, :, idx_s]
+        np.testing.assert_allclose(part.W, ref, rtol=1e-10, atol=1e-14)
+    H, b = search_normal_equations(stats, spec, basis, filters=Psi)
+    H_ref, b_ref = naive.brute_normal_equations_groups(patches, groups, A, Psi, w, L)
+    assert np.abs(H - H_ref).max() < 1e-10 * np.abs(H_ref).max()
+    assert np.abs(b - b_ref).max() < 1e-10 * np.abs(b_ref).max()

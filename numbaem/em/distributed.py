@@ -51,7 +51,8 @@ import uuid
 import numpy as np
 
 from ..runtime.errors import NumbaemError
-from .estep import GroupSpectra, SufficientStats, chunk_bytes, stats_from_arrays
+from .estep import GroupSpectra, SufficientStats, chunk_bytes
+from .search import stats_from_arrays
 from .plan import INTERPRETER_BYTES, worker_bytes
 from ..runtime.memory import format_size, parse_size
 
@@ -210,7 +211,7 @@ def _estep_task(job, indices, group=None):
 def _add_stats(a, b):
     """``a + b`` of two partial statistics (dicts) into new arrays: inputs held by Dask are never modified
     (statistics on some rotations of a grid, from the coarse-to-fine search, are merged by rotation)."""
-    from .estep import add_stat_arrays
+    from .search import add_stat_arrays
     return add_stat_arrays(a, b)
 
 

@@ -255,24 +255,6 @@ def merge_reports(a, b):
     return out
 
 
-def stats_from_arrays(d):
-    """Statistics from their ``to_arrays`` dict: :class:`SufficientStats`, or a search's
-    :class:`numbaem.em.search.SearchStats` (which has data images ``g``)."""
-    if "g" in d:
-        from .search import SearchStats
-        return SearchStats.from_arrays(d)
-    return SufficientStats.from_arrays(d)
-
-
-def add_stat_arrays(a, b):
-    """``a + b`` of two statistics' ``to_arrays`` dicts into new arrays (inputs untouched)."""
-    plain = ("W", "G", "n_patches", "sum_empty", "sum_yy", "loglik")
-    if set(a) == set(b) == set(plain):
-        return {k: a[k] + b[k] for k in a}
-    sa = stats_from_arrays({k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()})
-    return sa.add(stats_from_arrays(b)).to_arrays()
-
-
 #: The direct route (:mod:`numbaem.em.kernels`) runs up to this patch size; above it the
 #: FFT route is faster (``L^4`` sums against ``2L x 2L`` transforms).
 DIRECT_MAX_L = 13
@@ -444,14 +426,13 @@ def choose_precision(proj, sigma2=None, precision="auto"):
     return np.dtype(np.float32 if score_rounding(proj, sigma2) <= SINGLE_SCORE_TOLERANCE else np.float64)
 
 
-def direct_spectra(proj, dtype=np.float64, threads=None):
-    """:class:`DirectSpectra` of the projections ``proj`` (K, L, L) in lane blocks."""
-    from ..runtime.threads import resolve_threads
+def direct_spectra(proj, dtype=np.float64):
+    """:class:`DirectSpectra` of the projections ``proj`` (K, L, L) in lane blocks (:func:`numbaem.em.kernels.lane_blocks`)."""
     proj = np.asarray(proj, dtype=np.float64)
     K, L, _ = proj.shape
     S = 2 * L - 1
     dtype = np.dtype(dtype)
-    KB, B = kernels.lane_blocks(K, resolve_threads(threads))
+    KB, B = kernels.lane_blocks(K)
     P = np.zeros((B, L, L, KB), dtype)
     E = np.full((B, S, S, KB), np.inf, dtype)
     e = np.empty((K, S, S))
@@ -1076,8 +1057,7 @@ def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, 
     stats = SufficientStats.zeros(K, L) if stats is None else stats
     buf = np.empty((n_chunk, L, L))
     if spectra.route == "search":
-        from .search import search_stats
-        return search_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress, timer)
+        return spectra.stream_stats(source, idx, upsilon, sigma2, n_chunk, progress, timer)   # numbaem.em.search
     if spectra.route == "direct":
         acc = DirectAccumulator(spectra)
         records = Records() if spectra.quats is not None else None

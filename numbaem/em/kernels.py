@@ -56,19 +56,25 @@ _F_TAYLOR = tuple(np.float32(1.0 / math.factorial(i)) for i in range(8))
 _D_TAYLOR = tuple(1.0 / math.factorial(i) for i in range(13))
 
 
-def lane_blocks(K, threads=1):
+#: Lane blocks a large grid is split into at least (the accumulation runs one block per
+#: task): a constant, not the thread count, so that the blocks, and with them every
+#: rounding, are the same on 1 and N threads.
+MIN_BLOCKS = 16
+
+
+def lane_blocks(K, threads=None):
     """``(KB, n_blocks)``: rotations per lane block and the number of blocks for ``K`` rotations.
 
     ``KB`` is a multiple of :data:`LANE` and at most :data:`MAX_BLOCK` (longer lane
     loops run faster: at L = 11 about 1.5 us per pair at 128 lanes against 1.8 at 64);
     the blocks are as even as the lane width allows (fewer than ``LANE`` padding lanes
-    per block), there is at least one per thread when ``K`` allows it, and their number
-    is a multiple of the thread count (the accumulation runs one block per task).
+    per block), and there are at least :data:`MIN_BLOCKS` when ``K`` allows blocks of two
+    lane widths. The layout depends on ``K`` alone (``threads`` is ignored): the scores of
+    a block are exponentiated against the block's maximum, so another layout would round
+    differently, and results must not depend on the thread count.
     """
-    K, threads = int(K), max(1, int(threads))
-    n = max(-(-K // MAX_BLOCK), min(threads, -(-K // (2 * LANE))), 1)
-    if n >= threads:
-        n = -(-n // threads) * threads          # whole rounds of blocks for the threads
+    K = int(K)
+    n = max(-(-K // MAX_BLOCK), min(MIN_BLOCKS, -(-K // (2 * LANE))), 1)
     KB = -(-K // n)
     KB = -(-KB // LANE) * LANE
     return KB, -(-K // KB)

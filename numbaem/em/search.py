@@ -49,8 +49,8 @@ from ..model.projection import _steer, direction_images
 from ..runtime.errors import NumbaemError
 from ..runtime.jit import jit
 from . import kernels
-from .estep import (RECORD_EPS, Records, _no_timer, block_scales, choose_precision, direct_spectra, merge_reports,
-                    record_of, shift_index)
+from .estep import (RECORD_EPS, Records, SufficientStats, _no_timer, block_scales, choose_precision, direct_spectra,
+                    merge_reports, record_of, shift_index)
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,10 @@ class SearchModel:
         self.record = bool(record)
         self.max_pairs = MAX_PAIRS
         self._q = {}
+
+    def stream_stats(self, source, idx, upsilon, sigma2, n_chunk, progress=None, timer=None):
+        """:func:`search_stats` with this model (what :func:`numbaem.em.estep.stream_stats` calls)."""
+        return search_stats(source, idx, self, upsilon, sigma2, n_chunk, progress, timer)
 
     def _filtered(self, proj):
         if self.filt is None:
@@ -1055,6 +1059,23 @@ def _search_stats(source, idx, model, upsilon, sigma2, n_chunk, progress=None, t
         stats = acc.to_stats()
     stats.records = records
     return stats
+
+
+def stats_from_arrays(d):
+    """Statistics from their ``to_arrays`` dict: :class:`SufficientStats`, or a search's
+    :class:`numbaem.em.search.SearchStats` (which has data images ``g``)."""
+    if "g" in d:
+        return SearchStats.from_arrays(d)
+    return SufficientStats.from_arrays(d)
+
+
+def add_stat_arrays(a, b):
+    """``a + b`` of two statistics' ``to_arrays`` dicts into new arrays (inputs untouched)."""
+    plain = ("W", "G", "n_patches", "sum_empty", "sum_yy", "loglik")
+    if set(a) == set(b) == set(plain):
+        return {k: a[k] + b[k] for k in a}
+    sa = stats_from_arrays({k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()})
+    return sa.add(stats_from_arrays(b)).to_arrays()
 
 
 class GroupSearchStats:
