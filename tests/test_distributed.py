@@ -137,7 +137,7 @@ def test_cluster_matches_in_process(micrographs, reference, client):
 
 
 def test_cluster_with_ctf_groups_matches_in_process(micrographs, client):
-    """CTF groups (MODEL section 11): the job carries the projections and the groups' filters,
+    """CTF groups (theory section 11): the job carries the projections and the groups' filters,
     tasks hold one group each, and the iteration equals the in-process one."""
     from numbaem.model.ctf import CTFParams, ImageFilter
 

@@ -278,7 +278,7 @@ def test_single_precision_em_stays_with_double(rng):
 
 
 def test_search_on_ctf_groups_equals_the_brute_force_grouped_em(rng):
-    """Nothing pruned, CTF groups (MODEL section 11): the search's log-likelihood, per-group
+    """Nothing pruned, CTF groups (theory section 11): the search's log-likelihood, per-group
     statistics and normal equations equal the brute-force sums over every state of the fine
     level with the explicit matrices ``Psi_g A_k`` (tests/naive.py)."""
     from numbaem.em.search import GroupSearchStats

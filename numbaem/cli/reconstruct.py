@@ -1,4 +1,4 @@
-"""Reconstruct a volume directly from micrographs by approximate EM (MODEL sections 4-7).
+"""Reconstruct a volume directly from micrographs by approximate EM (theory sections 4-7).
 
 The micrographs are cut into L x L patches; each EM iteration computes the posterior
 over rotations and shifts of every patch (E-step) and solves for the Fourier-Bessel
@@ -20,7 +20,7 @@ Pick-then-EM: --particles coords.star runs the same EM on L x L boxes around the
 probability of a particle >= --min-probability), with that probability and the most
 likely rotation as extra columns.
 
-Real micrographs (MODEL section 11): by default each micrograph has its mean and a
+Real micrographs (theory section 11): by default each micrograph has its mean and a
 smooth background removed, is brought to a common noise scale, and is whitened by its
 estimated noise spectrum (--noise coloured); --particle-diameter Fourier-crops to the
 working pixel size diameter / L; --ctf MICROGRAPHS.star puts each micrograph's CTF
@@ -114,7 +114,7 @@ def add_args(p):
     p.add_argument("--plot", metavar="PNG", help="write a convergence plot (log-likelihood, FSC) as PNG")
     p.add_argument("--json", action="store_true", help="print a final JSON summary on standard output")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    d = p.add_argument_group("real micrographs (MODEL section 11)")
+    d = p.add_argument_group("real micrographs (theory section 11)")
     d.add_argument("--pixel-size", type=positive_float, default=None, metavar="ANGSTROM",
                    help="pixel size of the micrographs as given (default: their MRC headers); an atomic-model start "
                         "needs one")
