@@ -199,25 +199,12 @@ class SufficientStats:
         if self.rotations is not None or other.rotations is not None:
             if self.rotations is None or other.rotations is None:
                 raise NumbaemError("cannot add statistics of a whole grid to statistics of some of its rotations")
-            rot = np.union1d(self.rotations, other.rotations)
-            W = np.zeros((len(rot),) + self.W.shape[1:])
-            G = np.zeros((len(rot),) + self.G.shape[1:], self.G.dtype)
-            for part in (self, other):
-                pos = np.searchsorted(rot, part.rotations)
-                W[pos] += part.W
-                G[pos] += part.G
-            self.W, self.G, self.rotations = W, G, rot
+            self.rotations, (self.W, self.G) = merge_rows(self.rotations, (self.W, self.G),
+                                                          other.rotations, (other.W, other.G))
         else:
             self.W += other.W
             self.G += other.G
-        self.n_patches += other.n_patches
-        self.sum_empty += other.sum_empty
-        self.sum_yy += other.sum_yy
-        self.loglik += other.loglik
-        self.search = merge_reports(self.search, other.search)
-        if other.records is not None:
-            self.records = (self.records or Records()).update(other.records)
-        return self
+        return add_totals(self, other)
 
     @property
     def nbytes(self):
@@ -239,10 +226,41 @@ class SufficientStats:
     def from_arrays(cls, d):
         """Inverse of :meth:`to_arrays`."""
         d = dict(d)
-        rec = None
-        if "records_ids" in d:
-            rec = Records.from_arrays(d.pop("records_ids"), d.pop("records_ptr"), d.pop("records_quats"))
-        return cls(**d, records=rec)
+        records = pop_records(d)
+        return cls(**d, records=records)
+
+
+def merge_rows(rows_a, arrays_a, rows_b, arrays_b):
+    """Sums of statistics kept on some rows of a grid: the union of the rows (sorted, so the
+    result does not depend on which side held a row) and each array summed by row."""
+    rows = np.union1d(rows_a, rows_b)
+    pos_a, pos_b = np.searchsorted(rows, rows_a), np.searchsorted(rows, rows_b)
+    out = []
+    for xa, xb in zip(arrays_a, arrays_b):
+        x = np.zeros((len(rows),) + xa.shape[1:], xa.dtype)
+        x[pos_a] += xa
+        x[pos_b] += xb
+        out.append(x)
+    return rows, out
+
+
+def add_totals(stats, other):
+    """Add ``other``'s patch count, sums, log-likelihood, search report and records into ``stats``."""
+    stats.n_patches += other.n_patches
+    stats.sum_empty += other.sum_empty
+    stats.sum_yy += other.sum_yy
+    stats.loglik += other.loglik
+    stats.search = merge_reports(stats.search, other.search)
+    if other.records is not None:
+        stats.records = (stats.records or Records()).update(other.records)
+    return stats
+
+
+def pop_records(d):
+    """The :class:`Records` packed into a ``to_arrays`` dict (removed from it), or None."""
+    if "records_ids" not in d:
+        return None
+    return Records.from_arrays(d.pop("records_ids"), d.pop("records_ptr"), d.pop("records_quats"))
 
 
 def merge_reports(a, b):

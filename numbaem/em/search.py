@@ -49,8 +49,8 @@ from ..model.projection import _steer, direction_images
 from ..runtime.errors import NumbaemError
 from ..runtime.jit import jit
 from . import kernels
-from .estep import (RECORD_EPS, Records, SufficientStats, _no_timer, block_scales, choose_precision, direct_spectra,
-                    merge_reports, record_of, shift_index)
+from .estep import (RECORD_EPS, Records, SufficientStats, _no_timer, add_totals, block_scales, choose_precision,
+                    direct_spectra, merge_reports, merge_rows, pop_records, record_of, shift_index)
 
 logger = logging.getLogger(__name__)
 
@@ -430,22 +430,9 @@ class SearchStats:
 
     def add(self, other):
         """In-place sum, merged by row (the result's rows sorted)."""
-        rot = np.union1d(self.rotations, other.rotations)
-        W = np.zeros((len(rot),) + self.W.shape[1:])
-        g = np.zeros((len(rot),) + self.g.shape[1:])
-        for part in (self, other):
-            pos = np.searchsorted(rot, part.rotations)
-            W[pos] += part.W
-            g[pos] += part.g
-        self.W, self.g, self.rotations = W, g, rot
-        self.n_patches += other.n_patches
-        self.sum_empty += other.sum_empty
-        self.sum_yy += other.sum_yy
-        self.loglik += other.loglik
-        self.search = merge_reports(self.search, other.search)
-        if other.records is not None:
-            self.records = (self.records or Records()).update(other.records)
-        return self
+        self.rotations, (self.W, self.g) = merge_rows(self.rotations, (self.W, self.g), other.rotations,
+                                                      (other.W, other.g))
+        return add_totals(self, other)
 
     @property
     def nbytes(self):
@@ -461,10 +448,8 @@ class SearchStats:
     @classmethod
     def from_arrays(cls, d):
         d = dict(d)
-        rec = None
-        if "records_ids" in d:
-            rec = Records.from_arrays(d.pop("records_ids"), d.pop("records_ptr"), d.pop("records_quats"))
-        return cls(**d, records=rec)
+        records = pop_records(d)
+        return cls(**d, records=records)
 
 
 @jit
