@@ -28,8 +28,9 @@ from ..runtime.errors import NumbaemError
 from ..runtime.threads import prefer_passive_openmp
 from ..runtime.validate import as_rng
 from ..runtime.memory import default_budget, peak_rss, reset_peak_rss
-from .estep import GroupSpectra, Records, choose_precision, choose_route, projection_spectra, restrict_shifts, \
-    stream_stats
+from ..model import viewprior
+from .estep import GroupSpectra, Records, choose_precision, choose_route, fold_log_prior, projection_spectra, \
+    restrict_shifts, stream_stats
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
 from .plan import phi_bytes, plan_iteration, plan_search
 from .schedule import Stage, default_schedule, load_schedule, parse_schedule, validate_schedule  # noqa: F401
@@ -55,6 +56,8 @@ class EMState:
     rng: np.random.Generator = None
     history: list = dataclasses.field(default_factory=list)
     records: Records = None   # what each patch's posterior held last (for local searches)
+    view_weights: np.ndarray = None   # orientation prior: HEALPix cell weights q_b (numbaem.model.viewprior)
+    view_floor: float = 0.05          # its floor lambda
 
 
 class LocalExecutor:
@@ -137,17 +140,26 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
         check_search_source(source, stage)
         spec = stage.search_spec()
         model = SearchModel(state.theta, basis, spec, sigma2=sigma2_e, precision=precision,
-                            previous=state.records if spec.local > 0 else None, record=record)
+                            previous=state.records if spec.local > 0 else None, record=record,
+                            view_weights=state.view_weights)
         plan = plan_search(budget, basis, spec, len(idx), model.dtype.itemsize,
                            records=len(state.records or ()), n_groups=None if filters is None else len(filters))
         n_chunk = plan.n_chunk if n_chunk is None else int(n_chunk)
         executor = executor or LocalExecutor()
         stats = executor.sufficient_stats(source, idx, model, state.upsilon, sigma2_e, n_chunk, progress)
+        row_rots = model.rotations(stats.rotations) if state.view_weights is not None else None
         del model
         t_e = time.perf_counter()
         H, b = search_normal_equations(stats, spec, basis, max_block_bytes=plan.mstep_block_bytes, filters=filters)
         extra = search_record(stats, spec)
         extra["precision"] = plan.parts["precision"]
+        if state.view_weights is not None:
+            from ..model import hopf
+            nside = _nside(state.view_weights)
+            state.view_weights = viewprior.update_weights(
+                state.view_weights, viewprior.bins_of_rotations(hopf.rotations(spec.fine), nside),
+                viewprior.rotation_mass(stats.W), state.view_floor,
+                mass_bins=viewprior.bins_of_rotations(row_rots, nside))
     else:
         proj = operator.project(state.theta)
         route = choose_route(L)
@@ -166,6 +178,9 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
             else:
                 spectra = GroupSpectra(proj, filters, route=route, precision=str(dtype))
             del proj
+            if state.view_weights is not None:
+                view_bins = viewprior.bins_of_rotations(operator.rots, _nside(state.view_weights))
+                spectra = fold_log_prior(spectra, viewprior.log_offsets(state.view_weights, view_bins), sigma2_e)
             if getattr(source, "shift_window", None) is not None:   # boxes around picks (numbaem.data.boxes)
                 spectra = restrict_shifts(spectra, source.shift_window)
             executor = executor or LocalExecutor()
@@ -174,6 +189,9 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
             t_e = time.perf_counter()
             H, b = normal_equations(operator.blocks(), stats.W, stats.G, L, M,
                                     max_block_bytes=plan.mstep_block_bytes, filters=filters)
+            if state.view_weights is not None:
+                state.view_weights = viewprior.update_weights(state.view_weights, view_bins,
+                                                              viewprior.rotation_mass(stats.W), state.view_floor)
         finally:
             fft.set_cache_limit(old_limit)
     if getattr(stats, "records", None) is not None:
@@ -194,8 +212,15 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
                seconds=t1 - t0, seconds_estep=t_e - t0, seconds_mstep=t1 - t_e, peak_memory=peak_rss(),
                planned_peak_bytes=int(plan.peak), temperature=float(temperature),
                filter_groups=None if filters is None else len(filters))
+    if state.view_weights is not None:
+        rec["view_weights"] = state.view_weights.tolist()
     rec.update(extra)
     return rec
+
+
+def _nside(q):
+    """HEALPix ``nside`` of cell weights ``q`` (12 nside^2 cells)."""
+    return int(round(math.sqrt(len(q) / 12)))
 
 
 def search_record(stats, spec):
