@@ -182,3 +182,58 @@ def test_iteration_update_is_the_grid_mass_per_cell(rng):
     assert rec["loglik"] == stats.loglik
     np.testing.assert_allclose(state.view_weights,
                                viewprior.update_weights(q, bins, stats.W.sum(axis=(1, 2)), 0.1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("route", ["direct", "fft"])
+def test_iteration_with_prior_and_junk_class_matches_brute_force(rng, monkeypatch, route):
+    """One whole iteration with the orientation prior and the junk class against the explicit
+    sum over states (naive.brute_log_posteriors with the per-rotation prior and the junk row)
+    and the brute-force normal equations: the molecule from rows 0..K-1 only, the junk
+    coefficients from row K, varsigma = junk mass / Nd, upsilon as before, the prior's update.
+    Tolerances: the solves amplify round-off by cond(H) (about 1e3 here): rtol 1e-8."""
+    monkeypatch.setenv("NUMBAEM_ROUTE", route)
+    L, lmax, K = 5, 2, 8
+    basis = FBBasis(L, lmax)
+    rots = rotation_grid(K)
+    theta = rng.standard_normal(basis.M)
+    mic, s2 = make_micrograph(rng, theta, basis, rots, 40, 3, snr=4.0)
+    mic[20:25, 2:7] += 3.0 * np.sqrt(s2)                           # a contaminant
+    src = PatchSource([mic], L)
+    A = projection_matrices(basis, rots)
+    A_J = em.junk_operator(L)
+    q = rng.uniform(0.5, 2.0, 12)
+    junk_theta = np.array([0.5] * A_J.shape[1])
+    state = em.EMState(theta=theta.copy(), lmax=lmax, upsilon=0.4, sigma2=s2, rng=np.random.default_rng(0),
+                       view_weights=q.copy(), view_floor=0.05, junk_theta=junk_theta.copy(), varsigma=0.1)
+    stage = schedule.Stage(lmax, 1, 1.0, K)
+    rec = em.em_iteration(state, src, em.Operator(basis, rots, 1 << 30), stage, budget=1 << 30,
+                          precision="float64")
+    patches = src.get(np.arange(src.n_patches))
+    bins = viewprior.bins_of_rotations(rots, 1)
+    p = q[bins] / q[bins].sum()
+    logp_empty, logp, ll = naive.brute_log_posteriors(patches, A, theta, 0.4, s2, log_prior=np.log(p),
+                                                      junk=((A_J @ junk_theta).reshape(L, L), 0.1))
+    np.testing.assert_allclose(rec["loglik"], ll.sum(), rtol=1e-11)
+    w = np.exp(logp - ll[:, None, None, None])
+    H, b = naive.brute_normal_equations(patches, A, w[:, :K], L)
+    np.testing.assert_allclose(state.theta, np.linalg.solve(H, b), rtol=1e-8, atol=1e-8 * np.abs(state.theta).max())
+    H_J, b_J = naive.brute_normal_equations(patches, A_J[None], w[:, K:], L)
+    np.testing.assert_allclose(state.junk_theta, np.linalg.solve(H_J, b_J), rtol=1e-8)
+    np.testing.assert_allclose(state.varsigma, w[:, K].sum() / len(patches), rtol=1e-11)
+    np.testing.assert_allclose(state.upsilon, np.exp(logp_empty - ll).sum() / len(patches), rtol=1e-11)
+    np.testing.assert_allclose(state.view_weights,
+                               viewprior.update_weights(q, bins, w[:, :K].sum(axis=(0, 2, 3)), 0.05), rtol=1e-10)
+    assert rec["varsigma"] == state.varsigma
+
+
+def test_junk_class_refuses_the_search(rng):
+    """The search has no junk row: one sentence (switched off, the iteration is the primitives'
+    composition to the bit: test_em.py::test_without_ctf_or_whitening...)."""
+    basis, theta, mic, s2, stage, op = _iteration_case(rng)
+    start = perturbed(rng, theta, 0.3)
+    c = em.EMState(theta=start.copy(), lmax=stage.lmax, upsilon=0.5, sigma2=s2, rng=np.random.default_rng(0),
+                   junk_theta=np.zeros(em.junk_operator(basis.L).shape[1]), varsigma=0.1)
+    with pytest.raises(NumbaemError, match="exhaustive"):
+        em.em_iteration(c, PatchSource([mic], basis.L), em.SearchOperator(basis, schedule.Stage(
+            stage.lmax, 1, 1.0, fine=30.0).search_spec()), schedule.Stage(stage.lmax, 1, 1.0, fine=30.0),
+            budget=1 << 30)
