@@ -237,3 +237,47 @@ def test_junk_class_refuses_the_search(rng):
         em.em_iteration(c, PatchSource([mic], basis.L), em.SearchOperator(basis, schedule.Stage(
             stage.lmax, 1, 1.0, fine=30.0).search_spec()), schedule.Stage(stage.lmax, 1, 1.0, fine=30.0),
             budget=1 << 30)
+
+
+def test_checkpoint_resume_with_both_extensions_is_bit_exact(tmp_path):
+    """Stopped after 2 of 4 iterations and resumed from the checkpoint: the prior weights, varsigma
+    and the junk volume travel in state.json and the run ends with the same bits."""
+    from numbaem.em.checkpoint import Checkpointer, run_inputs
+    from test_checkpoint import L as LC, MEMORY as MEM, SIGMA2, make_micrograph as ck_micrograph
+
+    mic = ck_micrograph(tmp_path / "m.mrc")
+    sched = [schedule.Stage(2, 2, 0.5, 16), schedule.Stage(3, 2, 0.5, 32)]
+    kw = dict(sigma2=SIGMA2, schedule=sched, memory=MEM, progress=False, orientation_prior=1,
+              junk_class=True)
+    inputs = run_inputs([mic], L=LC, sigma2=SIGMA2, estimate_noise=False, schedule=sched, seed=5, tikhonov=0.0,
+                        upsilon0=0.5, init="random", memory=MEM)
+
+    def go(directory, stop=None, resume=False):
+        src = PatchSource.from_files([mic], LC)
+        with Checkpointer(directory, inputs) as ck:
+            state = ck.begin(resume=resume)
+            return em.reconstruct(src, "random", rng=np.random.default_rng(5), state=state,
+                                  callback=lambda st, rec: ck.save(st, rec), should_stop=stop, **kw).state
+
+    ref = go(tmp_path / "a")
+    n = []
+    go(tmp_path / "b", stop=lambda: n.append(1) or len(n) > 2)
+    with Checkpointer(tmp_path / "b", inputs) as ck:
+        saved = ck.load()
+    assert saved.total_iterations == 2 and saved.view_weights is not None and saved.junk_theta is not None
+    out = go(tmp_path / "b", resume=True)
+    assert np.array_equal(out.theta, ref.theta) and np.array_equal(out.view_weights, ref.view_weights)
+    assert np.array_equal(out.junk_theta, ref.junk_theta) and out.varsigma == ref.varsigma
+    assert out.upsilon == ref.upsilon
+
+
+def test_reconstruct_refuses_bad_extension_options(rng):
+    basis, theta, mic, s2, stage, op = _iteration_case(rng)
+    src = PatchSource([mic], basis.L)
+    with pytest.raises(NumbaemError, match="power of two"):
+        em.reconstruct(src, "random", sigma2=s2, schedule=[stage], orientation_prior=3, progress=False)
+    with pytest.raises(NumbaemError, match="floor"):
+        em.reconstruct(src, "random", sigma2=s2, schedule=[stage], orientation_prior=2, prior_floor=0,
+                       progress=False)
+    with pytest.raises(NumbaemError, match="exhaustive"):
+        em.reconstruct(src, "random", sigma2=s2, junk_class=True, progress=False)

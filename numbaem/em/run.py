@@ -479,7 +479,7 @@ def _check_anneal(anneal):
 def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=None, upsilon0=0.5,
                 rng=None, memory=None, tikhonov=0.0, truth=None, callback=None, progress=True,
                 state=None, should_stop=None, executor=None, anneal=None, restarts=1, scale_init=False,
-                precision="auto"):
+                precision="auto", orientation_prior=None, prior_floor=0.05, junk_class=False, varsigma0=0.1):
     """Run the approximate EM with frequency marching.
 
     Parameters
@@ -537,6 +537,17 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
     precision : {'auto', 'float32', 'float64'}
         Floating-point type of the direct route's scores (``numbaem.em.estep.choose_precision``:
         'auto' takes float32 where its rounding stays below 1e-3 nats).
+    orientation_prior : int, optional
+        Estimate a prior over viewing directions on the ``12 nside^2`` HEALPix cells of this
+        ``nside`` (:mod:`numbaem.model.viewprior`; docs/theory-extensions.md section 1),
+        starting uniform; None: every rotation ``1/K`` (today's model, the same bits).
+    prior_floor : float
+        Its floor ``lambda``: each update mixes in ``lambda`` of the uniform distribution.
+    junk_class : bool
+        Add the junk class (an isotropic volume of ``FBBasis(L, 0)``, started at the spherical
+        average of the start; docs/theory-extensions.md section 2); exhaustive stages only.
+    varsigma0 : float
+        The junk class's starting prior probability per patch.
 
     Returns
     -------
@@ -570,11 +581,27 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         return _best_of_restarts(source, sigma2=sigma2, estimate_noise=estimate_noise, schedule=schedule,
                                  upsilon0=upsilon0, rng=rng, memory=budget, tikhonov=tikhonov, truth=truth,
                                  callback=callback, progress=progress, should_stop=should_stop, executor=executor,
-                                 anneal=anneal, restarts=restarts, precision=precision)
+                                 anneal=anneal, restarts=restarts, precision=precision,
+                                 orientation_prior=orientation_prior, prior_floor=prior_floor, junk_class=junk_class,
+                                 varsigma0=varsigma0)
+    if orientation_prior is not None:
+        nside = viewprior.check_nside(orientation_prior)
+        prior_floor = viewprior.check_floor(prior_floor)
+    if junk_class:
+        if any(st.is_search for st in schedule):
+            raise NumbaemError("the junk class runs with exhaustive stages only; give a schedule whose stages all "
+                               "have rotations=K (e.g. 'lmax=2,iters=5,frac=1,rotations=600;lmax=4,iters=5,frac=1,rotations=600')")
+        if not 0 < varsigma0 < 1 - upsilon0:
+            raise NumbaemError(f"varsigma0={varsigma0} must lie strictly between 0 and 1 - upsilon0 = {1 - upsilon0:g}")
     stopped = False
     if state is None:
         theta = initial_theta(init, L, schedule[0].lmax, rng=rng, source=source, sigma2=sigma2, scale=scale_init)
         state = EMState(theta=theta, lmax=schedule[0].lmax, upsilon=upsilon0, sigma2=float(sigma2), rng=rng)
+        if orientation_prior is not None:
+            state.view_weights, state.view_floor = np.ones(12 * nside * nside), prior_floor
+        if junk_class:
+            state.junk_theta = resize_theta(theta, FBBasis(L, schedule[0].lmax), FBBasis(L, 0))
+            state.varsigma = float(varsigma0)
     total = sum(st.iters for st in schedule)
     bar = _progress(total, progress, "EM iterations", state.total_iterations)
     try:
