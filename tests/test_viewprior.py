@@ -281,3 +281,24 @@ def test_reconstruct_refuses_bad_extension_options(rng):
                        progress=False)
     with pytest.raises(NumbaemError, match="exhaustive"):
         em.reconstruct(src, "random", sigma2=s2, junk_class=True, progress=False)
+
+
+def test_search_iteration_updates_the_prior_from_its_rows(rng):
+    """A search stage: the weights' update bins each statistics row by its own direction, with
+    the fine level's rotations per cell (docs/theory-extensions.md section 1)."""
+    basis, theta = _molecule_theta(5, 2)
+    mic, s2 = make_micrograph(rng, theta, basis, hopf.rotations(1), 60, 6, snr=5.0)
+    stage = schedule.Stage(2, 1, 1.0, fine=30.0)
+    spec = stage.search_spec()
+    q = rng.uniform(0.5, 2.0, 12)
+    state = em.EMState(theta=theta.copy(), lmax=2, upsilon=0.5, sigma2=s2, rng=np.random.default_rng(0),
+                       view_weights=q.copy())
+    src = PatchSource([mic], basis.L)
+    em.em_iteration(state, src, em.SearchOperator(basis, spec), stage, budget=1 << 30, precision="float64")
+    model = SearchModel(theta, basis, spec, sigma2=s2, precision="float64", view_weights=q)
+    stats = model.stream_stats(src, np.arange(src.n_patches), 0.5, s2, 64)
+    ref = viewprior.update_weights(q, viewprior.bins_of_rotations(hopf.rotations(spec.fine), 1),
+                                   viewprior.rotation_mass(stats.W), 0.05,
+                                   mass_bins=viewprior.bins_of_rotations(model.rotations(stats.rotations), 1))
+    np.testing.assert_allclose(state.view_weights, ref, rtol=1e-10)
+    assert not np.allclose(state.view_weights, q)
