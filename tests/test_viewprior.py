@@ -302,3 +302,15 @@ def test_search_iteration_updates_the_prior_from_its_rows(rng):
                                    mass_bins=viewprior.bins_of_rotations(model.rotations(stats.rotations), 1))
     np.testing.assert_allclose(state.view_weights, ref, rtol=1e-10)
     assert not np.allclose(state.view_weights, q)
+
+
+def test_view_distribution_plot_is_written_and_bad_weights_refused(tmp_path):
+    from numbaem.analysis.plots import plot_view_distribution
+    q = np.ones(48)
+    q[:4] = 10.0
+    plot_view_distribution(q, tmp_path / "v.png", truth=np.full(48, 1 / 48))
+    assert (tmp_path / "v.png").stat().st_size > 1000
+    with pytest.raises(NumbaemError, match="HEALPix"):
+        plot_view_distribution(np.ones(47), tmp_path / "w.png")
+    with pytest.raises(NumbaemError):
+        plot_view_distribution(q, tmp_path / "v.png")          # exists, no force
