@@ -78,6 +78,11 @@ def main(argv=None):
     source = PatchSource(sim.micrographs, L)
     out = dict(args=vars(args), patches=source.n_patches, started=datetime.datetime.utcnow().isoformat() + "Z",
                results={})
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"extensions-{datetime.datetime.utcnow().strftime('%Y%m%dT%H%M%SZ')}.json"
+
+    def save():                  # after every variant: an interrupted run keeps what it measured
+        path.write_text(json.dumps(out, indent=1) + "\n")
     with use_threads(args.threads):
         stage = Stage(args.lmax, 1, 1.0, args.K)
         op = em.Operator(basis, rotation_grid(args.K), 1 << 31)
@@ -86,6 +91,7 @@ def main(argv=None):
             res = time_variant(source, theta, basis, sim.sigma2, stage, op, args.reps, **kw)
             res.update(load_before=load0, load_after=os.getloadavg())
             out["results"][f"exhaustive_K{args.K}/{name}"] = res
+            save()
             print(f"exhaustive K={args.K} {name:18s} {res['median']:.3f} s/iteration (best {res['best']:.3f})",
                   flush=True)
         if args.fine:
@@ -96,10 +102,8 @@ def main(argv=None):
                 res = time_variant(source, theta, basis, sim.sigma2, stage, op, args.reps, **VARIANTS[name])
                 res.update(load_before=load0, load_after=os.getloadavg())
                 out["results"][f"search_fine{args.fine:g}/{name}"] = res
+                save()
                 print(f"search fine={args.fine:g} {name:18s} {res['median']:.3f} s/iteration", flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"extensions-{datetime.datetime.utcnow().strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
 
 
