@@ -7,7 +7,7 @@ projections and spectra, and the package's own E-step (``e_step_chunk``, in the 
 chunks). They differ only in
 
 1. **the M-step.** numbaem: ``numbaem.em.mstep.normal_equations`` from the sufficient
-   statistics ``W``, ``G`` (MODEL section 6: the sum over shifts collapses into a mask
+   statistics ``W``, ``G`` (theory section 6: the sum over shifts collapses into a mask
    weight ``h_k``, so ``H = sum_k A_k^T diag(h_k) A_k``), then Cholesky. The paper
    (:class:`PaperRoute`): with ``A_kl = C T_l Z A_k`` formed explicitly for every
    rotation ``k`` and non-empty shift ``l`` and ``A_kl^T A_kl`` precomputed (once per
@@ -88,7 +88,7 @@ class PaperRoute:
     def shifted_operators(self):
         """``A_kl = (C T_l Z) A_k``: (K, S, L^2, M), shifts in row-major order of ``(l1, l2)``.
 
-        ``(C T_l Z u)[q] = u_padded[(q - l) mod 2L]`` for ``q`` in ``[0, L)^2`` (MODEL section 4).
+        ``(C T_l Z u)[q] = u_padded[(q - l) mod 2L]`` for ``q`` in ``[0, L)^2`` (theory section 4).
         """
         L, M, K = self.L, self.M, self.K
         Z = np.zeros((K, 2 * L, 2 * L, M))

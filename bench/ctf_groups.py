@@ -1,4 +1,4 @@
-"""Bench: time per EM iteration against the number of CTF groups (MODEL section 11).
+"""Bench: time per EM iteration against the number of CTF groups (theory section 11).
 
     python bench/ctf_groups.py                       # paper-v1 size: L=11, lmax=10 (M=219), K=560, 60,000 patches
     python bench/ctf_groups.py --patches 6000        # the same per-iteration costs on fewer patches

@@ -12,7 +12,7 @@ Each experiment writes ``search-<experiment>-<UTC time>.json`` and ``.png`` into
 each timed run, and the versions.
 
 ``offgrid``
-    The off-grid floor (MODEL section 9): L = 7, lmax = 4, a random Fourier-Bessel volume
+    The off-grid floor (theory section 9): L = 7, lmax = 4, a random Fourier-Bessel volume
     whose coefficients fall like ``exp(-0.3 l)`` (as ``tests/test_em.py``'s recovery
     test), four 280 x 280 micrographs with 160 well-separated projections each at
     Haar-random rotations (Method 2), SNR 100, from the truth plus 25% random error (the

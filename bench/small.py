@@ -6,7 +6,7 @@ density 0.15, well-separated; a synthetic molecule of side 41), cached on disk
 from a homolog, one stage ``lmax=4, K=300, frac=1`` for three iterations, seconds
 per iteration and peak memory from its log (:mod:`bench._userrun`).
 
-Besides, on the first iteration's patches and start, each phase (MODEL section 10)
+Besides, on the first iteration's patches and start, each phase (theory section 10)
 timed on its own after the warm-up:
 
 - ``build_A``               ``projection_matrices`` for the K grid rotations (once per stage)

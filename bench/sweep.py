@@ -1,4 +1,4 @@
-"""Suite ``sweep``: how the iteration time scales (MODEL section 10).
+"""Suite ``sweep``: how the iteration time scales (theory section 10).
 
 - patches: 2,500 / 5,000 / 10,000 at L = 7, lmax = 4, K = 300: time per iteration should
   be linear in the patch count (fitted slope, intercept, R^2, and the spread of the time

@@ -1,6 +1,7 @@
 """Real-micrograph options measured (issue 10): CTF, coloured noise, offsets, and the working pixel size.
 
-    python examples/ctf_recovery.py ../shared/data/ribosome70S_65.mrc --out ctf-run
+    python examples/ctf_recovery.py --out ctf-run              # a seeded synthetic molecule (65^3)
+    python examples/ctf_recovery.py MAP.mrc --out ctf-run      # any cubic map of side 65 or so
 
 Every data set is made by ``numbaem simulate`` (Method 1: the 65^3 ribosome projected at its
 own size, then Fourier-cropped to L = 11; the map has no pixel size in its header, so
@@ -131,7 +132,8 @@ def _error_at_lmax(est, truth, lmax):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("map")
+    p.add_argument("map", nargs="?", default=None,
+                   help="cubic MRC map (default: numbaem molecule --size 65 --seed 0, written into --out)")
     p.add_argument("--out", default="ctf-run")
     p.add_argument("--size", type=int, default=440, help="micrograph side at the working pixel size (default 440)")
     p.add_argument("--count", type=int, default=3, help="micrographs per data set (default 3)")
@@ -150,6 +152,10 @@ def main():
         args.size, args.count, args.schedule = 154, 1, "lmax=2,iters=1,rotations=30"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.makedirs(args.out, exist_ok=True)
+    if args.map is None:
+        args.map = os.path.join(args.out, "molecule.mrc")
+        if not os.path.exists(args.map):
+            numbaem(["molecule", "-o", args.map, "--size", "65", "--seed", "0"])
     run = Runner(args.out, args.schedule, args.seed, args.threads, [t for t in args.reuse.split(",") if t])
     todo = set(args.experiments.split(","))
     results = dict(map=args.map, voxel_size=VOXEL, size=args.size, count=args.count, snr=args.snr,

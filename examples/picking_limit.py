@@ -62,7 +62,7 @@ SNRS = (1, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32)
 
 
 def schedule_for(L):
-    """The schedule every run uses: low lmax and a coarse grid first (MODEL section 7)."""
+    """The schedule every run uses: low lmax and a coarse grid first (theory section 7)."""
     top = numbaem.FBBasis.max_lmax(L)
     return numbaem.parse_schedule(f"lmax=2,iters=4,rotations=60;lmax={min(4, top)},iters=4,rotations=150;"
                                   f"lmax={top},iters=4,rotations=150")

@@ -1,7 +1,8 @@
 """numbaem: cryo-EM structure recovery directly from micrographs by approximate EM.
 
 The public names are re-exported here; importing does nothing else (no logging
-set-up, no numba configuration).
+set-up, no numba configuration). "Theory section N" in the docstrings refers to section N
+of the project's ``docs/theory.md`` (the model, the algorithm and their derivations).
 """
 from ._version import __version__
 from .analysis.align import VolumeAlignment, align_volumes

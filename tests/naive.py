@@ -1,6 +1,6 @@
 """Slow, obviously correct twins of the fast paths (NumPy and loops only).
 
-Each function here follows a formula of MODEL.md literally, with no FFT trick, no
+Each function here follows a formula of docs/theory.md literally, with no FFT trick, no
 Wigner D and no sufficient statistic, so that a test comparing the fast path with it
 pins the conventions down.
 """
@@ -83,7 +83,7 @@ def brute_log_posteriors(patches, A, theta, upsilon, sigma2, window=None, log_pr
     prior ``varsigma / (2L-1)^2`` per shift (``logp`` then has ``K + 1`` rows).
 
     Returns ``(logp_empty (n,), logp (n, K, 2L, 2L) with -inf at dropped shifts, loglik (n,))``
-    where ``loglik`` is the full log-likelihood of each patch (MODEL section 4),
+    where ``loglik`` is the full log-likelihood of each patch (theory section 4),
     computed from explicit residual norms. With ``window`` only the shifts whose signed
     offsets (index ``l`` is ``l`` below ``L`` and ``l - 2L`` above) are at most ``window``
     in size exist, each with prior ``(1 - upsilon) / ((2 window + 1)^2 K)``.
@@ -194,7 +194,7 @@ def score_map(image, templates, sigma2):
     return z, best
 
 
-# --------------------------------------------------------------------------- CTF groups (MODEL section 11)
+# --------------------------------------------------------------------------- CTF groups (theory section 11)
 
 def filter_matrix(flt, L, P):
     """``Psi`` from its definition, column by column: pad the unit image to P x P (top left),

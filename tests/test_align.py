@@ -1,4 +1,4 @@
-"""Rotation and reflection of coefficients, alignment, and maps compared like with like (MODEL sections 8-9)."""
+"""Rotation and reflection of coefficients, alignment, and maps compared like with like (theory sections 8-9)."""
 import functools
 from pathlib import Path
 
@@ -247,7 +247,7 @@ def test_compare_like_with_like(rng, L, source):
     copy = _rotate_by_interpolation(inside, rot)
     res = align_volumes(inside, copy)
     expected = relative_error(_rotated_directly(theta, basis, rot), res.reference)
-    assert 0.01 < expected < 0.2  # cubic splines at these sizes (MODEL section 9)
+    assert 0.01 < expected < 0.2  # cubic splines at these sizes (theory section 9)
     assert not res.reflected and _angle(res.rotation, rot) < 0.05
     assert 0.9 * expected < res.relative_error <= expected + 1e-9
 

@@ -1,4 +1,4 @@
-"""Fourier-Bessel basis (MODEL section 2)."""
+"""Fourier-Bessel basis (theory section 2)."""
 import math
 
 import numpy as np

@@ -115,7 +115,7 @@ def test_paper_route_mstep_equals_numbaem_on_the_same_posteriors():
 
 
 def test_paper_route_shift_operator_is_crop_shift_pad():
-    """``A_kl`` of the baseline is ``C T_l Z A_k`` (MODEL section 4), pixel by pixel on a random operator."""
+    """``A_kl`` of the baseline is ``C T_l Z A_k`` (theory section 4), pixel by pixel on a random operator."""
     from bench.baseline import PaperRoute
 
     rng = np.random.default_rng(0)

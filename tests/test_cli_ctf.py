@@ -1,4 +1,4 @@
-"""The command line with real-micrograph options (MODEL section 11), in process: numbers in the
+"""The command line with real-micrograph options (theory section 11), in process: numbers in the
 files it writes, invariance to offsets / ramps / inverted contrast, and one-sentence refusals
 that leave nothing behind."""
 import json

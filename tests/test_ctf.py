@@ -1,4 +1,4 @@
-"""The CTF (MODEL section 11) against independent reference values, and the patch model's filter Psi."""
+"""The CTF (theory section 11) against independent reference values, and the patch model's filter Psi."""
 import json
 import math
 from pathlib import Path

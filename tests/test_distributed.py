@@ -137,7 +137,7 @@ def test_cluster_matches_in_process(micrographs, reference, client):
 
 
 def test_cluster_with_ctf_groups_matches_in_process(micrographs, client):
-    """CTF groups (MODEL section 11): the job carries the projections and the groups' filters,
+    """CTF groups (theory section 11): the job carries the projections and the groups' filters,
     tasks hold one group each, and the iteration equals the in-process one."""
     from numbaem.model.ctf import CTFParams, ImageFilter
 
@@ -156,6 +156,26 @@ def test_cluster_with_ctf_groups_matches_in_process(micrographs, client):
     assert ex.last_call["tasks"] >= 2
     # the job holds K L^2 + G L^4 numbers, not G sets of spectra
     assert ex.last_call["job_bytes"] < 8 * (K * L * L + 2 * L ** 4) + 4096
+
+
+def test_cluster_search_on_ctf_groups_matches_in_process(micrographs, client):
+    """A coarse-to-fine search stage on CTF groups: the tasks of each group search against that
+    group's filtered model (the job carries the filters), and the iteration equals the in-process one."""
+    from numbaem.model.ctf import CTFParams, ImageFilter
+
+    filters = [ImageFilter(8.0, CTFParams(15000, 14000, 20, 300, 2.7, 0.1)),
+               ImageFilter(8.0, CTFParams(25000, 25000, 0, 300, 2.7, 0.1))]
+    sched = [Stage(lmax=2, iters=1, frac=1.0, rotations=K), Stage(lmax=2, iters=1, frac=1.0, fine=30.0, coarse=60.0)]
+
+    def run(executor=None):
+        source = PatchSource.from_files(micrographs, L, groups=np.array([0, 1, 0]), filters=filters)
+        return reconstruct(source, "random", sigma2=SIGMA2, schedule=sched, rng=np.random.default_rng(7),
+                           progress=False, executor=executor)
+
+    ex = DaskExecutor(client)
+    local, remote = run(), run(ex)
+    _assert_close(remote, local)
+    assert local.history[-1]["filter_groups"] == 2 and local.history[-1]["search_rows"] > 0
 
 
 class KillOnce(distributed.diagnostics.plugin.SchedulerPlugin):

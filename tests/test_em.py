@@ -1,4 +1,4 @@
-"""The EM loop (MODEL sections 4-7): monotone likelihood, recovery, schedules, memory, threads."""
+"""The EM loop (theory sections 4-7): monotone likelihood, recovery, schedules, memory, threads."""
 import math
 import tracemalloc
 
@@ -147,7 +147,7 @@ def test_memory_budget_is_honoured(rng, arrays_mib, whole_operator, groups):
     """Every array of an iteration counts against the budget: the traced peak (operator and
     its M-step copy included, built inside the traced region) stays within the budget
     less the interpreter's allowance. With 1.5 MiB of room the operator is kept only as
-    blocks of rotations rebuilt on demand. With CTF groups (MODEL section 11: filters,
+    blocks of rotations rebuilt on demand. With CTF groups (theory section 11: filters,
     per-group statistics, each group's spectra made between its chunks) likewise."""
     from numbaem.em.plan import INTERPRETER_BYTES
     from numbaem.runtime import fft
@@ -231,7 +231,7 @@ def test_reconstruct_rejects_bad_input(rng):
 
 
 def test_without_ctf_or_whitening_the_iteration_is_that_of_sections_5_and_6_to_the_bit(rng):
-    """No CTF and no whitening (MODEL section 11 not asked for): the iteration is exactly the
+    """No CTF and no whitening (theory section 11 not asked for): the iteration is exactly the
     composition of the section 5-6 primitives as before the CTF groups existed (same bits), and
     a source with groups through the grouped path, with identity filters, agrees to round-off."""
     from numbaem.em.estep import stream_stats

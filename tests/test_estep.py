@@ -1,4 +1,4 @@
-"""E-step (MODEL sections 4-5) against the brute-force sum over states."""
+"""E-step (theory sections 4-5) against the brute-force sum over states."""
 import math
 
 import numpy as np
@@ -45,7 +45,7 @@ def test_estep_matches_brute_force(rng, route):
     # dropped shifts carry nothing
     assert np.all(w[:, :, L, :] == 0) and np.all(w[:, :, :, L] == 0)
     np.testing.assert_allclose(stats.W, w.sum(axis=0), rtol=1e-13, atol=1e-16)
-    # the data images g_k = sum_jl w_jkl (C T_l Z)^T y_j (MODEL section 6), summed literally
+    # the data images g_k = sum_jl w_jkl (C T_l Z)^T y_j (theory section 6), summed literally
     g_ref = np.zeros((K, L * L))
     for (a, b) in naive.nonempty_shifts(L):
         S = naive.shift_operator(L, (a, b))
@@ -178,7 +178,7 @@ def test_restricted_shifts_match_brute_force(rng, window, route):
 
 def test_best_states_are_the_posterior_maxima(rng):
     """best_states: the shift with the largest posterior summed over rotations, the rotation
-    with the largest posterior at it, signed as MODEL section 4 reads the shift index."""
+    with the largest posterior at it, signed as theory section 4 reads the shift index."""
     from numbaem.em.estep import signed_shifts
 
     basis, A, theta, proj, patches, sigma2 = _case(rng, n=4)
@@ -221,7 +221,7 @@ def _group_case(rng, L=5, lmax=2, K=3, sigma2=0.5):
 @pytest.mark.parametrize("route", ["direct", "fft"])
 def test_estep_with_ctf_groups_matches_brute_force(rng, route):
     """stream_stats with per-group spectra against the brute-force sum over states with the
-    explicit matrices Psi_g A_k (MODEL section 11): posteriors summed per group, log-likelihood."""
+    explicit matrices Psi_g A_k (theory section 11): posteriors summed per group, log-likelihood."""
     from numbaem.em.estep import GroupSpectra, stream_stats
     basis, A, theta, Psi, source, sigma2 = _group_case(rng)
     L, K = basis.L, len(A)

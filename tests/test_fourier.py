@@ -17,7 +17,7 @@ ATOL = 1e-12
 
 
 def _positions(n):
-    """Sample positions n - n//2 of an axis of length n (MODEL.md section 2)."""
+    """Sample positions n - n//2 of an axis of length n (theory section 2)."""
     return np.arange(n) - n // 2
 
 

@@ -1,4 +1,4 @@
-"""FSC, resolution, relative error (MODEL section 9), and the numbaem fsc command."""
+"""FSC, resolution, relative error (theory section 9), and the numbaem fsc command."""
 import json
 import math
 

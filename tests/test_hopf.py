@@ -80,7 +80,7 @@ def test_rotations_are_proper_and_match_euler_angles():
 
 
 def test_covering_radius_halves_per_level():
-    """Covering radius (MODEL section 8) below one step per level and halving: measured
+    """Covering radius (theory section 8) below one step per level and halving: measured
     56.3, 27.9, 13.9, 6.95 degrees at levels 0-3 (steps 60, 30, 15, 7.5)."""
     radii = [math.degrees(covering_radius(hopf.rotations(r), n_probe=6000, refine=6)) for r in range(3)]
     for r, rad in enumerate(radii):

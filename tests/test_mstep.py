@@ -1,4 +1,4 @@
-"""M-step (MODEL section 6): H, b from sufficient statistics against brute-force sums."""
+"""M-step (theory section 6): H, b from sufficient statistics against brute-force sums."""
 import numpy as np
 
 from numbaem.model.basis import FBBasis
@@ -41,7 +41,7 @@ def test_normal_equations_blocks(rng):
 
 
 def test_wrong_conjugate_would_be_caught(rng):
-    """MODEL: the conjugate on the wrong factor gives a large error; the check above sees it."""
+    """The conjugate on the wrong factor gives a large error; the check above sees it."""
     basis, A, theta, patches, stats, w = _posteriors(rng)
     H_ref, b_ref = naive.brute_normal_equations(patches, A, w, basis.L)
     _, b_bad = normal_equations([(slice(None), A)], stats.W, np.conj(stats.G), basis.L, basis.M)
@@ -92,7 +92,7 @@ def test_solve_solves_and_regularises(rng, caplog):
 
 def test_normal_equations_with_ctf_groups_match_brute_force(rng):
     """H = sum_g sum_k (Psi_g A_k)^T diag(h_gk) (Psi_g A_k) and b from per-group statistics, against
-    the brute-force sums over (j, k, l) with S_l Psi_g A_k formed explicitly (MODEL section 11)."""
+    the brute-force sums over (j, k, l) with S_l Psi_g A_k formed explicitly (theory section 11)."""
     from numbaem.em.estep import GroupSpectra, stream_stats
     from test_estep import _group_case
     basis, A, theta, Psi, source, sigma2 = _group_case(rng)

@@ -1,4 +1,4 @@
-"""Noise power spectra (MODEL section 11): the robust radial estimate, its refinement, whitening."""
+"""Noise power spectra (theory section 11): the robust radial estimate, its refinement, whitening."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-"""Preprocessing of raw micrographs (MODEL section 11): background, contrast, crop, scale, whitening."""
+"""Preprocessing of raw micrographs (theory section 11): background, contrast, crop, scale, whitening."""
 import mrcfile
 import numpy as np
 import pytest

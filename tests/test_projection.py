@@ -1,4 +1,4 @@
-"""The projection operator (MODEL sections 3 and 9)."""
+"""The projection operator (theory sections 3 and 9)."""
 import numpy as np
 import pytest
 

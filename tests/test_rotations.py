@@ -1,4 +1,4 @@
-"""Rotations and Wigner D (MODEL section 8)."""
+"""Rotations and Wigner D (theory section 8)."""
 import math
 
 import numpy as np

@@ -278,7 +278,7 @@ def test_single_precision_em_stays_with_double(rng):
 
 
 def test_search_on_ctf_groups_equals_the_brute_force_grouped_em(rng):
-    """Nothing pruned, CTF groups (MODEL section 11): the search's log-likelihood, per-group
+    """Nothing pruned, CTF groups (theory section 11): the search's log-likelihood, per-group
     statistics and normal equations equal the brute-force sums over every state of the fine
     level with the explicit matrices ``Psi_g A_k`` (tests/naive.py)."""
     from numbaem.em.search import GroupSearchStats
@@ -312,3 +312,29 @@ def test_search_on_ctf_groups_equals_the_brute_force_grouped_em(rng):
     H_ref, b_ref = naive.brute_normal_equations_groups(patches, groups, A, Psi, w, L)
     assert np.abs(H - H_ref).max() < 1e-10 * np.abs(H_ref).max()
     assert np.abs(b - b_ref).max() < 1e-10 * np.abs(b_ref).max()
+
+
+def test_search_iteration_on_ctf_groups_is_the_composition_of_its_parts(rng):
+    """em_iteration of a search stage on a source with CTF groups: the grouped search statistics,
+    the normal equations through each group's Psi_g and the solve, composed by hand, give the
+    same bits (the wiring of theory sections 11 and 12 together)."""
+    from numbaem.em.mstep import solve, update_upsilon
+    from numbaem.em.schedule import Stage
+    from numbaem.model.ctf import CTFParams, ImageFilter
+    basis, theta = _molecule_theta(5, 2)
+    L = basis.L
+    filters = [ImageFilter(6.0, CTFParams(12000, 11000, 30, 300, 2.7, 0.1)),
+               ImageFilter(6.0, CTFParams(25000, 25000, 0, 300, 2.7, 0.1))]
+    mics = [rng.standard_normal((4 * L, 4 * L)) * 0.5 for _ in range(3)]
+    source = PatchSource(mics, L, groups=np.array([1, 0, 1]), filters=filters)
+    stage = Stage(2, 1, 1.0, fine=30.0, coarse=60.0, prune=1e-3)
+    spec = stage.search_spec()
+    state = em.EMState(theta=theta.copy(), lmax=2, upsilon=0.4, sigma2=0.25, rng=np.random.default_rng(3))
+    rec = em.em_iteration(state, source, em.SearchOperator(basis, spec), stage, budget=1 << 30)
+    idx = source.sample(1.0, np.random.default_rng(3))
+    model = SearchModel(theta, basis, spec, sigma2=0.25)
+    stats = search_stats(source, idx, model, 0.4, 0.25, rec["chunk"])
+    H, b = search_normal_equations(stats, spec, basis, filters=source.filter_matrices())
+    assert np.array_equal(state.theta, solve(H, b).theta)
+    assert state.upsilon == update_upsilon(stats) and rec["loglik"] == stats.loglik
+    assert rec["filter_groups"] == 2

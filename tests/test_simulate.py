@@ -1,4 +1,4 @@
-"""Micrograph simulation (MODEL.md section 1): placement, SNR, scale and axes of both methods."""
+"""Micrograph simulation (theory section 1): placement, SNR, scale and axes of both methods."""
 import json
 import re
 
@@ -386,7 +386,7 @@ def test_write_simulation_bad_input(tmp_path, small_sim):
     assert list(tmp_path.iterdir()) == []
 
 
-# --------------------------------------------------------------------------- CTF and coloured noise (MODEL 11)
+# --------------------------------------------------------------------------- CTF and coloured noise (theory section 11)
 
 
 def test_ctf_filters_the_whole_clean_micrograph_and_keeps_particles_and_noise(vol):

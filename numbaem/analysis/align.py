@@ -1,7 +1,7 @@
-"""Alignment of a reconstruction to a reference on coefficients alone (MODEL section 8).
+"""Alignment of a reconstruction to a reference on coefficients alone (theory section 8).
 
 A volume is recovered only up to a rotation and a reflection. In the Fourier-Bessel basis
-(MODEL section 2) both act block by block on the complex coefficients ``x[l, :, s]``:
+(theory section 2) both act block by block on the complex coefficients ``x[l, :, s]``:
 
 - rotation, ``(R_w f)(r) = f(w^T r)``: its transform is ``F(w^T k)`` and, with
   ``Y_l^m(w^T r) = sum_N D^l_{N,m}(w) Y_l^N(r)``, ``x[l, :, s] -> D^l(w) x[l, :, s]``;
@@ -154,7 +154,7 @@ def _l_signs(basis):
 
 
 def rotate_coefficients(theta, basis, rot):
-    """Coefficients of the volume rotated by ``rot`` (MODEL sections 2, 3 and 8).
+    """Coefficients of the volume rotated by ``rot`` (theory sections 2, 3 and 8).
 
     The rotated volume is ``f(rot^T r)``, whose transform is ``F(rot^T k)``; per ``(l, s)``
     the complex coefficients map as ``x[l, :, s] -> D^l(rot) x[l, :, s]``. Exact (no
@@ -341,7 +341,7 @@ def _select_candidates(scores, rots, n_refine, min_sep):
 
 
 def align(theta_est, theta_ref, basis, *, lmax_search=None, n_coarse=3000, n_refine=5, reflections=True, rng=None):
-    """Rotate (and possibly reflect) ``theta_est`` onto ``theta_ref`` (MODEL section 8).
+    """Rotate (and possibly reflect) ``theta_est`` onto ``theta_ref`` (theory section 8).
 
     Maximises ``<rotate(reflect^e(theta_est), w), theta_ref>`` over ``w`` in SO(3) and
     ``e`` in {0, 1} on coefficients alone. The coarse search runs on the orders
@@ -461,7 +461,7 @@ class VolumeAlignment:
         Whether the estimate was point-reflected, ``est(-r)``, before the rotation.
     correlation : float
         Of the aligned coefficient vectors, in ``[-1, 1]`` (Fourier-space inner product
-        over the ball, MODEL section 2).
+        over the ball, theory section 2).
     relative_error : float
         ``||estimate - reference|| / ||reference||`` over the voxels.
     basis : FBBasis
@@ -546,7 +546,7 @@ def _synthesize_pair(theta_ref, basis, result, lmax_search, held):
 
 
 def align_volumes(estimate, reference, lmax_search=None, n_coarse=3000, n_refine=5, reflections=True, rng=None):
-    """Align a map to a reference and return the pair to compare (MODEL sections 2, 8, 9).
+    """Align a map to a reference and return the pair to compare (theory sections 2, 8, 9).
 
     A voxel map cannot be rotated exactly (resampling interpolates), so both maps are
     first brought into one representation on which rotations and the reflection act

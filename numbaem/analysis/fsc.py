@@ -1,9 +1,9 @@
-"""Measures of a reconstruction (MODEL section 9): FSC, resolution, relative error, the FSC plot.
+"""Measures of a reconstruction (theory section 9): FSC, resolution, relative error, the FSC plot.
 
 Fourier shell correlation
 -------------------------
 Between two ``L^3`` volumes, over spherical shells of their centred DFTs
-(``fftshift(fftn(ifftshift(vol)))``, MODEL section 2). Frequency index ``n`` (a vector of
+(``fftshift(fftn(ifftshift(vol)))``, theory section 2). Frequency index ``n`` (a vector of
 three indices ``0 .. L-1``) lies in shell ``round(|n - R|)``, ``R = L // 2``, measured in
 index units; shells ``0 .. R`` are kept (the corners of the cube, beyond ``R``, are
 dropped), and shell ``i`` has frequency ``i / L`` cycles per pixel (shell ``R`` is
@@ -59,7 +59,7 @@ def shell_indices(L):
 
 
 def fsc(vol1, vol2):
-    """Fourier shell correlation of two volumes (MODEL section 9).
+    """Fourier shell correlation of two volumes (theory section 9).
 
     Parameters
     ----------
@@ -114,7 +114,7 @@ def _check_curve(freq, curve):
 
 
 def resolution(freq, curve, threshold=0.5):
-    """Frequency at which an FSC curve first falls below ``threshold`` (MODEL section 9).
+    """Frequency at which an FSC curve first falls below ``threshold`` (theory section 9).
 
     Let ``i`` be the first shell with ``curve[i] < threshold``, NaN shells (no energy)
     skipped. The result is the linear interpolation between the last valid shell

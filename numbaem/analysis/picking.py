@@ -1,7 +1,7 @@
 """Particle picking for the pick-then-EM baseline, and picks judged against the truth.
 
 Template matching (``numbaem pick --init``). With white noise of variance ``sigma^2``
-(MODEL section 1), the matched-filter score of template ``p_k`` (an ``L x L``
+(theory section 1), the matched-filter score of template ``p_k`` (an ``L x L``
 projection of the initial model) with its top-left pixel at ``s`` is
 
     z_k[s] = <y[s : s + L], p_k> / (sigma ||p_k||),

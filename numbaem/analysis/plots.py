@@ -8,7 +8,7 @@ existing file only with ``force``), and returns the figure so that a caller (or 
 can inspect what was drawn. Artists that carry meaning have a ``gid``: ``"stage-boundary"``,
 ``"band-limit"``, ``"band-limit-note"``, ``"threshold"``, ``"particle-box"``.
 
-Grid conventions (MODEL section 2): array axes 0, 1, 2 are x, y, z; images are shown with
+Grid conventions (theory section 2): array axes 0, 1, 2 are x, y, z; images are shown with
 x to the right and y up (``origin="lower"``), for volumes and micrographs alike.
 """
 import logging
@@ -162,7 +162,7 @@ def plot_slices(volumes, path, shared_scale=False, force=False, title=None):
 
     One row per volume (e.g. truth, start, estimate, aligned first), four columns: the
     slices through the centre voxel normal to z, y and x, and the sum along z. Axes as
-    MODEL section 2 (horizontal the first named axis, vertical the second, origin at
+    theory section 2 (horizontal the first named axis, vertical the second, origin at
     the centre voxel ``L // 2``).
 
     Colour scale: by default each volume has its own, shared by its three slices (a
@@ -333,7 +333,7 @@ def plot_micrograph_crop(image, path, L=None, positions=None, size=None, corner=
 
 
 def plot_noise_spectra(group_spectra, path, micrographs=None, scale=None, pixel_size=None, force=False):
-    """Estimated noise power spectra against the radial frequency, to PNG (MODEL section 11).
+    """Estimated noise power spectra against the radial frequency, to PNG (theory section 11).
 
     Parameters
     ----------

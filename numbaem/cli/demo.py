@@ -26,6 +26,7 @@ from ..data.io import atomic_write_text, write_volume
 from ..data.patches import PatchSource
 from ..em.run import reconstruct
 from ..em.schedule import Stage
+from ..model import hopf
 from ..model.basis import FBBasis, expand, synthesize
 from ..runtime.errors import NumbaemError
 from ..runtime.fourier import downsample
@@ -54,9 +55,20 @@ def settings(quick):
     """Sizes of the demo (documented in the README)."""
     if quick:
         return dict(L0=21, L=7, N=420, count=1, density=0.12, homolog_strength=1.0,
-                    schedule=[Stage(2, 3, 1.0, 100), Stage(4, 4, 1.0, 300)])
+                    schedule=[Stage(2, 3, 1.0, 100), Stage(4, 4, 1.0, fine=15.0, coarse=30.0, prune=1e-3)])
+    # the last stage: a coarse-to-fine search from 30 to 15 degrees, local (20 degrees) once a patch's
+    # posterior is concentrated (theory section 12)
     return dict(L0=41, L=11, N=880, count=2, density=0.12, homolog_strength=0.8,
-                schedule=[Stage(3, 3, 1.0, 150), Stage(5, 3, 1.0, 400), Stage(6, 3, 1.0, 600)])
+                schedule=[Stage(3, 3, 1.0, 150), Stage(5, 3, 1.0, 400),
+                          Stage(6, 3, 1.0, fine=15.0, coarse=30.0, prune=1e-3, local=20.0)])
+
+
+def _grid(stage):
+    """How a stage searches rotations, in words."""
+    if stage.is_search:
+        spec = stage.search_spec()
+        return f"search {hopf.level_step(spec.coarse):g}-{hopf.level_step(spec.fine):g} degrees"
+    return f"K {stage.rotations}"
 
 
 def _say(text):
@@ -103,7 +115,7 @@ def main(args):
         def on_iter(state, rec):
             lines.append(json.dumps(rec))
             if rec["stage_iteration"] == schedule[rec["stage"] - 1].iters:
-                _say(f"after stage {rec['stage']} (lmax {rec['lmax']}, K {rec['K']}, {rec['stage_iteration']} "
+                _say(f"after stage {rec['stage']} (lmax {rec['lmax']}, {_grid(schedule[rec['stage'] - 1])}, {rec['stage_iteration']} "
                      f"iterations): aligned relative error {rec['relative_error']:.3f}, FSC 0.5 at "
                      f"{rec['fsc_resolution']:.4f} 1/pixel, upsilon {rec['upsilon']:.3f}, "
                      f"{rec['seconds']:.1f} s/iteration")

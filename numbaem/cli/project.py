@@ -1,4 +1,4 @@
-"""Project a volume with the band-limited Fourier-Bessel operator (MODEL section 3).
+"""Project a volume with the band-limited Fourier-Bessel operator (theory section 3).
 
 The volume is Fourier-downsampled to the patch size L, expanded up to --lmax, and
 projected for K rotations of the deterministic near-uniform grid (or the rotations in

@@ -1,4 +1,4 @@
-"""Reconstruct a volume directly from micrographs by approximate EM (MODEL sections 4-7).
+"""Reconstruct a volume directly from micrographs by approximate EM (theory sections 4-7).
 
 The micrographs are cut into L x L patches; each EM iteration computes the posterior
 over rotations and shifts of every patch (E-step) and solves for the Fourier-Bessel
@@ -20,7 +20,7 @@ Pick-then-EM: --particles coords.star runs the same EM on L x L boxes around the
 probability of a particle >= --min-probability), with that probability and the most
 likely rotation as extra columns.
 
-Real micrographs (MODEL section 11): by default each micrograph has its mean and a
+Real micrographs (theory section 11): by default each micrograph has its mean and a
 smooth background removed, is brought to a common noise scale, and is whitened by its
 estimated noise spectrum (--noise coloured); --particle-diameter Fourier-crops to the
 working pixel size diameter / L; --ctf MICROGRAPHS.star puts each micrograph's CTF
@@ -126,7 +126,7 @@ def add_args(p):
                    help="add a junk class for contaminants: an isotropic low-resolution volume (lmax 0) at every "
                         "shift, with its own prior probability; exhaustive stages (rotations=K) only; writes "
                         "OUTPUT_junk.mrc")
-    d = p.add_argument_group("real micrographs (MODEL section 11)")
+    d = p.add_argument_group("real micrographs (theory section 11)")
     d.add_argument("--pixel-size", type=positive_float, default=None, metavar="ANGSTROM",
                    help="pixel size of the micrographs as given (default: their MRC headers); an atomic-model start "
                         "needs one")

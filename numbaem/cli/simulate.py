@@ -1,4 +1,4 @@
-"""Simulate micrographs from a volume (MODEL section 1), with a JSON truth file.
+"""Simulate micrographs from a volume (theory section 1), with a JSON truth file.
 
 Method 1 (what real data look like): project the full-size voxel map, place, add noise,
 then Fourier-downsample the micrograph to the patch scale. Method 2: downsample the
@@ -47,7 +47,7 @@ def add_args(p):
     p.add_argument("--lmax", type=int, default=None, help="band limit of the truth (default: the highest for L)")
     p.add_argument("--seed", type=nonneg_int, default=0,
                    help="random seed (positions, rotations, noise; default 0; recorded in MIC.json)")
-    c = p.add_argument_group("contrast transfer and noise (MODEL section 11)")
+    c = p.add_argument_group("contrast transfer and noise (theory section 11)")
     c.add_argument("--defocus", type=_defocus_range, default=None, metavar="MIN:MAX",
                    help="apply a CTF to each whole micrograph, its mean defocus drawn uniformly from MIN..MAX "
                         "micrometres (underfocus positive; e.g. 1:2.5); writes MIC_ctf.star for reconstruct --ctf. "

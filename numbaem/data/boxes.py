@@ -3,7 +3,7 @@
 Each pick with centre ``(x, y)`` (pixels of its micrograph, :mod:`numbaem.data.coordinates`)
 becomes one ``L x L`` box whose top-left pixel is ``(x - L // 2, y - L // 2)``, rounded
 to the nearest pixel: the box a perfect pick would cut around the particle. The EM then
-runs on these boxes exactly as on the patches of a regular grid (MODEL sections 4-6), with
+runs on these boxes exactly as on the patches of a regular grid (theory sections 4-6), with
 the shifts restricted to a small window ``|l_a| <= w`` about the pick
 (:func:`numbaem.em.estep.restrict_shifts`; the empty state stays, for false picks).
 :class:`BoxSource` has the interface of :class:`numbaem.data.patches.PatchSource`

@@ -11,7 +11,7 @@ The file has one data block, ``data_particles``, with one row per particle:
     the centre along the file's slow axis (its rows; numbaem's image axis 1).
 
 Both coordinates are the index of the particle's centre pixel counted from 0, so a
-particle whose ``L x L`` projection has its top-left pixel at ``(s0, s1)`` (MODEL section
+particle whose ``L x L`` projection has its top-left pixel at ``(s0, s1)`` (theory section
 1) has centre ``(s0 + L // 2, s1 + L // 2)``. Further columns are optional:
 ``rlnAutopickFigureOfMerit`` (a picker's score, or the posterior probability that the
 patch holds a particle) and ``rlnAngleRot``, ``rlnAngleTilt``, ``rlnAnglePsi`` (the most
@@ -34,7 +34,7 @@ REQUIRED = ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY")
 
 
 def relion_angles(rots):
-    """RELION's ``(rot, tilt, psi)`` in degrees of rotations ``w`` (MODEL section 3).
+    """RELION's ``(rot, tilt, psi)`` in degrees of rotations ``w`` (theory section 3).
 
     numbaem's projection of rotation ``w`` is the slice ``F(w^T (k, 0))``. RELION's
     ``Euler_angles2matrix(rot, tilt, psi)`` is ``A = Rz(-psi) Ry(-tilt) Rz(-rot)`` (active

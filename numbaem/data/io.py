@@ -2,7 +2,7 @@
 
 Axis convention
 ---------------
-numbaem indexes arrays by coordinate: array axes 0, 1, 2 are x, y, z (MODEL.md
+numbaem indexes arrays by coordinate: array axes 0, 1, 2 are x, y, z (docs/theory.md
 section 2), so ``vol[i, j, k]`` is the voxel at x = i, y = j, z = k, and an image
 ``img[i, j]`` is the pixel at x = i, y = j. The MRC format, and ``mrcfile``, store
 and return data the other way round, C-ordered as ``data[z, y, x]`` (images as

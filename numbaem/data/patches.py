@@ -1,4 +1,4 @@
-"""Patches (MODEL section 4): micrographs cut into non-overlapping ``L x L`` patches, read on demand.
+"""Patches (theory section 4): micrographs cut into non-overlapping ``L x L`` patches, read on demand.
 
 Micrographs are opened memory-mapped (``mrcfile.mmap``) by :meth:`PatchSource.from_files`,
 so a micrograph larger than memory works: only the patches asked for are read.
@@ -27,7 +27,7 @@ class PatchSource:
     names : list of str, optional
     pixel_size : float or None
     groups : array_like of int, shape (n_micrographs,), optional
-        CTF group of each micrograph (MODEL section 11); requires ``filters``.
+        CTF group of each micrograph (theory section 11); requires ``filters``.
     filters : list of numbaem.model.ctf.ImageFilter, optional
         The filter ``t_g`` (CTF times whitening) of each group. None: the idealised
         model of sections 4-6 (no filter), today's path.

@@ -1,4 +1,4 @@
-"""Micrographs as a microscope gives them, made into what the model expects (MODEL section 11).
+"""Micrographs as a microscope gives them, made into what the model expects (theory section 11).
 
 The model of sections 4-6 expects zero-mean noise (the empty state is ``N(y; 0, sigma^2)``),
 one noise level, particles of positive density bright (or, with a CTF, as the CTF makes
@@ -16,7 +16,7 @@ memory whole):
    fit of a polynomial surface of degree ``background_degree`` (default 2; 1 is a ramp) to
    the means of blocks the size of a particle box, by iteratively reweighted least squares
    with Tukey's biweight (``c = 4.685`` MADs of the residuals). The particles' own mean is
-   part of the signal (MODEL section 11): blocks holding a particle are outliers of the
+   part of the signal (theory section 11): blocks holding a particle are outliers of the
    fit and are down-weighted, so the fitted level is that of the empty ice. The fit is
    equivariant: adding a constant or any polynomial of degree ``<= background_degree`` to a
    micrograph adds it to the fit (least squares are linear and the weights depend only on
@@ -26,7 +26,7 @@ memory whole):
    ``diameter / L``, so the particle's box is the patch, and each micrograph is
    Fourier-cropped to it (:func:`numbaem.runtime.fourier.downsample_image`) and multiplied
    by ``a_raw / a_work``: a pixel value is a line integral in units of the pixel (the
-   simulator's scale, MODEL section 1: Method 1 multiplies its crop by ``L / L0`` alike),
+   simulator's scale, theory section 1: Method 1 multiplies its crop by ``L / L0`` alike),
    and a pixel ``a_work / a_raw`` times longer integrates that much more, so micrographs
    simulated at 4x the pixel count and cropped here give the scale of those simulated at
    the working size. The cropped side is the odd size nearest ``N a_raw / a_work``: an even

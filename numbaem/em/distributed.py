@@ -1,4 +1,4 @@
-"""Scale-out: the E-step of the EM (MODEL sections 5-6) as a map-reduce on a Dask cluster.
+"""Scale-out: the E-step of the EM (theory sections 5-6) as a map-reduce on a Dask cluster.
 
 The sufficient statistics are sums over patches, so one iteration splits into tasks of
 whole chunks of patches. Each task runs :func:`numbaem.em.run.stream_stats` on a worker,
@@ -16,7 +16,7 @@ pass through the scheduler. Per iteration the driver:
    same to the bit for a given split of the patches into tasks;
 4. receives one :class:`~numbaem.em.estep.SufficientStats`.
 
-CTF groups (MODEL section 11): the job then carries a
+CTF groups (theory section 11): the job then carries a
 :class:`~numbaem.em.estep.GroupSpectra` (the projections and the groups' filters,
 ``K L^2 + G L^4`` numbers, rather than ``G`` sets of spectra), the driver splits the
 patches by group, every task holds patches of one group and makes that group's spectra

@@ -1,4 +1,4 @@
-"""E-step (MODEL sections 4 and 5) and the sufficient statistics it feeds to the M-step (section 6).
+"""E-step (theory sections 4 and 5) and the sufficient statistics it feeds to the M-step (section 6).
 
 For patch ``j``, rotation ``k`` and non-empty shift ``l``:
 
@@ -27,7 +27,7 @@ Two routes compute the same numbers (:func:`projection_spectra` picks one per st
   the sums over patches in double precision;
 - the *FFT* route (the kernels of this module): two ``2L x 2L`` transforms per pair.
 
-CTF groups (MODEL section 11). With a filter ``Psi_g`` per group of micrographs, a patch
+CTF groups (theory section 11). With a filter ``Psi_g`` per group of micrographs, a patch
 of group ``g`` is scored against the filtered projections ``Psi_g p_k``: everything above
 holds per group with ``p_k`` replaced by ``Psi_g p_k``. :class:`GroupSpectra` makes the
 spectra of one group at a time, :func:`stream_stats` runs the chunks of each group
@@ -139,7 +139,7 @@ def _counts_to_ptr(counts):
 
 @dataclasses.dataclass
 class SufficientStats:
-    """Per-iteration sums over patches (MODEL section 6); additive over chunks.
+    """Per-iteration sums over patches (theory section 6); additive over chunks.
 
     Attributes
     ----------
@@ -147,7 +147,7 @@ class SufficientStats:
         ``sum_j w_jkl`` (zero at the dropped and the empty shift).
     G : ndarray, complex, shape (K, 2L, L + 1)
         A real-FFT half spectrum whose inverse, cropped to ``L x L``, is the data image
-        ``g_k = sum_j sum_l w_jkl (C T_l Z)^T y_j`` of MODEL section 6: the FFT route
+        ``g_k = sum_j sum_l w_jkl (C T_l Z)^T y_j`` of theory section 6: the FFT route
         accumulates ``sum_j FFT2(Z y_j) conj(FFT2(w_jk))``, the direct route computes
         ``g_k`` itself and stores ``FFT2(Z g_k)``. Only ``crop(IFFT2(G_k))`` is used
         (:func:`numbaem.em.mstep.data_images`).
@@ -180,7 +180,7 @@ class SufficientStats:
     @classmethod
     def zeros(cls, K, L, n_groups=None):
         """Empty statistics; with ``n_groups``, ``W`` and ``G`` get a leading group axis
-        (shapes ``(n_groups, K, 2L, 2L)`` and ``(n_groups, K, 2L, L + 1)``, MODEL section 11)."""
+        (shapes ``(n_groups, K, 2L, 2L)`` and ``(n_groups, K, 2L, L + 1)``, theory section 11)."""
         lead = () if n_groups is None else (int(n_groups),)
         return cls(np.zeros(lead + (K, 2 * L, 2 * L)), np.zeros(lead + (K, 2 * L, L + 1), np.complex128))
 
@@ -199,25 +199,12 @@ class SufficientStats:
         if self.rotations is not None or other.rotations is not None:
             if self.rotations is None or other.rotations is None:
                 raise NumbaemError("cannot add statistics of a whole grid to statistics of some of its rotations")
-            rot = np.union1d(self.rotations, other.rotations)
-            W = np.zeros((len(rot),) + self.W.shape[1:])
-            G = np.zeros((len(rot),) + self.G.shape[1:], self.G.dtype)
-            for part in (self, other):
-                pos = np.searchsorted(rot, part.rotations)
-                W[pos] += part.W
-                G[pos] += part.G
-            self.W, self.G, self.rotations = W, G, rot
+            self.rotations, (self.W, self.G) = merge_rows(self.rotations, (self.W, self.G),
+                                                          other.rotations, (other.W, other.G))
         else:
             self.W += other.W
             self.G += other.G
-        self.n_patches += other.n_patches
-        self.sum_empty += other.sum_empty
-        self.sum_yy += other.sum_yy
-        self.loglik += other.loglik
-        self.search = merge_reports(self.search, other.search)
-        if other.records is not None:
-            self.records = (self.records or Records()).update(other.records)
-        return self
+        return add_totals(self, other)
 
     @property
     def nbytes(self):
@@ -239,10 +226,41 @@ class SufficientStats:
     def from_arrays(cls, d):
         """Inverse of :meth:`to_arrays`."""
         d = dict(d)
-        rec = None
-        if "records_ids" in d:
-            rec = Records.from_arrays(d.pop("records_ids"), d.pop("records_ptr"), d.pop("records_quats"))
-        return cls(**d, records=rec)
+        records = pop_records(d)
+        return cls(**d, records=records)
+
+
+def merge_rows(rows_a, arrays_a, rows_b, arrays_b):
+    """Sums of statistics kept on some rows of a grid: the union of the rows (sorted, so the
+    result does not depend on which side held a row) and each array summed by row."""
+    rows = np.union1d(rows_a, rows_b)
+    pos_a, pos_b = np.searchsorted(rows, rows_a), np.searchsorted(rows, rows_b)
+    out = []
+    for xa, xb in zip(arrays_a, arrays_b):
+        x = np.zeros((len(rows),) + xa.shape[1:], xa.dtype)
+        x[pos_a] += xa
+        x[pos_b] += xb
+        out.append(x)
+    return rows, out
+
+
+def add_totals(stats, other):
+    """Add ``other``'s patch count, sums, log-likelihood, search report and records into ``stats``."""
+    stats.n_patches += other.n_patches
+    stats.sum_empty += other.sum_empty
+    stats.sum_yy += other.sum_yy
+    stats.loglik += other.loglik
+    stats.search = merge_reports(stats.search, other.search)
+    if other.records is not None:
+        stats.records = (stats.records or Records()).update(other.records)
+    return stats
+
+
+def pop_records(d):
+    """The :class:`Records` packed into a ``to_arrays`` dict (removed from it), or None."""
+    if "records_ids" not in d:
+        return None
+    return Records.from_arrays(d.pop("records_ids"), d.pop("records_ptr"), d.pop("records_quats"))
 
 
 def merge_reports(a, b):
@@ -299,7 +317,7 @@ class ProjectionSpectra:
 class GroupSpectra:
     """The projections and the groups' filters: per-group :class:`ProjectionSpectra` on demand.
 
-    The E-step of a patch of group ``g`` uses the spectra of ``Psi_g p_k`` (MODEL section
+    The E-step of a patch of group ``g`` uses the spectra of ``Psi_g p_k`` (theory section
     11). Only one group's spectra need exist at a time, so memory does not grow with the
     number of groups; this object itself holds ``K L^2 + G L^4`` numbers, which is what
     the Dask executor sends to its workers instead of ``G`` sets of spectra.
@@ -843,7 +861,7 @@ def chunk_bytes(n_chunk, K, L, route="fft", itemsize=8):
 
 
 def shift_index(L):
-    """MODEL's circular shift index ``l = s mod 2L`` of the linear shifts ``s = -(L-1) .. L-1``."""
+    """the theory's circular shift index ``l = s mod 2L`` of the linear shifts ``s = -(L-1) .. L-1``."""
     return np.arange(-(L - 1), L) % (2 * L)
 
 
@@ -1008,7 +1026,7 @@ def _direct_chunk(patches, spectra, upsilon, sigma2, acc, keep_posteriors=False,
     ``tot_j = upsilon' + sum_b exp(bmax_jb - mx_j) sum_t lsum_jbt`` (empty state counted
     once, ``upsilon'`` its relative weight), and block ``b``'s posteriors are its
     exponentials times ``f_jb = exp(bmax_jb - mx_j) / tot_j``, a factor the accumulation
-    applies. Returns the per-patch log-likelihood (and posteriors in MODEL's layout when
+    applies. Returns the per-patch log-likelihood (and posteriors in the theory's layout when
     ``keep_posteriors``).
     """
     timer = timer or _no_timer
@@ -1090,7 +1108,7 @@ def stream_stats(source, idx, spectra, upsilon, sigma2, n_chunk, progress=None, 
 
     ``spectra`` is a :class:`ProjectionSpectra` or :class:`DirectSpectra` (one model for
     every patch), a search's model (:mod:`numbaem.em.search`), or a :class:`GroupSpectra`
-    (CTF groups, MODEL section 11): then ``source.patch_groups`` tells each patch's group,
+    (CTF groups, theory section 11): then ``source.patch_groups`` tells each patch's group,
     the patches of each group run against that group's spectra (made one group at a
     time), and the statistics have a group axis. ``stats`` (optional) is added into
     instead of new statistics; ``release=False`` keeps the chunk's FFT workspaces for a

@@ -1,8 +1,8 @@
 """E-step kernels of the direct route: the correlations over shifts as sums over pixels.
 
-MODEL section 5 computes, for a patch ``y`` and a projection ``p`` (both ``L x L``), the
+theory section 5 computes, for a patch ``y`` and a projection ``p`` (both ``L x L``), the
 correlation over every shift by FFTs of size ``2L``. Written over the pixels with the
-linear shift ``s = (s1, s2)``, ``-(L-1) <= s1, s2 <= L-1`` (MODEL's circular shift is
+linear shift ``s = (s1, s2)``, ``-(L-1) <= s1, s2 <= L-1`` (the theory's circular shift is
 ``l = s mod 2L``; the dropped shifts ``l1 = L`` or ``l2 = L`` are exactly those where no
 pixel overlaps):
 
@@ -538,7 +538,7 @@ def _box_energy(p, out):
 
 @pjit
 def box_energies(proj, out):
-    """``e_k[s]`` (MODEL section 5, linear shift layout) for a stack of projections.
+    """``e_k[s]`` (theory section 5, linear shift layout) for a stack of projections.
 
     proj : (K, L, L) float64; out : (K, S, S), any float dtype (computed in float64).
     """

@@ -1,4 +1,4 @@
-"""M-step (MODEL section 6): ``upsilon``, ``H``, ``b`` from the sufficient statistics, and the solve.
+"""M-step (theory section 6): ``upsilon``, ``H``, ``b`` from the sufficient statistics, and the solve.
 
     upsilon_new = (1/Nd) sum_j w_{j,empty}
     H = sum_k A_k^T diag(h_k) A_k,   h_k = crop_LxL(IFFT2(FFT2(Z 1) conj(FFT2(W_k))))
@@ -9,7 +9,7 @@ pixels that stay in the patch, so the sum over shifts collapses into ``h_k``. ``
 accumulated over blocks of rotations as ``B^T B`` with ``B = sqrt(h_k) A_k`` stacked
 (one BLAS product per block); ``h_k >= 0`` as a sum of masks with non-negative weights.
 
-CTF groups (MODEL section 11). With a filter ``Psi_g`` per group and statistics per group,
+CTF groups (theory section 11). With a filter ``Psi_g`` per group and statistics per group,
 ``A_k`` becomes ``Psi_g A_k`` inside the sums over the patches of group ``g``::
 
     H = sum_k A_k^T Q_k A_k,   Q_k = sum_g Psi_g^T diag(h_{g,k}) Psi_g     (L^2 x L^2)

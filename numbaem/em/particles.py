@@ -5,7 +5,7 @@ particle, ``1 - w_{j,empty}``, and where: the most likely shift ``l`` (posterior
 over rotations) and, at that shift, the most likely rotation ``k``
 (:func:`numbaem.em.estep.best_states`). A patch whose top-left pixel is ``(r0, r1)`` and
 whose best shift is the signed ``(l0, l1)`` puts the projection's top-left pixel at
-``(r0 + l0, r1 + l1)`` (MODEL section 4), so the particle's centre is that plus
+``(r0 + l0, r1 + l1)`` (theory section 4), so the particle's centre is that plus
 ``L // 2``.
 
 A particle that straddles patch borders is seen by up to four patches, each holding a
@@ -14,7 +14,7 @@ lies in exactly one patch, which holds at least a quarter of it, so a patch's pi
 only when the centre it finds lies inside that patch (``0 <= l_a + L // 2 < L``). What
 remains is merged as a safeguard: in order of decreasing probability, a pick is kept
 unless a kept one of the same micrograph lies within Chebyshev distance ``< L`` (two
-particles that do not overlap are at least ``L`` apart, MODEL section 1).
+particles that do not overlap are at least ``L`` apart, theory section 1).
 """
 import logging
 

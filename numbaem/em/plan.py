@@ -24,7 +24,7 @@ M-step
     ``B = sqrt(h) A`` of a sub-block of rotations (at most :data:`MSTEP_BLOCK_BYTES`),
     and ``H``'s update.
 
-With CTF groups (MODEL section 11; ``G`` groups): the filters ``Psi_g`` (``G L^4 8``) are
+With CTF groups (theory section 11; ``G`` groups): the filters ``Psi_g`` (``G L^4 8``) are
 resident, the statistics take ``G K (r + c)`` (the spectra stay ``K (r + c)``: one group's
 at a time), the spectra phase also holds the filtered projections (``K L^2 8``), and the
 M-step holds ``sqrt(h)`` of every group (``G K L^2 8``), ``u`` and one group's ``g``
@@ -158,7 +158,7 @@ def plan_iteration(budget, K, L, M, n_selected, *, phi=0, target=None, lmax=None
     lmax : int, optional
         Named in the error message.
     n_groups : int, optional
-        CTF groups (None: no filters, MODEL sections 4-6).
+        CTF groups (None: no filters, theory sections 4-6).
     route : {'direct', 'fft'}, optional
         The E-step's route (default: :func:`numbaem.em.estep.choose_route` of ``L``), and
         ``itemsize`` the direct route's bytes per number (4: single precision).

@@ -1,4 +1,4 @@
-"""Orchestration of the approximate EM (MODEL sections 4-7): iterations and the run loop.
+"""Orchestration of the approximate EM (theory sections 4-7): iterations and the run loop.
 
 No numba here: the kernels live in ``projection``, ``estep`` and ``mstep``. One
 iteration:
@@ -77,7 +77,7 @@ def stage_plan(budget, basis, K, n_selected, n_groups=None, route=None, itemsize
 
 
 def _filters(source):
-    """``Psi_g`` of the source's CTF groups (G, L^2, L^2), or None (MODEL sections 4-6 as they are)."""
+    """``Psi_g`` of the source's CTF groups (G, L^2, L^2), or None (theory sections 4-6 as they are)."""
     get = getattr(source, "filter_matrices", None)
     return get() if get is not None else None
 
@@ -117,7 +117,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     ``T sigma^2``, so every score ``-||y - C T_l Z A_k x||^2 / (2 sigma^2)`` is divided by
     ``T`` (the priors are not); the record's log-likelihood is then the tempered one.
 
-    When ``source`` has CTF groups (``source.filters``, MODEL section 11) the E-step of
+    When ``source`` has CTF groups (``source.filters``, theory section 11) the E-step of
     each group uses its filtered projections ``Psi_g A_k x`` (:class:`GroupSpectra`) and
     the M-step sums the groups' statistics through ``Psi_g``; without, the iteration is
     that of sections 5 and 6, unchanged.
@@ -677,7 +677,7 @@ def hopf_step(level):
 
 
 def log_likelihood(source, theta, basis, K, upsilon, sigma2, idx=None, memory=None):
-    """The approximate log-likelihood (MODEL section 4) of ``theta`` on the patches ``idx``.
+    """The approximate log-likelihood (theory section 4) of ``theta`` on the patches ``idx``.
 
     One E-step pass (no M-step) with the ``K``-rotation grid; ``idx`` defaults to every
     patch. Used to compare runs (restarts) on the same patches.

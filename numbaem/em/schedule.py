@@ -1,4 +1,4 @@
-"""Schedules of frequency marching and stochastic EM (MODEL section 7).
+"""Schedules of frequency marching and stochastic EM (theory section 7).
 
 A schedule is a list of stages, written as ``"lmax=2,iters=5,frac=0.1,rotations=300;
 lmax=4,iters=5,..."`` or as a TOML file with ``[[stage]]`` tables; each stage starts from

@@ -1,4 +1,4 @@
-"""Coarse-to-fine rotation search on the hierarchical Hopf grid (MODEL sections 5-6; ``docs/theory-search.md``).
+"""Coarse-to-fine rotation search on the hierarchical Hopf grid (theory sections 5, 6 and 12).
 
 The exhaustive E-step scores every patch against every rotation of one grid. Here a stage
 has a *coarse* level ``rc`` and a *fine* level ``rf >= rc`` of the Hopf grid
@@ -49,8 +49,8 @@ from ..model.projection import _steer, direction_images
 from ..runtime.errors import NumbaemError
 from ..runtime.jit import jit
 from . import kernels
-from .estep import (RECORD_EPS, Records, SufficientStats, _no_timer, block_scales, choose_precision, direct_spectra,
-                    fold_log_prior, merge_reports, record_of, shift_index)
+from .estep import (RECORD_EPS, Records, SufficientStats, _no_timer, add_totals, block_scales, choose_precision,
+                    direct_spectra, fold_log_prior, merge_reports, merge_rows, pop_records, record_of, shift_index)
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class SearchModel:
     record : bool
         Write each patch's record (for a later local search).
     filt : ndarray, shape (L^2, L^2), optional
-        A CTF group's ``Psi_g`` (MODEL section 11): every projection is ``Psi_g A_k x``
+        A CTF group's ``Psi_g`` (theory section 11): every projection is ``Psi_g A_k x``
         (:meth:`for_group` makes the model of each group, sharing the direction images).
     view_weights : ndarray, shape (12 nside^2,), optional
         An orientation prior's cell weights (:mod:`numbaem.model.viewprior`): the
@@ -421,7 +421,7 @@ class SearchAccumulator:
 
 @dataclasses.dataclass
 class SearchStats:
-    """Sufficient statistics of a search (MODEL section 6) on the rows some patch reached.
+    """Sufficient statistics of a search (theory section 6) on the rows some patch reached.
 
     The layout of the direct route (:mod:`numbaem.em.kernels`): ``W`` at the linear
     shifts, and the data images ``g`` themselves (no transform is needed to reach them).
@@ -453,22 +453,9 @@ class SearchStats:
 
     def add(self, other):
         """In-place sum, merged by row (the result's rows sorted)."""
-        rot = np.union1d(self.rotations, other.rotations)
-        W = np.zeros((len(rot),) + self.W.shape[1:])
-        g = np.zeros((len(rot),) + self.g.shape[1:])
-        for part in (self, other):
-            pos = np.searchsorted(rot, part.rotations)
-            W[pos] += part.W
-            g[pos] += part.g
-        self.W, self.g, self.rotations = W, g, rot
-        self.n_patches += other.n_patches
-        self.sum_empty += other.sum_empty
-        self.sum_yy += other.sum_yy
-        self.loglik += other.loglik
-        self.search = merge_reports(self.search, other.search)
-        if other.records is not None:
-            self.records = (self.records or Records()).update(other.records)
-        return self
+        self.rotations, (self.W, self.g) = merge_rows(self.rotations, (self.W, self.g), other.rotations,
+                                                      (other.W, other.g))
+        return add_totals(self, other)
 
     @property
     def nbytes(self):
@@ -484,15 +471,13 @@ class SearchStats:
     @classmethod
     def from_arrays(cls, d):
         d = dict(d)
-        rec = None
-        if "records_ids" in d:
-            rec = Records.from_arrays(d.pop("records_ids"), d.pop("records_ptr"), d.pop("records_quats"))
-        return cls(**d, records=rec)
+        records = pop_records(d)
+        return cls(**d, records=records)
 
 
 @jit
 def _box_sums(W, h):
-    """``h[q] = sum_s W[s] [q + s in the box]`` for each row (MODEL section 6's ``h_k = sum_l W_k[l] m_l``).
+    """``h[q] = sum_s W[s] [q + s in the box]`` for each row (theory section 6's ``h_k = sum_l W_k[l] m_l``).
 
     W : (R, S, S) at the linear shifts; h : (R, L, L). Pixel ``q`` of a projection shifted
     by ``s`` lands on ``q + s``, inside iff ``-q <= s <= L - 1 - q``: a rectangle of
@@ -545,7 +530,7 @@ def significant_rows(stats, tol=NEGLIGIBLE_ROW_WEIGHT):
 
 
 def search_normal_equations(stats, spec, basis, max_block_bytes=16 << 20, filters=None):
-    """``H`` and ``b`` of MODEL section 6 from a search's statistics.
+    """``H`` and ``b`` of theory section 6 from a search's statistics.
 
     ``H = sum_k A_k^T diag(h_k) A_k`` and ``b = sum_k A_k^T g_k`` over the rows that carry
     weight (:func:`significant_rows`), with ``A_k`` built for blocks of rows (at most
@@ -554,7 +539,7 @@ def search_normal_equations(stats, spec, basis, max_block_bytes=16 << 20, filter
     already lets each patch lose up to ``prune``; without pruning, only round-off:
     :data:`NEGLIGIBLE_ROW_WEIGHT`).
 
-    With CTF groups (:class:`GroupSearchStats` and ``filters`` ``Psi_g``, MODEL section 11)
+    With CTF groups (:class:`GroupSearchStats` and ``filters`` ``Psi_g``, theory section 11)
     ``A_k`` becomes ``Psi_g A_k`` in each group's sums: ``H = sum_g sum_k (Psi_g A_k)^T
     diag(h_gk) (Psi_g A_k)``, ``b = sum_g sum_k (Psi_g A_k)^T g_gk``.
     """
@@ -818,7 +803,7 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
         Wraps ``coarse`` (the dense pass), ``level_<r>`` (each sparse pass) and ``accumulate``.
     keep_posteriors : bool
         Also return each patch's posteriors (a dict: patch position -> list of
-        ``(level, rotations (m,), posteriors (m, 2L, 2L))`` in MODEL's layout), the
+        ``(level, rotations (m,), posteriors (m, 2L, 2L))`` in the theory's layout), the
         empty-state posteriors and each patch's finest level (tests).
     records : Records, optional
         Receives each patch's record (needs ``patch_ids``).
@@ -1003,7 +988,7 @@ def _final_masses(passes, patches, mx, Z, out):
 
 
 def _collect(passes, patches, mx, Z, out, L):
-    """The kept posteriors of ``patches`` in ``passes`` (MODEL's layout), into ``out[j]``."""
+    """The kept posteriors of ``patches`` in ``passes`` (the theory's layout), into ``out[j]``."""
     S = 2 * L - 1
     idx = shift_index(L)
     want = set(int(j) for j in patches)
@@ -1044,7 +1029,7 @@ def _collect(passes, patches, mx, Z, out, L):
 def search_stats(source, idx, model, upsilon, sigma2, n_chunk, progress=None, timer=None):
     """Coarse-to-fine E-step over the patches ``idx`` of ``source``, chunk by chunk.
 
-    With CTF groups (``source.filter_matrices()``, MODEL section 11) the patches of each
+    With CTF groups (``source.filter_matrices()``, theory section 11) the patches of each
     group are searched against that group's filtered projections (:meth:`SearchModel.for_group`)
     and the result is a :class:`GroupSearchStats`.
 

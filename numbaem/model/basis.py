@@ -1,4 +1,4 @@
-"""The volume model: a Fourier-Bessel expansion of the volume's Fourier transform (MODEL section 2).
+"""The volume model: a Fourier-Bessel expansion of the volume's Fourier transform (theory section 2).
 
     F(k) = sum_{l,m,s} x[l,m,s] j_{l,s}(|k|) Y_l^m(k/|k|),     |k| <= c = 1/2,
 
@@ -266,7 +266,7 @@ class FBBasis:
 def expand(vol, basis):
     """Coefficients of a volume: least squares against its centred DFT inside the ball.
 
-    MODEL section 2: ``theta = argmin sum_{|k| <= c} |F_grid(k) - (B U theta)(k)|^2`` over
+    theory section 2: ``theta = argmin sum_{|k| <= c} |F_grid(k) - (B U theta)(k)|^2`` over
     the grid frequencies ``k = (n - R)/L``, with ``F_grid = fftshift(fftn(ifftshift(vol)))``.
     Solved through the normal equations (the grid samples the orthonormal basis almost
     orthogonally, so the Gram matrix is well conditioned; Cholesky).
@@ -308,7 +308,7 @@ def fourier_grid(theta, basis):
 
 
 def synthesize(theta, basis):
-    """Volume of side ``L`` from coefficients (MODEL section 2).
+    """Volume of side ``L`` from coefficients (theory section 2).
 
     ``f = fftshift(ifftn(ifftshift(F_grid))).real`` with ``F_grid`` the expansion at the
     grid frequencies inside the ball and zero outside (numpy's ``1/L^3`` scale).

@@ -1,4 +1,4 @@
-"""The contrast transfer function and the patch model's filter ``Psi_g`` (MODEL section 11).
+"""The contrast transfer function and the patch model's filter ``Psi_g`` (theory section 11).
 
 Convention (RELION's and CTFFIND's, as ``../shared/data/ctf_reference.json`` states it)::
 
@@ -31,12 +31,12 @@ point-spread function ``psf = IDFT_P(t_g)`` as long as the PSF does not wrap aro
 has its mirror: a real even filter keeps images real, with no Nyquist bin to fold) and at
 least ``max(8L + 1, L + 8 r + 1)``, ``r`` the PSF's radius in pixels (the largest
 displacement ``|lambda df s - Cs lambda^3 s^3| / a`` of a wave packet below the
-corner frequency ``s = sqrt(2) / (2a)``). MODEL section 11 asks for ``P >= 2L``; more
+corner frequency ``s = sqrt(2) / (2a)``). theory section 11 asks for ``P >= 2L``; more
 is better and costs nothing in the iterations (``Psi_g`` is built once, as a matrix):
 the microscope filters the whole micrograph, and the ``P``-grid sampling of ``t_g``
 approaches that filter like ``P^-2`` (at L = 11, 26 A/px, 2.5 um: 2.7e-3, 6.2e-4,
 1.5e-4 relative in ``Psi`` at P = 23, 45, 89; ``tests/test_ctf.py``). What the filter moves out of the ``L x L``
-box is dropped: the patch model keeps each particle inside its box (MODEL section 4),
+box is dropped: the patch model keeps each particle inside its box (theory section 4),
 and the part that leaves it is the model's error, small while ``r`` is a pixel or two.
 Since ``psf`` is even, ``Psi_g`` is symmetric.
 
@@ -292,7 +292,7 @@ def apply_filter(psi, images):
 
 
 #: Default grouping tolerance: the phase error ``pi lambda |d df| s^2`` at the working
-#: Nyquist frequency ``s = 1/(2a)`` (the band limit of the volume, MODEL section 2) that two
+#: Nyquist frequency ``s = 1/(2a)`` (the band limit of the volume, theory section 2) that two
 #: micrographs of one group may differ by. Since ``|d CTF / d chi| <= 1``, the CTFs of a group
 #: then differ by at most 0.1 (their range is [-1, 1]) at every frequency of the band. (A
 #: bound on the phase alone, like pi/10, is loose where ``chi`` is small: at 26.6 A pixels

@@ -7,7 +7,7 @@ Gorski et al., ApJ 622 (2005) 759) times a uniform grid on S^1 is a near-uniform
 SO(3), and refining both (each HEALPix cell into 4, each arc into 2) refines every cell of
 SO(3) into 8. cryoDRGN's ``so3_grid`` uses the same construction.
 
-Here the fibration is the one of MODEL section 3: a rotation is ``w = Rz(alpha)
+Here the fibration is the one of theory section 3: a rotation is ``w = Rz(alpha)
 Ry(theta) Rz(phi)`` (active ZYZ Euler angles), its viewing direction ``(theta, phi)`` a
 HEALPix pixel centre, and the fibre over it the in-plane rotations ``Rz(alpha)`` on the
 left. In-plane rotations enter the projection as phases (``A_{Rz(alpha) w0}`` is ``A_{w0}``

@@ -1,4 +1,4 @@
-"""Noise power spectra: a robust radial estimate and the whitening filter (MODEL section 11).
+"""Noise power spectra: a robust radial estimate and the whitening filter (theory section 11).
 
 If a micrograph's noise is stationary with power spectrum ``S(k)`` (per pixel: white
 noise of variance ``sigma^2`` has ``S = sigma^2``), filtering the whole micrograph by

@@ -1,4 +1,4 @@
-"""The projection operator ``A_w``: coefficients -> ``L x L`` projection (MODEL section 3).
+"""The projection operator ``A_w``: coefficients -> ``L x L`` projection (theory section 3).
 
     A_w [p, (l,m,s)] = sum_{N=-l}^{l} D^l_{N,m}(w) Phi_{l,s,N}[p],
     Phi_{l,s,N}(r, theta) = 2 pi i^N Y_l^N(pi/2, 0) e^{i N theta}
@@ -42,7 +42,7 @@ def phi_images(basis, n_quad=None):
     basis : FBBasis
     n_quad : int, optional
         Gauss-Legendre nodes on ``[0, c]``; default ``4 L + 16`` (``3 L`` already
-        reaches round-off, MODEL section 3).
+        reaches round-off, theory section 3).
 
     Returns
     -------
@@ -190,7 +190,7 @@ def project(theta, basis, rots):
 
 @pjit
 def _steer(q, dir_of, alpha, lmax, out):
-    """``out[k] = Re sum_N e^{-i N alpha_k} q[dir_of[k], N + lmax]`` (MODEL section 3, in-plane phases)."""
+    """``out[k] = Re sum_N e^{-i N alpha_k} q[dir_of[k], N + lmax]`` (theory section 3, in-plane phases)."""
     n = out.shape[0]
     P = out.shape[1]
     for k in prange(n):
@@ -211,7 +211,7 @@ def direction_images(theta, basis, beta, gamma):
     """``q_{d,N}[p] = sum_{l,s} Phi_{l,s,N}[p] sum_m D^l_{N,m}(Ry(beta_d) Rz(gamma_d)) x[l,m,s]``.
 
     The projection of rotation ``Rz(alpha) Ry(beta_d) Rz(gamma_d)`` is then
-    ``Re sum_N e^{-i N alpha} q_{d,N}`` (MODEL section 3: an in-plane rotation is a phase per
+    ``Re sum_N e^{-i N alpha} q_{d,N}`` (theory section 3: an in-plane rotation is a phase per
     ``N``), so all in-plane angles of one viewing direction share ``q``.
 
     Parameters

@@ -1,4 +1,4 @@
-"""Rotations (MODEL section 8): Haar-random draws, near-uniform grids, Wigner D-matrices.
+"""Rotations (theory section 8): Haar-random draws, near-uniform grids, Wigner D-matrices.
 
 Conventions
 -----------

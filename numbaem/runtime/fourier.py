@@ -1,6 +1,6 @@
 """Centred discrete Fourier transforms, frequency grids and Fourier-crop downsampling.
 
-Centring convention (MODEL.md section 2), used everywhere in numbaem
+Centring convention (theory section 2), used everywhere in numbaem
 ---------------------------------------------------------------------
 On an axis of length ``L`` with ``R = L // 2``, sample index ``n`` sits at position
 ``n - R`` (pixels) and frequency index ``n`` at ``(n - R) / L`` (cycles per pixel),

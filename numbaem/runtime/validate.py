@@ -59,7 +59,7 @@ def pixel_size(name, value, allow_none=True):
 
 
 def check_L(L, name="L"):
-    """A patch / volume side: an odd whole number >= 3 (MODEL section 2: voxel ``n`` at ``n - L // 2``)."""
+    """A patch / volume side: an odd whole number >= 3 (theory section 2: voxel ``n`` at ``n - L // 2``)."""
     if isinstance(L, (bool, np.bool_)) or not isinstance(L, (numbers.Real, np.number)) or int(L) != L:
         raise NumbaemError(f"{name}={L!r} is not a whole number; give an odd size such as 7 or 11")
     L = int(L)

@@ -13,7 +13,7 @@ Each atom of occupancy ``q``, isotropic displacement ``B`` and coefficients
 frequency ``s`` (1/Angstrom); the density is the inverse Fourier transform of the sum
 over atoms, in Angstrom^-2 (so its integral is ``sum q f(0)``). The map of side ``L0`` at
 pixel size ``a`` is that density band-limited to the frequencies of the ``L0^3`` grid
-inside the ball ``|k| <= 1/2`` cycles per pixel (the Nyquist ball of MODEL section 2), and
+inside the ball ``|k| <= 1/2`` cycles per pixel (the Nyquist ball of theory section 2), and
 sampled at the voxels: voxel ``n`` at ``(n - L0 // 2) a`` from the model's centre of mass,
 axes 0, 1, 2 the model's x, y, z. Equivalently it is the Fourier series of the periodic
 density on the box of side ``L0 a``, truncated to the ball.

@@ -8,9 +8,9 @@ speak of), like a small protein at low resolution. Everything is drawn in units 
 ``synthetic_molecule(L1, rng=seed)`` and ``synthetic_molecule(L2, rng=seed)`` are the same
 continuous molecule sampled at two pixel sizes (atom widths scale as ``L / 41``:
 1 to 1.5 voxels at ``L = 41``), which is what a Method 1 / Method 2 comparison
-(MODEL.md section 1) needs.
+(theory section 1) needs.
 
-Grid convention (MODEL.md section 2): voxel index ``n`` on each axis sits at position
+Grid convention (theory section 2): voxel index ``n`` on each axis sits at position
 ``n - R``, ``R = L // 2``, and array axes 0, 1, 2 are x, y, z. Atom centres lie within
 radius ``0.30 L`` of the origin, so with the widths above the density is below about
 ``1e-3`` of its maximum beyond radius ``0.45 L`` and the volume is close to

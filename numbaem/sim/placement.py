@@ -1,4 +1,4 @@
-"""Positions of the projections in a micrograph (MODEL section 1): random sequential addition.
+"""Positions of the projections in a micrograph (theory section 1): random sequential addition.
 
 Well-separated placement (the paper's eq. 5) keeps any two top-left positions at
 Chebyshev distance ``>= 2L - 1``, so every ``L x L`` patch of a regular grid holds at most
@@ -18,7 +18,7 @@ SPACINGS = ("separated", "arbitrary")
 
 
 def spacing_distance(spacing, L):
-    """Minimum Chebyshev distance between two positions (MODEL.md section 1)."""
+    """Minimum Chebyshev distance between two positions (theory section 1)."""
     if spacing not in SPACINGS:
         raise NumbaemError(
             f"spacing={spacing!r} is not one of {SPACINGS}; pass 'separated' (the "
@@ -62,7 +62,7 @@ def place_positions(n_target, N, L, spacing="separated", rng=None, max_tries=Non
 
     Positions are drawn one at a time, uniformly among those still allowed, until
     ``n_target`` are placed: with ``spacing='separated'`` any two positions are at
-    Chebyshev distance ``>= 2L - 1`` (MODEL.md section 1, the paper's eq. 5: every
+    Chebyshev distance ``>= 2L - 1`` (theory section 1, the paper's eq. 5: every
     ``L x L`` patch of a regular grid holds at most one projection), with
     ``'arbitrary'`` at distance ``>= L`` (projections do not overlap).
 

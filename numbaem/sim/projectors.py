@@ -1,4 +1,4 @@
-"""The real-space projector of Method 1 (MODEL section 1): rotate a voxel map by cubic B-spline
+"""The real-space projector of Method 1 (theory section 1): rotate a voxel map by cubic B-spline
 interpolation and integrate along z.
 
 This projector is independent of the Fourier-Bessel operator of :mod:`numbaem.model.projection`,
@@ -114,7 +114,7 @@ def project_real_space(vol, rots, oversample=1, coef=None):
     ``(P R_w f)[i, j] = sum_k f(w^T (i - R, j - R, k - R))`` with ``f`` the cubic
     B-spline interpolant of the map about the centre voxel ``R = n // 2`` and zero
     outside the map, i.e. ``scipy.ndimage.map_coordinates(vol, w^T r + R, order=3,
-    mode='constant').sum(axis=2)`` (Method 1 of MODEL.md section 1).
+    mode='constant').sum(axis=2)`` (Method 1 of theory section 1).
 
     Parameters
     ----------

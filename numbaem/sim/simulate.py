@@ -1,4 +1,4 @@
-"""Synthetic micrographs with known truth (MODEL.md section 1).
+"""Synthetic micrographs with known truth (theory section 1).
 
     I[n] = sum_i (P R_{w_i} f)[n - s_i] + eps[n],      eps[n] ~ N(0, sigma2) i.i.d.,
 
@@ -6,7 +6,7 @@ with Haar-random rotations ``w_i``, top-left positions ``s_i`` placed by random
 sequential addition (:func:`place_positions`), and ``sigma2`` set from the SNR,
 ``SNR = mean_i ||P R_{w_i} f||_F^2 / (L^2 sigma2)`` over the placed projections.
 
-Two methods (MODEL.md section 1)
+Two methods (theory section 1)
 --------------------------------
 Method 2 downsamples the volume (side ``L0``) to side ``L`` by Fourier cropping
 (:func:`numbaem.runtime.fourier.downsample`, values preserved), expands it in the
@@ -56,7 +56,7 @@ would be off by up to ``L0 / (2L)`` full-size pixels). The full-size box can rea
 clipped to the micrograph (the map is close to zero there). All positions reported
 are final-scale ones.
 
-Contrast transfer (MODEL section 11). With ``ctf`` (one :class:`~numbaem.model.ctf.CTFParams`
+Contrast transfer (theory section 11). With ``ctf`` (one :class:`~numbaem.model.ctf.CTFParams`
 per micrograph) and the volume's ``pixel_size``, the whole clean micrograph is filtered
 by its CTF at the generation size, as the microscope does: Method 1 at the volume's voxel
 size before the Fourier crop, Method 2 at the final pixel size. A particle's filtered
@@ -167,7 +167,7 @@ class Simulation:
     sigma2_gen : float
         Noise variance at the generation size (``sigma2`` for Method 2).
     snr : float
-        Requested SNR at the generation size (MODEL.md section 1).
+        Requested SNR at the generation size (theory section 1).
     snr_downsampled : float
         Measured SNR of the returned micrographs: total clean energy divided by
         ``T_total L^2 sigma2`` (equal to ``snr`` for Method 2).
@@ -264,7 +264,7 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
                          noise_psd=None, views=None, junk=0.0):
     """Simulate micrographs of a volume with known positions, rotations and noise.
 
-    MODEL.md section 1; see the module docstring for the two methods, the scale, the
+    theory section 1; see the module docstring for the two methods, the scale, the
     noise variance after downsampling and the position mapping.
 
     Parameters
@@ -636,7 +636,7 @@ def write_simulation(sim, out_path, force=False, command=None, pixel_size=None):
         "conventions": (
             "positions are top-left pixels (axis 0 = x, axis 1 = y) on the final grid; "
             "projection i occupies [s0, s0 + L) x [s1, s1 + L); rotations act as "
-            "R_w f(r) = f(w^T r) and projections integrate along z (MODEL.md section 1)"
+            "R_w f(r) = f(w^T r) and projections integrate along z (theory section 1)"
         ),
         "noise": sim.noise,
         "ctf": None if sim.ctf is None else [dataclasses.asdict(c) for c in sim.ctf],
