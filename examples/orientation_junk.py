@@ -88,6 +88,8 @@ def main():
     p.add_argument("--nside", type=int, default=2)
     p.add_argument("--schedule", default="lmax=2,iters=3,rotations=100;lmax=4,iters=4,rotations=300")
     p.add_argument("--parts", default="views,junk,crowding")
+    p.add_argument("--start", choices=("homolog", "truth"), default="homolog",
+                   help="start from a homolog (default) or from the truth itself (isolates the extension's estimate)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -95,7 +97,8 @@ def main():
     truth_full = numbaem.synthetic_molecule(args.L0, rng=args.seed)
     homolog = numbaem.synthetic_molecule(args.L0, rng=args.seed + 1, homolog_of=args.seed, homolog_strength=0.6)
     basis = FBBasis(args.L, FBBasis.max_lmax(args.L))
-    init = numbaem.synthesize(expand(downsample(homolog, args.L), basis), basis)
+    init = numbaem.synthesize(expand(downsample(homolog if args.start == "homolog" else truth_full, args.L), basis),
+                              basis)
     parts = args.parts.split(",")
     path = os.path.join(args.out, "orientation_junk.json")
     runs = []
