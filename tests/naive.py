@@ -74,8 +74,13 @@ def shift_operator(L, shift):
     return Mtx
 
 
-def brute_log_posteriors(patches, A, theta, upsilon, sigma2, window=None):
+def brute_log_posteriors(patches, A, theta, upsilon, sigma2, window=None, log_prior=None, junk=None):
     """Brute-force E-step: unnormalised log-probabilities of every state of every patch.
+
+    With ``log_prior`` (K,) the rotations' prior is ``exp(log_prior_k)`` in place of ``1/K``
+    (each state ``(1 - upsilon - varsigma) exp(log_prior_k) / (2L-1)^2``). With ``junk =
+    (image (L, L), varsigma)`` a junk row ``K`` is added: the same image at every rotation,
+    prior ``varsigma / (2L-1)^2`` per shift (``logp`` then has ``K + 1`` rows).
 
     Returns ``(logp_empty (n,), logp (n, K, 2L, 2L) with -inf at dropped shifts, loglik (n,))``
     where ``loglik`` is the full log-likelihood of each patch (theory section 4),
@@ -96,6 +101,16 @@ def brute_log_posteriors(patches, A, theta, upsilon, sigma2, window=None):
         logprior_shift = math.log((1 - upsilon) / (len(shifts) * K))
     const = -P / 2 * math.log(2 * math.pi * sigma2)
     proj = (A @ theta).reshape(K, L, L)
+    row_prior = np.full(K, logprior_shift)
+    if log_prior is not None or junk is not None:
+        vs = 0.0 if junk is None else junk[1]
+        lp = np.full(K, -math.log(K)) if log_prior is None else np.asarray(log_prior, dtype=np.float64)
+        n_sh = len(shifts)
+        row_prior = math.log(1 - upsilon - vs) + lp - math.log(n_sh)
+        if junk is not None:
+            row_prior = np.append(row_prior, math.log(vs) - math.log(n_sh))
+            proj = np.concatenate([proj, np.asarray(junk[0], dtype=np.float64)[None]])
+            K += 1
     logp = np.full((n, K, 2 * L, 2 * L), -np.inf)
     logp_empty = np.empty(n)
     loglik = np.empty(n)
@@ -105,7 +120,7 @@ def brute_log_posteriors(patches, A, theta, upsilon, sigma2, window=None):
         for k in range(K):
             for sh in shifts:
                 r = y - shift_crop(proj[k], sh, L)
-                logp[j, k, sh[0], sh[1]] = logprior_shift - np.sum(r ** 2) / (2 * sigma2) + const
+                logp[j, k, sh[0], sh[1]] = row_prior[k] - np.sum(r ** 2) / (2 * sigma2) + const
         allv = np.concatenate([[logp_empty[j]], logp[j].ravel()])
         mx = allv.max()
         loglik[j] = mx + math.log(np.sum(np.exp(allv - mx)))

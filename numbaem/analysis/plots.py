@@ -375,3 +375,52 @@ def plot_noise_spectra(group_spectra, path, micrographs=None, scale=None, pixel_
     ax.legend(fontsize="small")
     fig.tight_layout()
     return save_png(fig, path, force, "noise spectra")
+
+
+def plot_view_distribution(weights, path, truth=None, force=False, title=None):
+    """The distribution of viewing directions on the sphere, as a Mollweide map, to a PNG file.
+
+    Each HEALPix cell (:mod:`numbaem.model.viewprior`) is drawn at its density relative
+    to the uniform distribution (1 = uniform; cells have equal areas), longitude
+    ``atan2(v_y, v_x)`` across, latitude ``asin(v_z)`` up (``+z`` at the top).
+
+    Parameters
+    ----------
+    weights : ndarray, shape (12 nside^2,)
+        Cell weights ``q_b`` (any positive scale).
+    path : str or os.PathLike
+    truth : ndarray, shape (12 nside^2,), optional
+        The true cells' probabilities: drawn as a second map beside the estimate.
+    force : bool, optional
+    title : str, optional
+
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+    """
+    from ..model import viewprior
+    q = np.asarray(weights, dtype=np.float64)
+    B = len(q)
+    nside = int(round(math.sqrt(B / 12)))
+    if q.ndim != 1 or 12 * nside * nside != B or not np.all(np.isfinite(q)) or not np.all(q >= 0) or q.sum() <= 0:
+        raise NumbaemError(f"weights of shape {q.shape} are not non-negative weights of 12 nside^2 HEALPix cells")
+    force = check_force(force)
+    maps = [("estimate", viewprior.distribution(q) * B)]
+    if truth is not None:
+        maps.append(("truth", viewprior.distribution(truth) * B))
+    lon = np.linspace(-np.pi, np.pi, 361)
+    lat = np.linspace(-np.pi / 2, np.pi / 2, 181)
+    LON, LAT = np.meshgrid(lon, lat)
+    v = np.stack([np.cos(LAT) * np.cos(LON), np.cos(LAT) * np.sin(LON), np.sin(LAT)], axis=-1)
+    cell = viewprior.bins_of_directions(v.reshape(-1, 3), nside).reshape(LON.shape)
+    vmax = max(float(m.max()) for _, m in maps)
+    fig = new_figure(6.0 * len(maps), 3.6, layout="constrained")
+    for i, (label, dens) in enumerate(maps):
+        ax = fig.add_subplot(1, len(maps), i + 1, projection="mollweide")
+        im = ax.pcolormesh(LON, LAT, dens[cell], cmap="viridis", vmin=0.0, vmax=vmax, shading="auto")
+        ax.set_title(label)
+        ax.grid(True, alpha=0.3)
+        ax.set_xticklabels([])
+        fig.colorbar(im, ax=ax, orientation="horizontal", shrink=0.7, label="density / uniform")
+    fig.suptitle(title or "viewing directions")
+    return save_png(fig, path, force, "view distribution plot")

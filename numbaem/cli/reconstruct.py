@@ -114,6 +114,18 @@ def add_args(p):
     p.add_argument("--plot", metavar="PNG", help="write a convergence plot (log-likelihood, FSC) as PNG")
     p.add_argument("--json", action="store_true", help="print a final JSON summary on standard output")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    x = p.add_argument_group("micrographs as they come (docs/theory-extensions.md)")
+    x.add_argument("--orientation-prior", type=int, nargs="?", const=2, default=None, metavar="NSIDE",
+                   help="estimate a prior over viewing directions on the 12 NSIDE^2 HEALPix cells of the sphere "
+                        "(NSIDE a power of two, default 2: 48 cells), in-plane angles uniform; writes "
+                        "OUTPUT_views.png and records the weights in the JSON summary")
+    x.add_argument("--prior-floor", type=float, default=0.05, metavar="LAMBDA",
+                   help="the orientation prior's floor: each update mixes in this fraction of the uniform "
+                        "distribution, so no rotation falls below LAMBDA/K (default 0.05)")
+    x.add_argument("--junk-class", action="store_true",
+                   help="add a junk class for contaminants: an isotropic low-resolution volume (lmax 0) at every "
+                        "shift, with its own prior probability; exhaustive stages (rotations=K) only; writes "
+                        "OUTPUT_junk.mrc")
     d = p.add_argument_group("real micrographs (theory section 11)")
     d.add_argument("--pixel-size", type=positive_float, default=None, metavar="ANGSTROM",
                    help="pixel size of the micrographs as given (default: their MRC headers); an atomic-model start "
@@ -207,6 +219,18 @@ def main(args):
     if noise_plot is None and args.noise == "coloured":
         noise_plot = str(Path(args.output).with_suffix("")) + "_noise.png"
     outputs = [args.output] + [x for x in (args.log, args.plot, args.write_particles, noise_plot) if x]
+    if args.orientation_prior is not None:
+        from ..model.viewprior import check_floor, check_nside
+        check_nside(args.orientation_prior)
+        check_floor(args.prior_floor)
+        outputs.append(_sibling(args.output, "_views.png"))
+    if args.junk_class:
+        from ..em.schedule import default_schedule
+        if any(st.is_search for st in (schedule or default_schedule(L, search=not args.particles))):
+            raise NumbaemError("--junk-class runs with exhaustive stages only; pass a --schedule whose stages all "
+                               "have rotations=K, e.g. 'lmax=2,iters=5,frac=1,rotations=600;lmax=4,iters=5,frac=1,"
+                               "rotations=600'")
+        outputs.append(_sibling(args.output, "_junk.mrc"))
     if not args.resume:
         check_outputs(outputs, args.force)
     if args.restarts > 1 and (args.init != "random" or args.checkpoint):
@@ -314,6 +338,9 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
         inputs["particles"] = dict(file=os.path.abspath(args.particles), shift_window=source.shift_window) \
             if args.particles else None
         inputs["anneal"] = list(anneal) if anneal else None
+        if args.orientation_prior is not None or args.junk_class:    # absent when off: older checkpoints resume
+            inputs["extensions"] = dict(orientation_prior=args.orientation_prior, prior_floor=args.prior_floor,
+                                        junk_class=bool(args.junk_class))
         # what the micrographs were made into is part of what the run computes on
         inputs["preprocess"] = dict(
             pixel_size=args.pixel_size, particle_diameter=args.particle_diameter, invert=bool(args.invert_contrast),
@@ -346,7 +373,9 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
                                  upsilon0=args.upsilon0, rng=rng, memory=budget, tikhonov=args.tikhonov, truth=truth,
                                  callback=on_iteration, progress=not args.quiet and sys.stderr.isatty(),
                                  state=state, should_stop=stop.should_stop, executor=executor, anneal=anneal,
-                                 restarts=args.restarts, scale_init=model_start)
+                                 restarts=args.restarts, scale_init=model_start,
+                                 orientation_prior=args.orientation_prior, prior_floor=args.prior_floor,
+                                 junk_class=args.junk_class)
             interrupted = stop.should_stop()
             if args.write_particles and not interrupted:
                 picks = _write_particles(args, source, result, schedule, budget)
@@ -371,6 +400,21 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
                    seconds=time.perf_counter() - t_start, history=state.history)
     if result.restarts is not None:
         summary["restarts"] = result.restarts
+    force = True if args.resume else args.force
+    if state.view_weights is not None:
+        from ..analysis.plots import plot_view_distribution
+        from ..model.viewprior import distribution
+        views_png = _sibling(args.output, "_views.png")
+        plot_view_distribution(state.view_weights, views_png, force=force)
+        summary["orientation_prior"] = dict(nside=args.orientation_prior, floor=state.view_floor,
+                                            weights=state.view_weights.tolist(),
+                                            distribution=distribution(state.view_weights).tolist(), plot=views_png)
+    if state.junk_theta is not None:
+        from ..model.basis import FBBasis, synthesize
+        junk_mrc = _sibling(args.output, "_junk.mrc")
+        write_volume(junk_mrc, synthesize(state.junk_theta, FBBasis(L, 0)), voxel_size=result.pixel_size,
+                     force=force)
+        summary["junk_class"] = dict(varsigma=state.varsigma, theta=state.junk_theta.tolist(), volume=junk_mrc)
     if args.write_particles:
         summary["particles_written"] = len(picks)
     if truth is not None:
@@ -380,6 +424,11 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
                 f"{result.pixel_size:.4g} A" if result.pixel_size else "unknown")
     if args.json:
         emit_json(summary)
+
+
+def _sibling(output, suffix):
+    """``EST.mrc`` -> ``EST<suffix>`` (the run's other outputs beside the estimate)."""
+    return str(Path(output).with_suffix("")) + suffix
 
 
 def _read_particles(args):

@@ -64,6 +64,13 @@ def add_args(p):
                         "this times L0 / L")
     c.add_argument("--noise", choices=("white", "pink"), default="white",
                    help="noise power spectrum: white, or pink 1/(|k| + 0.05) in cycles per pixel (default white)")
+    x = p.add_argument_group("micrographs as they come (docs/theory-extensions.md)")
+    x.add_argument("--orientation-prior", default=None, metavar="KIND:VALUE",
+                   help="viewing directions: uniform, top:F (a fraction F seen from near +z), side:F (near the "
+                        "equator) or vmf:KAPPA (numbaem.sim.views); default Haar-random rotations")
+    x.add_argument("--junk", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction in [0, 1) of the placed objects that are contaminants (blob clusters of 1-4 "
+                        "times a particle's energy) instead of particles (default 0)")
     add_threads(p)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -92,6 +99,12 @@ def main(args):
     from ..sim.simulate import output_paths, random_ctf, simulate_micrographs, write_simulation
 
     L = check_L(args.patch_size, "--patch-size")
+    views = None
+    if args.orientation_prior is not None:
+        from ..sim.views import parse_views
+        views = parse_views(args.orientation_prior)
+    if not 0 <= args.junk < 1:
+        raise NumbaemError(f"--junk {args.junk:g} must be a fraction in [0, 1), e.g. 0.3")
     mics, json_path, truth_path = output_paths(args.output, args.count)
     outputs = mics + [json_path, truth_path]
     if args.defocus is not None:
@@ -116,7 +129,7 @@ def main(args):
     with use_threads(args.threads):
         sim = simulate_micrographs(vol, L, micrograph_size=N, method=args.method, density=args.density,
                                    snr=args.snr, spacing=args.spacing, count=args.count, lmax=args.lmax, rng=args.seed,
-                                   ctf=ctf, pixel_size=voxel, noise_psd=args.noise)
+                                   ctf=ctf, pixel_size=voxel, noise_psd=args.noise, views=views, junk=args.junk)
     paths = write_simulation(sim, args.output, force=args.force, command=command, pixel_size=voxel)
     if args.json:
         emit_json(dict(outputs=[str(p) for p in paths] if paths else None, sigma2=sim.sigma2, snr=sim.snr,

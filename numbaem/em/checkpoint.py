@@ -490,6 +490,14 @@ class Checkpointer:
             rng=rng_state,
             history=list(state.history),
         )
+        # the extensions' parameters (docs/theory-extensions.md), only when switched on: JSON floats
+        # round-trip exactly (repr), so a resumed run continues with the same bits
+        if state.view_weights is not None:
+            doc["view_weights"] = [float(x) for x in state.view_weights]
+            doc["view_floor"] = float(state.view_floor)
+        if state.junk_theta is not None:
+            doc["junk_theta"] = [float(x) for x in state.junk_theta]
+            doc["varsigma"] = float(state.varsigma)
         text = json.dumps(doc, indent=1, default=_json_default) + "\n"
         atomic_write_bytes(self.directory / name, data, force=True)
         atomic_write_text(self.state_path, text, force=True)
@@ -599,8 +607,18 @@ class Checkpointer:
         self.inputs = current
         logger.info("loaded the checkpoint of iteration %d (stage %d, iteration %d in it) from %s",
                     total, stage + 1, iteration, self.directory)
-        return EMState(theta=theta, lmax=lmax, upsilon=upsilon, sigma2=sigma2, stage=stage,
-                       iteration=iteration, total_iterations=total, rng=rng, history=history)
+        state = EMState(theta=theta, lmax=lmax, upsilon=upsilon, sigma2=sigma2, stage=stage,
+                        iteration=iteration, total_iterations=total, rng=rng, history=history)
+        try:
+            if "view_weights" in doc:
+                state.view_weights = np.array([_float(x) for x in doc["view_weights"]], dtype=np.float64)
+                state.view_floor = _float(doc["view_floor"])
+            if "junk_theta" in doc:
+                state.junk_theta = np.array([_float(x) for x in doc["junk_theta"]], dtype=np.float64)
+                state.varsigma = _float(doc["varsigma"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NumbaemError(f"{where} has a damaged orientation prior or junk class ({exc!r}); {fix}") from None
+        return state
 
 
 def _int(v):

@@ -334,9 +334,10 @@ class GroupSpectra:
         As for :func:`projection_spectra`: each group's spectra are made for that route.
     """
 
-    def __init__(self, proj, filters, window=None, route=None, precision="auto", sigma2=None):
+    def __init__(self, proj, filters, window=None, route=None, precision="auto", sigma2=None, log_prior=None):
         self.proj = np.asarray(proj, dtype=np.float64)
         self.window = window
+        self.log_prior = log_prior    # (delta_k, sigma_eff^2) folded into each group's energies, or None
         self.route, self.precision, self.sigma2 = route, precision, sigma2
         self.filters = np.asarray(filters, dtype=np.float64)
         K, L, _ = self.proj.shape
@@ -363,6 +364,8 @@ class GroupSpectra:
         """The spectra (:func:`projection_spectra`) of the filtered projections ``Psi_g p_k``."""
         spectra = projection_spectra(apply_filter(self.filters[g], self.proj), self.route, self.precision,
                                      self.sigma2)
+        if self.log_prior is not None:
+            spectra = fold_log_prior(spectra, *self.log_prior)
         return spectra if self.window is None else restrict_shifts(spectra, self.window)
 
 
@@ -504,6 +507,48 @@ def projection_spectra(proj, route=None, precision="auto", sigma2=None):
     return ProjectionSpectra(Pc, e, L)
 
 
+def fold_log_prior(spectra, delta, sigma2):
+    """Spectra whose every score of rotation ``k`` gains ``delta_k`` (a per-rotation log prior).
+
+    A score is ``log_shift_prior + (2 c - e_k) / (2 sigma^2)``, so ``e_k -> e_k - 2 sigma^2
+    delta_k`` adds ``delta_k`` to it with no change to the kernels (docs/theory-extensions.md,
+    section 1): the orientation prior ``p_k = exp(delta_k) / K`` in place of ``1/K``, and
+    the junk row's prior. ``+inf`` (ruled-out shifts) stays ``+inf``.
+
+    Parameters
+    ----------
+    spectra : ProjectionSpectra, DirectSpectra or GroupSpectra
+    delta : ndarray, shape (K,)
+        Log prior offsets; finite.
+    sigma2 : float
+        The noise variance the E-step uses (annealing temperature included).
+
+    Returns
+    -------
+    The same kind of spectra (new arrays; the argument is unchanged).
+    """
+    delta = np.asarray(delta, dtype=np.float64)
+    if delta.shape != (spectra.K,) or not np.all(np.isfinite(delta)):
+        raise NumbaemError(f"log prior offsets of shape {delta.shape} for {spectra.K} rotations; expected finite "
+                           f"({spectra.K},)")
+    shift = 2.0 * float(sigma2) * delta
+    if isinstance(spectra, GroupSpectra):
+        if spectra.log_prior is not None:
+            delta = delta + spectra.log_prior[0]
+        return GroupSpectra(spectra.proj, spectra.filters, spectra.window, spectra.route, spectra.precision,
+                            spectra.sigma2, (delta, float(sigma2)))
+    if spectra.route == "direct":
+        E = spectra.E.copy()
+        KB = spectra.KB
+        for b in range(E.shape[0]):
+            k0, k1 = b * KB, min(spectra.K, (b + 1) * KB)
+            E[b, :, :, :k1 - k0] -= shift[k0:k1].astype(E.dtype)[None, None, :]
+        return dataclasses.replace(spectra, E=E)
+    if spectra.route != "fft":
+        raise NumbaemError(f"cannot fold a log prior into spectra of route {spectra.route!r}")
+    return ProjectionSpectra(spectra.Pc, spectra.e - shift[:, None, None], spectra.L, spectra.log_shift_offset)
+
+
 def signed_shifts(L):
     """The shift ``l`` of each of the ``2L`` indices per axis as a signed offset (section 4).
 
@@ -537,7 +582,8 @@ def restrict_shifts(spectra, window):
     if not 0 <= w < L:
         raise NumbaemError(f"shift window {window} must lie in 0 .. {L - 1} for L={L}")
     if isinstance(spectra, GroupSpectra):      # each group's spectra are restricted as they are made
-        return GroupSpectra(spectra.proj, spectra.filters, w, spectra.route, spectra.precision, spectra.sigma2)
+        return GroupSpectra(spectra.proj, spectra.filters, w, spectra.route, spectra.precision, spectra.sigma2,
+                            spectra.log_prior)
     offset = spectra.log_shift_offset + math.log((2 * L - 1) ** 2 / (2 * w + 1) ** 2)
     if spectra.route == "direct":              # E at the linear shifts s = -(L-1) .. L-1
         s = np.abs(np.arange(-(L - 1), L)) <= w

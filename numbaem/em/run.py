@@ -28,8 +28,9 @@ from ..runtime.errors import NumbaemError
 from ..runtime.threads import prefer_passive_openmp
 from ..runtime.validate import as_rng
 from ..runtime.memory import default_budget, peak_rss, reset_peak_rss
-from .estep import GroupSpectra, Records, choose_precision, choose_route, projection_spectra, restrict_shifts, \
-    stream_stats
+from ..model import viewprior
+from .estep import GroupSpectra, Records, choose_precision, choose_route, fold_log_prior, projection_spectra, \
+    restrict_shifts, stream_stats
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
 from .plan import phi_bytes, plan_iteration, plan_search
 from .schedule import Stage, default_schedule, load_schedule, parse_schedule, validate_schedule  # noqa: F401
@@ -55,6 +56,10 @@ class EMState:
     rng: np.random.Generator = None
     history: list = dataclasses.field(default_factory=list)
     records: Records = None   # what each patch's posterior held last (for local searches)
+    view_weights: np.ndarray = None   # orientation prior: HEALPix cell weights q_b (numbaem.model.viewprior)
+    view_floor: float = 0.05          # its floor lambda
+    junk_theta: np.ndarray = None     # junk class: coefficients of its isotropic volume (FBBasis(L, 0)), or None
+    varsigma: float = 0.0             # the junk class's prior probability per patch
 
 
 class LocalExecutor:
@@ -130,29 +135,46 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     budget = default_budget() if budget is None else budget
     idx = source.sample(stage.frac, state.rng)
     extra = {}
+    junk = False
     sigma2_e = state.sigma2 * temperature
     filters = _filters(source)
     if stage.is_search:
         from .search import SearchModel, search_normal_equations
         check_search_source(source, stage)
+        if state.junk_theta is not None:
+            raise NumbaemError("the junk class runs with exhaustive stages only; give the schedule's stages "
+                               "rotations=K instead of fine=STEP")
         spec = stage.search_spec()
         model = SearchModel(state.theta, basis, spec, sigma2=sigma2_e, precision=precision,
-                            previous=state.records if spec.local > 0 else None, record=record)
+                            previous=state.records if spec.local > 0 else None, record=record,
+                            view_weights=state.view_weights)
         plan = plan_search(budget, basis, spec, len(idx), model.dtype.itemsize,
                            records=len(state.records or ()), n_groups=None if filters is None else len(filters))
         n_chunk = plan.n_chunk if n_chunk is None else int(n_chunk)
         executor = executor or LocalExecutor()
         stats = executor.sufficient_stats(source, idx, model, state.upsilon, sigma2_e, n_chunk, progress)
+        row_rots = model.rotations(stats.rotations) if state.view_weights is not None else None
         del model
         t_e = time.perf_counter()
         H, b = search_normal_equations(stats, spec, basis, max_block_bytes=plan.mstep_block_bytes, filters=filters)
         extra = search_record(stats, spec)
         extra["precision"] = plan.parts["precision"]
+        if state.view_weights is not None:
+            from ..model import hopf
+            nside = _nside(state.view_weights)
+            state.view_weights = viewprior.update_weights(
+                state.view_weights, viewprior.bins_of_rotations(hopf.rotations(spec.fine), nside),
+                viewprior.rotation_mass(stats.W), state.view_floor,
+                mass_bins=viewprior.bins_of_rotations(row_rots, nside))
     else:
         proj = operator.project(state.theta)
+        junk = state.junk_theta is not None
+        if junk:                             # row K: the junk class's image, the same at every rotation
+            A_J = junk_operator(L)
+            proj = np.concatenate([proj, (A_J @ state.junk_theta).reshape(1, L, L)])
         route = choose_route(L)
         dtype = choose_precision(proj, sigma2_e, precision) if route == "direct" else np.dtype(np.float64)
-        plan = stage_plan(budget, basis, K, len(idx), None if filters is None else len(filters), route,
+        plan = stage_plan(budget, basis, K + junk, len(idx), None if filters is None else len(filters), route,
                           dtype.itemsize)
         n_chunk = plan.n_chunk if n_chunk is None else int(n_chunk)
         extra["precision"] = str(dtype)
@@ -162,18 +184,35 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
                 spectra = projection_spectra(proj, route=route, precision=str(dtype))
                 if record and route == "direct":
                     from ..model.rotations import matrices_to_quaternions
-                    spectra.quats = matrices_to_quaternions(operator.rots).astype(np.float32)
+                    q = matrices_to_quaternions(operator.rots)
+                    if junk:     # the junk row has no orientation; its records are not used for local searches
+                        q = np.concatenate([q, [[1.0, 0.0, 0.0, 0.0]]])
+                    spectra.quats = q.astype(np.float32)
             else:
                 spectra = GroupSpectra(proj, filters, route=route, precision=str(dtype))
             del proj
+            if state.view_weights is not None or junk:
+                delta = np.zeros(K)
+                if state.view_weights is not None:
+                    view_bins = viewprior.bins_of_rotations(operator.rots, _nside(state.view_weights))
+                    delta = viewprior.log_offsets(state.view_weights, view_bins)
+                if junk:
+                    delta = junk_offsets(delta, state.upsilon, state.varsigma)
+                spectra = fold_log_prior(spectra, delta, sigma2_e)
             if getattr(source, "shift_window", None) is not None:   # boxes around picks (numbaem.data.boxes)
                 spectra = restrict_shifts(spectra, source.shift_window)
             executor = executor or LocalExecutor()
             stats = executor.sufficient_stats(source, idx, spectra, state.upsilon, sigma2_e, n_chunk, progress)
             del spectra
             t_e = time.perf_counter()
-            H, b = normal_equations(operator.blocks(), stats.W, stats.G, L, M,
-                                    max_block_bytes=plan.mstep_block_bytes, filters=filters)
+            W, G = (stats.W[..., :K, :, :], stats.G[..., :K, :, :]) if junk else (stats.W, stats.G)
+            H, b = normal_equations(operator.blocks(), W, G, L, M, max_block_bytes=plan.mstep_block_bytes,
+                                    filters=filters)
+            if state.view_weights is not None:
+                state.view_weights = viewprior.update_weights(state.view_weights, view_bins,
+                                                              viewprior.rotation_mass(W), state.view_floor)
+            if junk:
+                junk_update = junk_mstep(stats, K, L, filters, tikhonov)
         finally:
             fft.set_cache_limit(old_limit)
     if getattr(stats, "records", None) is not None:
@@ -182,6 +221,16 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     loglik = stats.loglik
     state.theta = sol.theta
     state.upsilon = update_upsilon(stats)
+    if junk:
+        H_J, b_J, theta_J, vs = junk_update
+        state.varsigma = min(vs, 1.0 - state.upsilon - JUNK_FLOOR)
+        if theta_J is not None:
+            state.junk_theta = theta_J
+            if estimate_noise:   # the junk states' residuals count too: block-diagonal normal equations
+                from scipy.linalg import block_diag
+                H, b = block_diag(H, H_J), np.concatenate([b, b_J])
+                sol = dataclasses.replace(sol, theta=np.concatenate([sol.theta, theta_J]))
+        extra["varsigma"] = state.varsigma
     if estimate_noise:
         state.sigma2 = update_sigma2(stats, H, b, sol.theta, L)
     state.iteration += 1
@@ -194,8 +243,58 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
                seconds=t1 - t0, seconds_estep=t_e - t0, seconds_mstep=t1 - t_e, peak_memory=peak_rss(),
                planned_peak_bytes=int(plan.peak), temperature=float(temperature),
                filter_groups=None if filters is None else len(filters))
+    if state.view_weights is not None:
+        rec["view_weights"] = state.view_weights.tolist()
     rec.update(extra)
     return rec
+
+
+def junk_operator(L):
+    """``A_J`` (L^2, M_0): the projection of the junk class's isotropic volume (``FBBasis(L, 0)``),
+    the same for every rotation (taken at the identity)."""
+    from ..model.projection import projection_matrices
+    return projection_matrices(FBBasis(L, 0), np.eye(3)[None])[0]
+
+
+def junk_offsets(delta, upsilon, varsigma):
+    """Log-prior offsets (K + 1,) of the molecule's rows and the junk row, relative to the kernel's
+    scalar prior ``(1 - upsilon) / ((2L-1)^2 (K + 1))`` (docs/theory-extensions.md, section 2).
+
+    A molecule state of rotation ``k`` has prior ``(1 - upsilon - varsigma) p_k / (2L-1)^2``
+    with ``p_k = exp(delta_k) / K``, a junk state ``varsigma / (2L-1)^2``.
+    """
+    delta = np.asarray(delta, dtype=np.float64)
+    K = len(delta)
+    base = math.log1p(-upsilon) - math.log(K + 1)
+    mol = math.log(1.0 - upsilon - varsigma) + delta - math.log(K) - base
+    return np.append(mol, math.log(varsigma) - base)
+
+
+#: Bounds of the junk class's prior: it neither dies out nor leaves the molecule no mass.
+JUNK_FLOOR = 1e-4
+
+
+def junk_mstep(stats, K, L, filters=None, tikhonov=0.0):
+    """The junk class's M-step from the statistics' row ``K``: ``(H_J, b_J, theta_J, varsigma)``.
+
+    ``varsigma = sum_{j,l} w_{j,J,l} / Nd`` (kept within ``[JUNK_FLOOR, 1 - upsilon - JUNK_FLOOR]``
+    by the caller's next E-step: clipped here to ``[JUNK_FLOOR, 1 - 2 JUNK_FLOOR]``) and the
+    coefficients by the weighted least squares of section 6 with the one operator ``A_J``;
+    ``theta_J`` is None (kept) when the row holds no mass.
+    """
+    W_J, G_J = stats.W[..., K:K + 1, :, :], stats.G[..., K:K + 1, :, :]
+    mass = float(W_J.sum())
+    vs = min(max(mass / stats.n_patches, JUNK_FLOOR), 1.0 - 2 * JUNK_FLOOR)
+    A_J = junk_operator(L)
+    if not mass > 0:
+        return None, None, None, vs
+    H_J, b_J = normal_equations([(slice(0, 1), A_J[None])], W_J, G_J, L, A_J.shape[1], filters=filters)
+    return H_J, b_J, solve(H_J, b_J, tikhonov).theta, vs
+
+
+def _nside(q):
+    """HEALPix ``nside`` of cell weights ``q`` (12 nside^2 cells)."""
+    return int(round(math.sqrt(len(q) / 12)))
 
 
 def search_record(stats, spec):
@@ -380,7 +479,7 @@ def _check_anneal(anneal):
 def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=None, upsilon0=0.5,
                 rng=None, memory=None, tikhonov=0.0, truth=None, callback=None, progress=True,
                 state=None, should_stop=None, executor=None, anneal=None, restarts=1, scale_init=False,
-                precision="auto"):
+                precision="auto", orientation_prior=None, prior_floor=0.05, junk_class=False, varsigma0=0.1):
     """Run the approximate EM with frequency marching.
 
     Parameters
@@ -438,6 +537,17 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
     precision : {'auto', 'float32', 'float64'}
         Floating-point type of the direct route's scores (``numbaem.em.estep.choose_precision``:
         'auto' takes float32 where its rounding stays below 1e-3 nats).
+    orientation_prior : int, optional
+        Estimate a prior over viewing directions on the ``12 nside^2`` HEALPix cells of this
+        ``nside`` (:mod:`numbaem.model.viewprior`; docs/theory-extensions.md section 1),
+        starting uniform; None: every rotation ``1/K`` (today's model, the same bits).
+    prior_floor : float
+        Its floor ``lambda``: each update mixes in ``lambda`` of the uniform distribution.
+    junk_class : bool
+        Add the junk class (an isotropic volume of ``FBBasis(L, 0)``, started at the spherical
+        average of the start; docs/theory-extensions.md section 2); exhaustive stages only.
+    varsigma0 : float
+        The junk class's starting prior probability per patch.
 
     Returns
     -------
@@ -471,11 +581,27 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         return _best_of_restarts(source, sigma2=sigma2, estimate_noise=estimate_noise, schedule=schedule,
                                  upsilon0=upsilon0, rng=rng, memory=budget, tikhonov=tikhonov, truth=truth,
                                  callback=callback, progress=progress, should_stop=should_stop, executor=executor,
-                                 anneal=anneal, restarts=restarts, precision=precision)
+                                 anneal=anneal, restarts=restarts, precision=precision,
+                                 orientation_prior=orientation_prior, prior_floor=prior_floor, junk_class=junk_class,
+                                 varsigma0=varsigma0)
+    if orientation_prior is not None:
+        nside = viewprior.check_nside(orientation_prior)
+        prior_floor = viewprior.check_floor(prior_floor)
+    if junk_class:
+        if any(st.is_search for st in schedule):
+            raise NumbaemError("the junk class runs with exhaustive stages only; give a schedule whose stages all "
+                               "have rotations=K (e.g. 'lmax=2,iters=5,frac=1,rotations=600;lmax=4,iters=5,frac=1,rotations=600')")
+        if not 0 < varsigma0 < 1 - upsilon0:
+            raise NumbaemError(f"varsigma0={varsigma0} must lie strictly between 0 and 1 - upsilon0 = {1 - upsilon0:g}")
     stopped = False
     if state is None:
         theta = initial_theta(init, L, schedule[0].lmax, rng=rng, source=source, sigma2=sigma2, scale=scale_init)
         state = EMState(theta=theta, lmax=schedule[0].lmax, upsilon=upsilon0, sigma2=float(sigma2), rng=rng)
+        if orientation_prior is not None:
+            state.view_weights, state.view_floor = np.ones(12 * nside * nside), prior_floor
+        if junk_class:
+            state.junk_theta = resize_theta(theta, FBBasis(L, schedule[0].lmax), FBBasis(L, 0))
+            state.varsigma = float(varsigma0)
     total = sum(st.iters for st in schedule)
     bar = _progress(total, progress, "EM iterations", state.total_iterations)
     try:

@@ -50,7 +50,7 @@ from ..runtime.errors import NumbaemError
 from ..runtime.jit import jit
 from . import kernels
 from .estep import (RECORD_EPS, Records, SufficientStats, _no_timer, add_totals, block_scales, choose_precision,
-                    direct_spectra, merge_reports, merge_rows, pop_records, record_of, shift_index)
+                    direct_spectra, fold_log_prior, merge_reports, merge_rows, pop_records, record_of, shift_index)
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +144,16 @@ class SearchModel:
     filt : ndarray, shape (L^2, L^2), optional
         A CTF group's ``Psi_g`` (theory section 11): every projection is ``Psi_g A_k x``
         (:meth:`for_group` makes the model of each group, sharing the direction images).
+    view_weights : ndarray, shape (12 nside^2,), optional
+        An orientation prior's cell weights (:mod:`numbaem.model.viewprior`): the
+        rotations of level ``r`` get ``p_k = q_{b(k)} / sum_{k'} q_{b(k')}`` over that
+        level, folded into the energies of every pass (:meth:`view_offsets`).
     """
 
     route = "search"
 
-    def __init__(self, theta, basis, spec, sigma2=None, precision="auto", previous=None, record=False, filt=None):
+    def __init__(self, theta, basis, spec, sigma2=None, precision="auto", previous=None, record=False, filt=None,
+                 view_weights=None):
         from ..model.projection import project_hopf
         self.theta = np.asarray(theta, dtype=np.float64)
         self.basis = basis
@@ -164,6 +169,24 @@ class SearchModel:
         self.record = bool(record)
         self.max_pairs = MAX_PAIRS
         self._q = {}
+        self.view_weights = None if view_weights is None else np.asarray(view_weights, dtype=np.float64)
+        self._view_log_mean = {}
+
+    def view_offsets(self, level, idx):
+        """``delta_k = log(K_r p_k)`` (n,) of the rotations ``idx`` of ``level`` under the
+        orientation prior (zeros without one; :func:`numbaem.model.viewprior.log_offsets`
+        over the whole level)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.view_weights is None:
+            return np.zeros(len(idx))
+        from ..model import viewprior
+        nside = int(round(math.sqrt(len(self.view_weights) / 12)))
+        lm = self._view_log_mean.get(level)
+        if lm is None:
+            b = viewprior.bins_of_rotations(hopf.rotations(level), nside)
+            lm = self._view_log_mean[level] = math.log(np.mean(self.view_weights[b]))
+        b = viewprior.bins_of_rotations(hopf.rotations(level, idx), nside)
+        return np.log(self.view_weights[b]) - lm
 
     def stream_stats(self, source, idx, upsilon, sigma2, n_chunk, progress=None, timer=None):
         """:func:`search_stats` with this model (what :func:`numbaem.em.estep.stream_stats` calls)."""
@@ -603,6 +626,8 @@ class _Pass:
 def _dense_pass(Y, model, rows, c2, inv, log_prior, log_u, timer):
     """Every rotation of the coarse level against the chunk's patches ``rows`` (exponentials kept)."""
     cs = model.coarse
+    if model.view_weights is not None:      # the orientation prior folded into the energies
+        cs = fold_log_prior(cs, model.view_offsets(model.spec.coarse, np.arange(cs.K)), 1.0 / (2.0 * float(inv)))
     B, KB = cs.P.shape[0], cs.KB
     L = Y.shape[1]
     S = 2 * L - 1
@@ -630,6 +655,8 @@ def _sparse_pass(Y, model, level, ptr, rot, c2, inv, log_prior, log_u, timer):
     EU = np.empty((len(U), S, S), model.dtype)
     if len(U):
         kernels.box_energies(PU64, EU)
+        if model.view_weights is not None:  # the orientation prior folded into the energies
+            EU -= (model.view_offsets(level, U) / float(inv)).astype(EU.dtype)[:, None, None]
     PU = np.ascontiguousarray(PU64, dtype=model.dtype)
     t_patch, t_start, t_len = _tasks(ptr, kernels.MAX_BLOCK)
     T = len(t_patch)

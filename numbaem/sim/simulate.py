@@ -221,6 +221,9 @@ class Simulation:
     ctf: list = None
     pixel_size: float = None
     noise: str = "white"
+    views: str = None           # the viewing-direction distribution (numbaem.sim.views), None: Haar
+    junk_fraction: float = 0.0
+    junk: list = None           # per micrograph, (T,) bool: which objects are contaminants
 
     @property
     def shape(self):
@@ -251,9 +254,14 @@ def _add_clipped(img, proj, s0, s1):
         img[a0:b0, a1:b1] += proj[a0 - s0:b0 - s0, a1 - s1:b1 - s1]
 
 
+def _junk(n, side, mean_energy, rng):
+    from .junk import junk_images
+    return junk_images(n, side, mean_energy, rng)
+
+
 def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, snr=1.0,
                          spacing="separated", count=1, lmax=None, rng, oversample=1, ctf=None, pixel_size=None,
-                         noise_psd=None):
+                         noise_psd=None, views=None, junk=0.0):
     """Simulate micrographs of a volume with known positions, rotations and noise.
 
     theory section 1; see the module docstring for the two methods, the scale, the
@@ -293,6 +301,14 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
     noise_psd : 'pink' or callable, optional
         Shape of the noise power spectrum against ``|k|`` in cycles per final pixel
         (module doc); None: white.
+    views : str or numbaem.sim.views.ViewDistribution, optional
+        Distribution of the viewing directions (``'top:0.6'``, ...; :mod:`numbaem.sim.views`);
+        None: Haar-random rotations drawn as without it (the same bits).
+    junk : float, optional
+        Fraction in [0, 1) of the placed objects that are contaminants
+        (:func:`numbaem.sim.junk.junk_images`) instead of particles; their energy is a
+        multiple of the micrograph's mean particle projection energy, and the SNR counts
+        the particles only. 0: none (the same bits as without).
 
     Returns
     -------
@@ -357,6 +373,12 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
                                "or --pixel-size on the command line")
     if pixel_size is not None:
         pixel_size = positive_number("pixel_size", pixel_size, 1.0, " (Angstrom per voxel)")
+    try:
+        junk = float(junk)
+    except (TypeError, ValueError):
+        junk = float("nan")
+    if not 0 <= junk < 1:
+        raise NumbaemError("the contaminant fraction (--junk) must lie in [0, 1), e.g. 0.3")
     noise_name = "white"
     if isinstance(noise_psd, str):
         if noise_psd not in ("white", "pink"):
@@ -382,7 +404,19 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
 
     # Geometry of every micrograph first (shared by both methods for one seed).
     positions = [place_positions(T, N, L, spacing, rng) for _ in range(count)]
-    rotations = [random_rotations(T, rng) for _ in range(count)]
+    if views is None:
+        rotations = [random_rotations(T, rng) for _ in range(count)]
+    else:
+        from .views import ViewDistribution, parse_views, sample_rotations
+        views = views if isinstance(views, ViewDistribution) else parse_views(views)
+        rotations = [sample_rotations(T, views, rng) for _ in range(count)]
+    is_junk = [np.zeros(T, bool) for _ in range(count)]
+    if junk:
+        for mask in is_junk:
+            mask[rng.choice(T, int(round(junk * T)), replace=False)] = True
+    n_mol = sum(int(np.sum(~m)) for m in is_junk)
+    if n_mol < 1:
+        raise NumbaemError(f"junk={junk!r} leaves no particle among {T} objects per micrograph; lower --junk")
 
     clean = []
     if method == 2:
@@ -390,14 +424,18 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
         energy = 0.0
         for m, (pos, rots) in enumerate(zip(positions, rotations)):
             proj = project(theta, basis, rots)
-            energy += float(np.sum(proj**2))
+            jm = is_junk[m]
+            e_m = float(np.sum(proj[~jm] ** 2))
+            energy += e_m
+            if jm.any():
+                proj[jm] = _junk(int(jm.sum()), L, e_m / max(1, int(np.sum(~jm))), rng)
             img = np.zeros(N)
             for (s0, s1), p in zip(pos, proj):
                 img[s0:s0 + L, s1:s1 + L] += p
             if ctf is not None:
                 img = _apply_ctf(img, ctf[m], pixel_size * L0 / L)
             clean.append(img)
-        sigma2_gen = energy / (count * T) / (L_gen**2 * snr)
+        sigma2_gen = energy / n_mol / (L_gen**2 * snr)
         sigma2 = sigma2_gen
         micrographs = [c + _noise(rng, sigma2, N, noise_psd) for c in clean]
     else:
@@ -409,16 +447,25 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
         for m, (pos, rots) in enumerate(zip(positions, rotations)):
             full = _full_positions(pos, N, Nf, L, L0)
             img = np.zeros(Nf)
+            jm = is_junk[m]
+            e_m = 0.0
             for c0 in range(0, T, _CHUNK):
                 proj = project_real_space(vol, rots[c0:c0 + _CHUNK], oversample, coef=coef)
-                energy += float(np.sum(proj**2))
-                for (s0, s1), p in zip(full[c0:c0 + _CHUNK], proj):
+                keep = ~jm[c0:c0 + _CHUNK]
+                e_c = float(np.sum(proj[keep] ** 2))
+                energy += e_c          # summed in this order as without contaminants (the same bits)
+                e_m += e_c
+                for (s0, s1), p, k in zip(full[c0:c0 + _CHUNK], proj, keep):
+                    if k:
+                        _add_clipped(img, p, int(s0), int(s1))
+            if jm.any():           # contaminants at the generation size, scaled to this micrograph's particles
+                for (s0, s1), p in zip(full[jm], _junk(int(jm.sum()), L0, e_m / max(1, int(np.sum(~jm))), rng)):
                     _add_clipped(img, p, int(s0), int(s1))
             if ctf is not None:
                 img = _apply_ctf(img, ctf[m], pixel_size)
             clean.append(downsample_image(img, N) * scale if Nf != N else img)
             del img
-        sigma2_gen = energy / (count * T) / (L_gen**2 * snr)
+        sigma2_gen = energy / n_mol / (L_gen**2 * snr)
         sigma2 = sigma2_gen * (N[0] * N[1]) / (Nf[0] * Nf[1]) * scale**2
         micrographs = [c + _noise(rng, sigma2, N, noise_psd) for c in clean]
 
@@ -452,6 +499,9 @@ def simulate_micrographs(volume, L, *, micrograph_size, method=2, density=0.1, s
         ctf=ctf,
         pixel_size=pixel_size,
         noise=noise_name,
+        views=None if views is None else str(views),
+        junk_fraction=float(junk),
+        junk=is_junk if junk else None,
     )
     logger.info(
         "simulated %d micrograph(s) of %d x %d, %d projections each (density %.3g), "
@@ -593,6 +643,9 @@ def write_simulation(sim, out_path, force=False, command=None, pixel_size=None):
         "ctf_star": None if star_path is None else star_path.name,
         "positions": [np.asarray(p).tolist() for p in sim.positions],
         "rotations": [np.asarray(r).tolist() for r in sim.rotations],
+        "orientation_prior": sim.views or "uniform",
+        "junk_fraction": sim.junk_fraction,
+        "junk": None if sim.junk is None else [np.asarray(j).tolist() for j in sim.junk],
     }
     text = json.dumps(truth, indent=1) + "\n"
 
