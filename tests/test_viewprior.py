@@ -1,4 +1,4 @@
-"""The orientation prior (numbaem.model.viewprior, docs/theory-extensions.md section 1):
+"""The orientation prior (numbaem.model.viewprior, theory section 14.1):
 its E-step against the brute-force sum over states on both routes and in the search, its
 M-step update against a numerical maximiser, the floor, and the switched-off bits."""
 import math
@@ -285,7 +285,7 @@ def test_reconstruct_refuses_bad_extension_options(rng):
 
 def test_search_iteration_updates_the_prior_from_its_rows(rng):
     """A search stage: the weights' update bins each statistics row by its own direction, with
-    the fine level's rotations per cell (docs/theory-extensions.md section 1)."""
+    the fine level's rotations per cell (theory section 14.1)."""
     basis, theta = _molecule_theta(5, 2)
     mic, s2 = make_micrograph(rng, theta, basis, hopf.rotations(1), 60, 6, snr=5.0)
     stage = schedule.Stage(2, 1, 1.0, fine=30.0)

@@ -114,7 +114,7 @@ def add_args(p):
     p.add_argument("--plot", metavar="PNG", help="write a convergence plot (log-likelihood, FSC) as PNG")
     p.add_argument("--json", action="store_true", help="print a final JSON summary on standard output")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    x = p.add_argument_group("micrographs as they come (docs/theory-extensions.md)")
+    x = p.add_argument_group("micrographs as they come (theory section 14)")
     x.add_argument("--orientation-prior", type=int, nargs="?", const=2, default=None, metavar="NSIDE",
                    help="estimate a prior over viewing directions on the 12 NSIDE^2 HEALPix cells of the sphere "
                         "(NSIDE a power of two, default 2: 48 cells), in-plane angles uniform; writes "

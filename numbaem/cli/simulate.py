@@ -64,7 +64,7 @@ def add_args(p):
                         "this times L0 / L")
     c.add_argument("--noise", choices=("white", "pink"), default="white",
                    help="noise power spectrum: white, or pink 1/(|k| + 0.05) in cycles per pixel (default white)")
-    x = p.add_argument_group("micrographs as they come (docs/theory-extensions.md)")
+    x = p.add_argument_group("micrographs as they come (theory section 14)")
     x.add_argument("--orientation-prior", default=None, metavar="KIND:VALUE",
                    help="viewing directions: uniform, top:F (a fraction F seen from near +z), side:F (near the "
                         "equator) or vmf:KAPPA (numbaem.sim.views); default Haar-random rotations")

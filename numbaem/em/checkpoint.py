@@ -490,7 +490,7 @@ class Checkpointer:
             rng=rng_state,
             history=list(state.history),
         )
-        # the extensions' parameters (docs/theory-extensions.md), only when switched on: JSON floats
+        # the extensions' parameters (theory section 14), only when switched on: JSON floats
         # round-trip exactly (repr), so a resumed run continues with the same bits
         if state.view_weights is not None:
             doc["view_weights"] = [float(x) for x in state.view_weights]

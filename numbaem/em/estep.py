@@ -511,7 +511,7 @@ def fold_log_prior(spectra, delta, sigma2):
     """Spectra whose every score of rotation ``k`` gains ``delta_k`` (a per-rotation log prior).
 
     A score is ``log_shift_prior + (2 c - e_k) / (2 sigma^2)``, so ``e_k -> e_k - 2 sigma^2
-    delta_k`` adds ``delta_k`` to it with no change to the kernels (docs/theory-extensions.md,
+    delta_k`` adds ``delta_k`` to it with no change to the kernels (theory section 14,
     section 1): the orientation prior ``p_k = exp(delta_k) / K`` in place of ``1/K``, and
     the junk row's prior. ``+inf`` (ruled-out shifts) stays ``+inf``.
 

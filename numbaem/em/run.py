@@ -258,7 +258,7 @@ def junk_operator(L):
 
 def junk_offsets(delta, upsilon, varsigma):
     """Log-prior offsets (K + 1,) of the molecule's rows and the junk row, relative to the kernel's
-    scalar prior ``(1 - upsilon) / ((2L-1)^2 (K + 1))`` (docs/theory-extensions.md, section 2).
+    scalar prior ``(1 - upsilon) / ((2L-1)^2 (K + 1))`` (theory section 14.2).
 
     A molecule state of rotation ``k`` has prior ``(1 - upsilon - varsigma) p_k / (2L-1)^2``
     with ``p_k = exp(delta_k) / K``, a junk state ``varsigma / (2L-1)^2``.
@@ -539,13 +539,13 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         'auto' takes float32 where its rounding stays below 1e-3 nats).
     orientation_prior : int, optional
         Estimate a prior over viewing directions on the ``12 nside^2`` HEALPix cells of this
-        ``nside`` (:mod:`numbaem.model.viewprior`; docs/theory-extensions.md section 1),
+        ``nside`` (:mod:`numbaem.model.viewprior`; theory section 14.1),
         starting uniform; None: every rotation ``1/K`` (today's model, the same bits).
     prior_floor : float
         Its floor ``lambda``: each update mixes in ``lambda`` of the uniform distribution.
     junk_class : bool
         Add the junk class (an isotropic volume of ``FBBasis(L, 0)``, started at the spherical
-        average of the start; docs/theory-extensions.md section 2); exhaustive stages only.
+        average of the start; theory section 14.2); exhaustive stages only.
     varsigma0 : float
         The junk class's starting prior probability per patch.
 

@@ -1,4 +1,4 @@
-"""A non-uniform prior over viewing directions (docs/theory-extensions.md, section 1).
+"""A non-uniform prior over viewing directions (theory section 14.1).
 
 The sphere of viewing directions ``v = w^T e_z`` (the third row of a rotation ``w``,
 :mod:`numbaem.sim.views`) is cut into the ``B = 12 nside^2`` equal-area cells of the
