@@ -338,3 +338,22 @@ def test_search_iteration_on_ctf_groups_is_the_composition_of_its_parts(rng):
     assert np.array_equal(state.theta, solve(H, b).theta)
     assert state.upsilon == update_upsilon(stats) and rec["loglik"] == stats.loglik
     assert rec["filter_groups"] == 2
+
+
+def test_records_of_the_top_rotations_match_a_full_sort(rng):
+    """record_of takes the top RECORD_MAX + 1 masses by partition: the same rotations, in the same
+    order, as sorting them all; _rotations_by_level equals one hopf.rotations call per state."""
+    from numbaem.em.estep import RECORD_MAX, record_of
+    from numbaem.em.search import _rotations_by_level
+    for m in (5, 40, 600):
+        mass = rng.random(m) ** 8
+        got = record_of(mass, lambda pos: np.asarray(pos, float)[:, None] * np.ones(4), 0.3)
+        top = np.argsort(-mass, kind="stable")[:RECORD_MAX + 1]
+        need = int(np.searchsorted(np.cumsum(mass[top]), 0.7 * mass.sum(), side="left")) + 1
+        ref = top[:need] if need <= RECORD_MAX else np.zeros(0)
+        np.testing.assert_array_equal(got[:, 0], np.asarray(ref, np.float32))
+    lev = np.array([2, 1, 2, 0, 1])
+    rot = np.array([100, 7, 4000, 3, 500])
+    pos = np.array([4, 0, 3, 2])
+    ref = np.stack([hopf.rotations(int(lev[k]), rot[k:k + 1])[0] for k in pos])
+    np.testing.assert_array_equal(_rotations_by_level(lev, rot, pos), ref)

@@ -124,7 +124,12 @@ def record_of(mass, rotations, eps):
     total = mass.sum()
     if len(mass) == 0 or not total > 0:
         return np.zeros((0, 4), np.float32)
-    top = np.argsort(-mass, kind="stable")[:RECORD_MAX + 1]
+    k = min(len(mass), RECORD_MAX + 1)
+    if len(mass) > k:        # the k largest without sorting them all (ties: as argpartition leaves them)
+        cand = np.argpartition(-mass, k - 1)[:k]
+        top = cand[np.argsort(-mass[cand], kind="stable")]
+    else:
+        top = np.argsort(-mass, kind="stable")
     need = int(np.searchsorted(np.cumsum(mass[top]), (1.0 - eps) * total, side="left")) + 1
     if need > RECORD_MAX:
         return np.zeros((0, 4), np.float32)

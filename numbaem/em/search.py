@@ -937,11 +937,21 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
             lev = np.concatenate([np.full(len(r), lv) for lv, r, _ in parts]) if parts else np.zeros(0, int)
             rot = np.concatenate([r for _, r, _ in parts]) if parts else np.zeros(0, np.int64)
             records.quats[int(patch_ids[j])] = record_of(
-                mass, lambda pos, lev=lev, rot=rot: matrices_to_quaternions(
-                    np.stack([hopf.rotations(int(lev[k]), rot[k:k + 1])[0] for k in pos])), RECORD_EPS)
+                mass, lambda pos, lev=lev, rot=rot: matrices_to_quaternions(_rotations_by_level(lev, rot, pos)),
+                RECORD_EPS)
     if keep_posteriors:
         return loglik, kept_posts, w_empty, finest
     return loglik
+
+
+def _rotations_by_level(lev, rot, pos):
+    """Rotation matrices (n, 3, 3) of the states ``pos`` given by their levels and rotations (one call per level)."""
+    pos = np.asarray(pos, dtype=np.int64)
+    out = np.empty((len(pos), 3, 3))
+    for lv in np.unique(lev[pos]):
+        sel = np.nonzero(lev[pos] == lv)[0]
+        out[sel] = hopf.rotations(int(lv), rot[pos[sel]])
+    return out
 
 
 def _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dropped, partial, finest, rep, timer):
