@@ -39,9 +39,9 @@ each timed run, and the versions.
 ``default``
     The README's default schedule: four 700 x 700 micrographs at L = 7 (``numbaem
     simulate``, SNR 5, density 0.12, Method 2, a synthetic molecule of side 21) through
-    ``numbaem reconstruct`` with the old default schedule (K = 100, 300, 1000) and the
-    new one (:func:`numbaem.em.schedule.default_schedule`); total seconds and the final
-    aligned relative error and FSC.
+    ``numbaem reconstruct`` with the default schedule (K = 100, 300, 1000) and its search
+    variant (:func:`numbaem.em.schedule.default_schedule` with ``search=True``); total
+    seconds and the final aligned relative error and FSC.
 """
 import argparse
 import datetime as _dt
@@ -473,7 +473,7 @@ def default(args):
     data = _simulate(args.data_dir, "default-quick" if q else "default-700", 7, 140 if q else 700, 4, 5.0, 0.12, 21)
     runs_dir = os.path.join(args.out, "default-runs")
     os.makedirs(runs_dir, exist_ok=True)
-    new = ";".join(",".join(f"{k}={v}" for k, v in st.to_dict().items()) for st in default_schedule(7))
+    new = ";".join(",".join(f"{k}={v}" for k, v in st.to_dict().items()) for st in default_schedule(7, search=True))
     variants = [("old-default", OLD_DEFAULT if not q else OLD_DEFAULT.replace("iters=6", "iters=2")),
                 ("new-default", new)]
     for s in args.schedule or []:

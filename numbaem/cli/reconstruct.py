@@ -226,7 +226,7 @@ def main(args):
         outputs.append(_sibling(args.output, "_views.png"))
     if args.junk_class:
         from ..em.schedule import default_schedule
-        if any(st.is_search for st in (schedule or default_schedule(L, search=not args.particles))):
+        if any(st.is_search for st in (schedule or default_schedule(L))):
             raise NumbaemError("--junk-class runs with exhaustive stages only; pass a --schedule whose stages all "
                                "have rotations=K, e.g. 'lmax=2,iters=5,frac=1,rotations=600;lmax=4,iters=5,frac=1,"
                                "rotations=600'")

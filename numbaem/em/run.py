@@ -567,8 +567,7 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                            "of the patches' pixels, or estimate it (estimate_noise=True)")
     if not 0 < upsilon0 < 1:
         raise NumbaemError(f"upsilon0={upsilon0} must lie strictly between 0 and 1")
-    boxes = getattr(source, "shift_window", None) is not None
-    schedule = validate_schedule(schedule or default_schedule(L, search=not boxes), L)
+    schedule = validate_schedule(schedule or default_schedule(L), L)
     budget = default_budget() if memory is None else int(memory)
     anneal = _check_anneal(anneal)
     restarts = int(restarts)
