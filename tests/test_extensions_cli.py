@@ -53,7 +53,7 @@ def test_cli_extensions_end_to_end(tmp_path, molecule, capsys):  # noqa: F811
     assert (tmp_path / "est_views.png").stat().st_size > 1000 and (tmp_path / "est_junk.mrc").exists()
     # bad values: one sentence, exit 2, nothing written
     for extra, match in ((["--orientation-prior", "0"], "power of two"), (["--prior-floor", "1.5",
-                          "--orientation-prior"], "floor"), (["--junk-class"], "exhaustive")):
+                          "--orientation-prior"], "floor"), (["--junk-class", "--schedule", "lmax=2,iters=1,fine=30"], "exhaustive")):
         code, _, err = run(["reconstruct", str(mic), "--patch-size", "7", "-o", str(tmp_path / "x.mrc"),
                             "--init", "random", "--noise-var", "1", "-q"] + extra, capsys)
         _assert_one_line_error(code, err, match)

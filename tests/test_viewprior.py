@@ -10,6 +10,7 @@ from scipy import optimize
 from numbaem.data.patches import PatchSource
 from numbaem.em import run as em
 from numbaem.em import schedule
+from numbaem.em.schedule import Stage
 from numbaem.em.estep import SufficientStats, e_step_chunk, fold_log_prior, projection_spectra
 from numbaem.em.search import SearchAccumulator, SearchModel, SearchSpec, search_chunk
 from numbaem.model import hopf, viewprior
@@ -280,7 +281,8 @@ def test_reconstruct_refuses_bad_extension_options(rng):
         em.reconstruct(src, "random", sigma2=s2, schedule=[stage], orientation_prior=2, prior_floor=0,
                        progress=False)
     with pytest.raises(NumbaemError, match="exhaustive"):
-        em.reconstruct(src, "random", sigma2=s2, junk_class=True, progress=False)
+        em.reconstruct(src, "random", sigma2=s2, junk_class=True, progress=False,
+                       schedule=[stage, Stage(stage.lmax, 1, 1.0, fine=30.0)])
 
 
 def test_search_iteration_updates_the_prior_from_its_rows(rng):
