@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
 
-    python examples/paper_experiments.py ../shared/data/ribosome70S_65.mrc --out paper-runs
+    python examples/paper_experiments.py MAP.mrc --out paper-runs    # any cubic map, e.g. numbaem molecule -o MAP.mrc --size 65
     python examples/paper_experiments.py MAP.mrc --methods 2 --spacings separated --snr 1 --L 11
 
 For each (method, spacing) it simulates micrographs from the map, starts EM from a
@@ -65,7 +65,7 @@ def run_one(vol, method, spacing, args, out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("map", help="cubic MRC map, e.g. ../shared/data/ribosome70S_65.mrc")
+    p.add_argument("map", help="cubic MRC map, e.g. one made by numbaem molecule -o MAP.mrc --size 65, or a map from EMDB")
     p.add_argument("--out", default="paper-runs")
     p.add_argument("--L", type=int, default=11)
     p.add_argument("--micrograph-size", type=int, default=1100)

@@ -1,6 +1,6 @@
 """Method 1 on a real map (the paper's realistic setting): the 70S ribosome at L = 11.
 
-    python examples/ribosome_method1.py ../shared/data/ribosome70S_65.mrc --out ribo-run
+    python examples/ribosome_method1.py MAP.mrc --out ribo-run    # e.g. a 70S ribosome map from EMDB, Fourier-cropped to 65^3
 
 Simulates well-separated micrographs at full size (65 px particles), Fourier-downsamples
 them to L = 11, and reconstructs by approximate EM from an initial guess that is the
