@@ -124,9 +124,9 @@ class IterationSetup:
         :func:`numbaem.em.estep.choose_route`), in the precision the run chooses."""
         return projection_spectra(self.operator.project(self.theta), route=route, sigma2=self.sigma2)
 
-    def estep(self, reps=1):
-        """Time ``stream_stats`` alone over the minibatch; returns (timing, stats)."""
+    def estep(self, reps=1, route=None):
+        """Time ``stream_stats`` alone over the minibatch (on ``route``, default the run's); returns (timing, stats)."""
         idx = self.indices()
-        spectra = self.spectra()
+        spectra = self.spectra(route)
         return time_call(lambda: stream_stats(self.source, idx, spectra, self.upsilon, self.sigma2, self.n_chunk),
                          reps=reps)
