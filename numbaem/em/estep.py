@@ -918,6 +918,16 @@ def add_data_images(G, g):
     G += ws.forward()
 
 
+def check_estep_args(L, L_model, upsilon, sigma2, what):
+    """One sentence for an E-step's bad arguments: patch size against the model's, upsilon, sigma^2."""
+    if L != L_model:
+        raise NumbaemError(f"patches are {L}x{L} but {what} {L_model}x{L_model}; use one patch size")
+    if not 0.0 < upsilon < 1.0:
+        raise NumbaemError(f"upsilon={upsilon} must lie strictly between 0 and 1")
+    if not sigma2 > 0:
+        raise NumbaemError(f"sigma2={sigma2} must be positive; give the noise variance of the micrograph pixels")
+
+
 def _no_timer(name):
     return contextlib.nullcontext()
 
@@ -962,12 +972,7 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
     """
     patches = np.asarray(patches, dtype=np.float64)
     n, L, _ = patches.shape
-    if L != spectra.L:
-        raise NumbaemError(f"patches are {L}x{L} but the projections are {spectra.L}x{spectra.L}; use one patch size")
-    if not 0.0 < upsilon < 1.0:
-        raise NumbaemError(f"upsilon={upsilon} must lie strictly between 0 and 1")
-    if not sigma2 > 0:
-        raise NumbaemError(f"sigma2={sigma2} must be positive; give the noise variance of the micrograph pixels")
+    check_estep_args(L, spectra.L, upsilon, sigma2, "the projections are")
     n_chunk = n if n_chunk is None else int(n_chunk)
     if n > n_chunk:
         raise NumbaemError(f"chunk of {n} patches exceeds the planned chunk size {n_chunk}")

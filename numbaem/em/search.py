@@ -50,8 +50,9 @@ from ..model.projection import _steer, direction_images
 from ..runtime.errors import NumbaemError
 from ..runtime.jit import jit
 from . import kernels
-from .estep import (RECORD_EPS, Records, SufficientStats, _no_timer, add_totals, block_scales, choose_precision,
-                    direct_spectra, fold_log_prior, merge_reports, merge_rows, pop_records, record_of, shift_index)
+from .estep import (RECORD_EPS, Records, SufficientStats, _no_timer, add_totals, block_scales, check_estep_args,
+                    choose_precision, direct_spectra, fold_log_prior, merge_rows, pop_records, record_of,
+                    shift_index)
 
 logger = logging.getLogger(__name__)
 
@@ -822,12 +823,7 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     timer = timer or _no_timer
     spec = model.spec
     n, L, _ = patches.shape
-    if L != model.L:
-        raise NumbaemError(f"patches are {L}x{L} but the model is for {model.L}x{model.L}; use one patch size")
-    if not 0.0 < upsilon < 1.0:
-        raise NumbaemError(f"upsilon={upsilon} must lie strictly between 0 and 1")
-    if not sigma2 > 0:
-        raise NumbaemError(f"sigma2={sigma2} must be positive; give the noise variance of the micrograph pixels")
+    check_estep_args(L, model.L, upsilon, sigma2, "the model is for")
     dt = model.dtype.type
     Y = np.ascontiguousarray(patches, dtype=model.dtype)
     inv2s2 = 1.0 / (2.0 * sigma2)
@@ -1113,16 +1109,11 @@ class GroupSearchStats:
     def __init__(self, parts, model=None):
         self.parts = list(parts)
         live = [p for p in self.parts if p is not None]
-        self.n_patches = sum(p.n_patches for p in live)
-        self.sum_empty = sum(p.sum_empty for p in live)
-        self.sum_yy = sum(p.sum_yy for p in live)
-        self.loglik = sum(p.loglik for p in live)
+        self.n_patches, self.sum_empty, self.sum_yy, self.loglik = 0, 0.0, 0.0, 0.0
         self.search = None
         self.records = None
         for p in live:
-            self.search = merge_reports(self.search, p.search)
-            if p.records is not None:
-                self.records = (self.records or Records()).update(p.records)
+            add_totals(self, p)
         self.rotations = np.unique(np.concatenate([p.rotations for p in live])) if live else np.zeros(0, np.int64)
 
     @property
