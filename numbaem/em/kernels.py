@@ -38,6 +38,7 @@ from ..runtime.jit import jit, pjit
 
 LANE = 8          # float32 lanes of an AVX2 register; lane blocks are multiples of it
 MAX_BLOCK = 128   # rotations per lane block: (L, L, 128) float32 projections are 62 KiB at L = 11
+BLOCK = 64        # the dense layout's lane blocks hold about this many rotations (lane_blocks)
 
 #: exp(-50) = 2e-22: a state 50 below its block's best adds less than round-off to any
 #: patch's normaliser with fewer than 1e5 states; its posterior is set to 0 (as on the FFT route).
@@ -56,28 +57,40 @@ _F_TAYLOR = tuple(np.float32(1.0 / math.factorial(i)) for i in range(8))
 _D_TAYLOR = tuple(1.0 / math.factorial(i) for i in range(13))
 
 
-#: Lane blocks a large grid is split into at least (the accumulation runs one block per
-#: task): a constant, not the thread count, so that the blocks, and with them every
-#: rounding, are the same on 1 and N threads.
-MIN_BLOCKS = 16
+#: Tasks the dense accumulation is split into at least (lane blocks times groups of
+#: patches, each group summing into partial sums of its own that are added in group order):
+#: a constant, not the thread count, so that 1 and N threads give the same bits.
+MIN_ACC_TASKS = 32
+#: Groups of patches the dense accumulation splits a chunk into at most (each holds
+#: partial sums of ``(S^2 + L^2) KB`` numbers per lane block).
+MAX_ACC_GROUPS = 16
 
 
 def lane_blocks(K, threads=None):
     """``(KB, n_blocks)``: rotations per lane block and the number of blocks for ``K`` rotations.
 
-    ``KB`` is a multiple of :data:`LANE` and at most :data:`MAX_BLOCK` (longer lane
-    loops run faster: at L = 11 about 1.5 us per pair at 128 lanes against 1.8 at 64);
+    ``KB`` is a multiple of :data:`LANE` near :data:`BLOCK` (at most :data:`MAX_BLOCK`);
     the blocks are as even as the lane width allows (fewer than ``LANE`` padding lanes
-    per block), and there are at least :data:`MIN_BLOCKS` when ``K`` allows blocks of two
-    lane widths. The layout depends on ``K`` alone (``threads`` is ignored): the scores of
-    a block are exponentiated against the block's maximum, so another layout would round
-    differently, and results must not depend on the thread count.
+    per block). Scoring and accumulating a (patch, rotation) pair, 2 threads, measured
+    (us): L = 7, K = 1024: 1.35 + 1.29 at 16 lanes, 0.76 + 0.46 at 32, 0.62 + 0.46 at
+    64, 0.73 + 0.36 at 128; L = 11, K = 576: 5.8 + 5.8 at 16, 1.8 + 1.2 at 64, 2.2 + 1.8
+    at 120 (the exponentials of a block stop fitting the caches). The layout depends on ``K`` alone (``threads`` is ignored):
+    the scores of a block are exponentiated against the block's maximum, so another
+    layout would round differently, and results must not depend on the thread count.
+    The accumulation finds its parallelism in groups of patches (:func:`acc_groups`).
     """
     K = int(K)
-    n = max(-(-K // MAX_BLOCK), min(MIN_BLOCKS, -(-K // (2 * LANE))), 1)
+    n = max(-(-K // BLOCK), 1)
     KB = -(-K // n)
     KB = -(-KB // LANE) * LANE
     return KB, -(-K // KB)
+
+
+@jit
+def acc_groups(n_valid, n_blocks):
+    """Groups of patches :func:`dense_accumulate` splits ``n_valid`` patches into (a function
+    of the chunk and the layout alone: never of the thread count)."""
+    return max(1, min(n_valid, MAX_ACC_GROUPS, -(-MIN_ACC_TASKS // max(1, n_blocks))))
 
 
 # --------------------------------------------------------------------------- exp
@@ -362,44 +375,70 @@ def dense_scores(Y, P, E, n_valid, c2, inv2s2, keep, C, bmax, lsum):
             bmax[j1, b] = _score_block(blk1.reshape(S * S, KB), Eb, c2, inv2s2, mx, bits, lsum[j1, b])
 
 
+@jit
+def _accumulate_group(Y, C, f, b, j0, j1, Wf, gf, tmp):
+    """Patches ``j0 .. j1 - 1`` of lane block ``b`` into ``Wf`` (S^2, KB) and ``gf`` (L^2, KB), in order."""
+    L = Y.shape[1]
+    S = 2 * L - 1
+    KB = Wf.shape[1]
+    tf = tmp.reshape(L * L, KB)
+    for j in range(j0, j1):
+        fl = f[j, b]
+        use = False
+        for t in range(KB):
+            if fl[t] != 0.0:
+                use = True
+        if not use:
+            continue
+        cf = C[j, b].reshape(S * S, KB)
+        for q in range(S * S):
+            Wq = Wf[q]
+            cq = cf[q]
+            for t in range(KB):
+                Wq[t] += fl[t] * cq[t]
+        _back_correlate(Y[j], C[j, b], tmp)
+        for q in range(L * L):
+            gq = gf[q]
+            tq = tf[q]
+            for t in range(KB):
+                gq[t] += fl[t] * tq[t]
+
+
 @pjit
 def dense_accumulate(Y, C, f, n_valid, Wacc, gacc):
     """``Wacc[b, :, :, t] += sum_j f[j, b, t] C[j, b, :, :, t]``, ``gacc`` likewise with ``back_correlate``.
 
     Y : (n, L, L); C : (n, B, S, S, KB); f : (n, B, KB) float64, the posterior scale of
     each (patch, rotation) (``exp(bmax - max_j) / total_j``, 0 for a state that is not
-    counted); Wacc : (B, S, S, KB), gacc : (B, L, L, KB) float64. Parallel over lane
-    blocks, each summing its patches in order. Blocks whose factors are all 0 are skipped.
+    counted); Wacc : (B, S, S, KB), gacc : (B, L, L, KB) float64. Parallel over (lane
+    block, group of patches) tasks (:func:`acc_groups`): each group sums its patches in
+    order into partial sums of its own, and the groups are added in order. Patches whose
+    factors in a block are all 0 are skipped there.
     """
     B = Wacc.shape[0]
     L = Y.shape[1]
     S = Wacc.shape[1]
     KB = Wacc.shape[3]
-    for b in prange(B):
+    G = acc_groups(n_valid, B)
+    size = -(-n_valid // G)
+    if G == 1:
+        for b in prange(B):
+            tmp = np.empty((L, L, KB), C.dtype)
+            _accumulate_group(Y, C, f, b, 0, n_valid, Wacc[b].reshape(S * S, KB), gacc[b].reshape(L * L, KB), tmp)
+        return
+    Wp = np.zeros((G, B, S * S, KB))
+    gp = np.zeros((G, B, L * L, KB))
+    for task in prange(G * B):
+        grp = task // B
+        b = task - grp * B
         tmp = np.empty((L, L, KB), C.dtype)
+        _accumulate_group(Y, C, f, b, grp * size, min(n_valid, (grp + 1) * size), Wp[grp, b], gp[grp, b], tmp)
+    for b in prange(B):
         Wf = Wacc[b].reshape(S * S, KB)
         gf = gacc[b].reshape(L * L, KB)
-        tf = tmp.reshape(L * L, KB)
-        for j in range(n_valid):
-            fl = f[j, b]
-            use = False
-            for t in range(KB):
-                if fl[t] != 0.0:
-                    use = True
-            if not use:
-                continue
-            cf = C[j, b].reshape(S * S, KB)
-            for q in range(S * S):
-                Wq = Wf[q]
-                cq = cf[q]
-                for t in range(KB):
-                    Wq[t] += fl[t] * cq[t]
-            _back_correlate(Y[j], C[j, b], tmp)
-            for q in range(L * L):
-                gq = gf[q]
-                tq = tf[q]
-                for t in range(KB):
-                    gq[t] += fl[t] * tq[t]
+        for grp in range(G):
+            Wf += Wp[grp, b]
+            gf += gp[grp, b]
 
 
 # --------------------------------------------------------------------------- sparse
@@ -485,7 +524,7 @@ def sparse_accumulate(r_ptr, r_pairs, r_rows, pair_task, pair_lane, t_off, t_len
 
     r_ptr : (R + 1,); r_pairs : (n_pairs,) the pairs of each rotation ``r`` at
     ``r_pairs[r_ptr[r]:r_ptr[r+1]]`` (patch order); r_rows : (R,) the row of the
-    statistics each rotation adds into; pair_task, pair_lane : (n_pairs,) the task of a
+    statistics each rotation adds into (-1: none of its pairs counts); pair_task, pair_lane : (n_pairs,) the task of a
     pair and its lane in the task's block; fp : (n_pairs,) the posterior scale of each
     pair (0: not counted).
     W : (rows, S, S) and g : (rows, L, L) float64. Parallel over rotations (each row
@@ -495,6 +534,8 @@ def sparse_accumulate(r_ptr, r_pairs, r_rows, pair_task, pair_lane, t_off, t_len
     L = g.shape[1]
     for r in prange(r_rows.shape[0]):
         row = r_rows[r]
+        if row < 0:
+            continue
         Wr = W[row]
         gr = g[row]
         for k in range(r_ptr[r], r_ptr[r + 1]):

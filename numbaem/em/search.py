@@ -376,19 +376,23 @@ def _report_add(rep, key, value):
 class SearchAccumulator:
     """Sums over patches of a search, by level and rotation (float64), until they become statistics.
 
-    Per level ``r``: ``W[r]`` (K_r, S, S) at the linear shifts and ``g[r]`` (K_r, L, L),
-    allocated zero (pages of rotations no patch reaches are never written) and counted
-    whole by the memory plan; the dense coarse pass adds into lane-block arrays
-    (:class:`numbaem.em.estep.DirectAccumulator` layout) folded in at the end.
+    Only the rotations some patch reaches hold sums: per level ``r`` a table ``slot[r]``
+    (K_r,) gives each reached rotation its row in ``W[r]`` (rows, S, S) at the linear
+    shifts and ``g[r]`` (rows, L, L), which grow as rows are reached (so a fine level of
+    millions of rotations costs its table and the rows reached, not every rotation). The
+    dense coarse pass adds into lane-block arrays (:class:`numbaem.em.estep.DirectAccumulator`
+    layout) folded in at the end. Rows are assigned in the order the passes reach them and
+    every sum runs in patch order: the bits do not depend on the thread count.
     """
 
     def __init__(self, model):
         L = model.L
         S = 2 * L - 1
         self.model, self.L = model, L
-        self.W = {r: np.zeros((hopf.size(r), S, S)) for r in model.spec.levels}
-        self.g = {r: np.zeros((hopf.size(r), L, L)) for r in model.spec.levels}
-        self.touched = {r: np.zeros(hopf.size(r), bool) for r in model.spec.levels}
+        self.slot = {r: np.full(hopf.size(r), -1, np.int64) for r in model.spec.levels}
+        self.n_rows = {r: 0 for r in model.spec.levels}
+        self.W = {r: np.zeros((0, S, S)) for r in model.spec.levels}
+        self.g = {r: np.zeros((0, L, L)) for r in model.spec.levels}
         B, _, _, KB = model.coarse.P.shape
         self.Wd = np.zeros((B, S, S, KB))
         self.gd = np.zeros((B, L, L, KB))
@@ -398,25 +402,53 @@ class SearchAccumulator:
         self.loglik = 0.0
         self.report = {}
 
+    def rows_of(self, level, rot):
+        """The rows (into ``W[level]``, ``g[level]``) of the rotations ``rot`` of ``level``, new
+        ones assigned in the order given (the arrays grow by doubling)."""
+        rot = np.asarray(rot, dtype=np.int64)
+        slot = self.slot[level]
+        new = rot[slot[rot] < 0]
+        if len(new):
+            new = new[np.sort(np.unique(new, return_index=True)[1])]
+            n0 = self.n_rows[level]
+            slot[new] = n0 + np.arange(len(new))
+            n1 = n0 + len(new)
+            if n1 > len(self.W[level]):
+                size = max(n1, 2 * len(self.W[level]), 64)
+                for arr in (self.W, self.g):
+                    grown = np.zeros((size,) + arr[level].shape[1:])
+                    grown[:n0] = arr[level][:n0]
+                    arr[level] = grown
+            self.n_rows[level] = n1
+        return slot[rot]
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in self.slot.values()) + sum(a.nbytes for a in self.W.values()) + \
+            sum(a.nbytes for a in self.g.values()) + self.Wd.nbytes + self.gd.nbytes
+
     def to_stats(self):
-        """:class:`SearchStats` of the rows some patch reached (copies of those rows only)."""
+        """:class:`SearchStats` of the rows some patch reached (copies of those rows, sorted)."""
         model, L = self.model, self.L
         S = 2 * L - 1
         rc = model.spec.coarse
         Kc = hopf.size(rc)
         Wd = self.Wd.transpose(0, 3, 1, 2).reshape(-1, S, S)[:Kc]
         gd = self.gd.transpose(0, 3, 1, 2).reshape(-1, L, L)[:Kc]
-        self.W[rc] += Wd
-        self.g[rc] += gd
-        self.touched[rc] |= np.any(Wd.reshape(Kc, -1) != 0, axis=1)
+        hit = np.nonzero(np.any(Wd.reshape(Kc, -1) != 0, axis=1))[0]
+        if len(hit):
+            rows = self.rows_of(rc, hit)
+            self.W[rc][rows] += Wd[hit]
+            self.g[rc][rows] += gd[hit]
         self.Wd[:] = 0.0
         self.gd[:] = 0.0
         rows, Ws, gs = [], [], []
         for r in model.spec.levels:
-            t = np.nonzero(self.touched[r])[0]
+            t = np.nonzero(self.slot[r] >= 0)[0]           # sorted rotations reached
+            pos = self.slot[r][t]
             rows.append(model.offset(r) + t)
-            Ws.append(self.W[r][t])
-            gs.append(self.g[r][t])
+            Ws.append(self.W[r][pos])
+            gs.append(self.g[r][pos])
         return SearchStats(np.concatenate(Ws), np.concatenate(gs), np.concatenate(rows), self.n_patches,
                            self.sum_empty, self.sum_yy, self.loglik, search=dict(self.report))
 
@@ -734,23 +766,104 @@ def _accumulate_pass(ps, Y, mx, Z, patches, acc):
     pair_lane = (np.arange(len(ps.rot)) - ps.t_start[ps.pair_task]).astype(np.int64)
     order = np.argsort(ps.lanes, kind="stable").astype(np.int64)       # by rotation, patch order within
     r_ptr = np.searchsorted(ps.lanes[order], np.arange(len(ps.U) + 1)).astype(np.int64)
-    kernels.sparse_accumulate(r_ptr, order, ps.U.astype(np.int64), ps.pair_task, pair_lane, ps.t_off, ps.t_len, fp,
+    used = np.zeros(len(ps.U), bool)
+    used[ps.lanes[fp > 0]] = True
+    r_rows = np.full(len(ps.U), -1, np.int64)
+    r_rows[used] = acc.rows_of(ps.level, ps.U[used])
+    kernels.sparse_accumulate(r_ptr, order, r_rows, ps.pair_task, pair_lane, ps.t_off, ps.t_len, fp,
                               ps.buf, gbuf, acc.W[ps.level], acc.g[ps.level])
-    acc.touched[ps.level][ps.U[np.unique(ps.lanes[fp > 0])]] = True
 
 
 
 
-def _decide(ps, j, spec, cap, last, coarse_mass, partial):
-    """Which rotations patch ``j`` refines from pass ``ps`` (returned); its other states stay here.
+@jit
+def _decide_kernel(ptr, rot, mass, todo, eps, cap, share, nb_ptr, nb, margin, mark, keep, dropped, partial):
+    """:func:`decide` for every patch ``j`` with ``todo[j]``; returns the CSR ``(rptr, ridx)``
+    of the rotations each refines (sorted). ``mark`` (K_level,) int64 is scratch, all -1
+    (left so)."""
+    n = ptr.shape[0] - 1
+    rptr = np.zeros(n + 1, np.int64)
+    ridx = np.empty(1024, np.int64)
+    cnt = 0
+    for j in range(n):
+        rptr[j] = cnt
+        a = ptr[j]
+        b = ptr[j + 1]
+        if not todo[j] or b == a:
+            continue
+        m = mass[a:b]
+        tot = 0.0
+        for t in range(b - a):
+            tot += m[t]
+        if not tot > 0:
+            continue
+        asc = np.argsort(m, kind="mergesort")
+        c = 0.0
+        ndrop = 0
+        for t in range(b - a):
+            c += m[asc[t]]
+            if c <= eps:
+                ndrop = t + 1
+            else:
+                break
+        part = False
+        if cap <= 0 or (b - a) - ndrop <= cap:
+            top = asc[ndrop:]
+        else:
+            desc = np.argsort(-m, kind="mergesort")
+            c = 0.0
+            need = 0
+            for t in range(b - a):
+                c += m[desc[t]]
+                need += 1
+                if c >= share * tot:
+                    break
+            if need > cap:
+                continue
+            top = desc[:need]
+            part = True
+        start = cnt
+        for p in top:
+            k = rot[a + p]
+            lo, hi = (nb_ptr[k], nb_ptr[k + 1]) if margin else (0, 1)
+            for q in range(lo, hi):
+                kk = nb[q] if margin else k
+                if mark[kk] < 0:
+                    mark[kk] = j
+                    if cnt == ridx.shape[0]:
+                        grown = np.empty(2 * cnt, np.int64)
+                        grown[:cnt] = ridx[:cnt]
+                        ridx = grown
+                    ridx[cnt] = kk
+                    cnt += 1
+        ridx[start:cnt] = np.sort(ridx[start:cnt])
+        left = 0.0
+        for t in range(a, b):
+            if mark[rot[t]] >= 0:
+                keep[t] = False
+            else:
+                left += mass[t]
+        for t in range(start, cnt):
+            mark[ridx[t]] = -1
+        if part:
+            partial[j] = True
+        else:
+            dropped[j] += left
+    rptr[n] = cnt
+    return rptr, ridx[:cnt]
 
-    Below the fine level, with ``eps`` the step's share of ``prune``:
+
+def decide(level, ptr, rot, mass, todo, spec, cap, keep, dropped, partial):
+    """Which rotations each patch refines from a pass at ``level`` (all patches at once).
+
+    Patch ``j``'s pairs are ``ptr[j]:ptr[j+1]`` of ``rot`` and ``mass``; only patches with
+    ``todo[j]`` decide. Below the fine level, with ``eps`` the step's share of ``prune``:
 
     - *concentrated* -- dropping the tail of least mass (at most ``eps``) leaves at most
       ``cap`` rotations: those and every rotation within the margin are refined (their
-      states here are replaced by their children); the tail stays here, at this level's
-      resolution (``coarse_mass[j]`` adds its mass: what the search leaves unrefined, at
-      most ``eps`` per step);
+      states here are replaced by their children: ``keep`` set False); the tail stays
+      here, at this level's resolution (``dropped[j]`` adds its mass: what the search
+      leaves unrefined, at most ``eps`` per step);
     - *partly concentrated* -- at most ``cap`` rotations hold ``REFINE_SHARE`` of the mass
       (a projection's rotation with a diffuse share from shifts that leave little of it
       in the patch): those and their margin are refined, the rest stays here
@@ -758,35 +871,45 @@ def _decide(ps, j, spec, cap, last, coarse_mass, partial):
     - *diffuse*: nothing is refined.
 
     No state is ever dropped: a rotation not refined keeps its state at its level (it is
-    computed already), so the posterior is a quadrature on an adaptive grid.
+    computed already), so the posterior is a quadrature on an adaptive grid. Ties in mass
+    are ordered by position (stable sorts). Returns the CSR ``(rptr, ridx)`` of the
+    refined rotations, sorted per patch.
     """
-    rot, mass, _ = ps.pair_ranges(j)
-    if last or len(rot) == 0:
-        return np.zeros(0, np.int64)
-    tot = mass.sum()
-    if not tot > 0:
-        return np.zeros(0, np.int64)
-    keep, _ = prune(np.array([0, len(mass)]), mass, spec.eps)
-    rest = np.nonzero(keep)[0]
-    if cap is None or len(rest) <= cap:
-        top = rot[rest]
-        part = False
+    if spec.margin > 0:
+        nb_ptr, nb = hopf.neighbour_table(level, round(spec.margin * hopf.level_step(level), 9))
     else:
-        order = np.argsort(-mass, kind="stable")
-        need = int(np.searchsorted(np.cumsum(mass[order]), REFINE_SHARE * tot, side="left")) + 1
-        if need > cap:
-            return np.zeros(0, np.int64)
-        top = rot[np.sort(order[:need])]
-        part = True
-    refine = expand(ps.level, [np.sort(top)], spec.margin)[0]
-    refined = np.isin(rot, refine)
-    ps.set_keep(j, ~refined)
-    left = mass[~refined].sum()
-    if part:
-        partial[j] = True
+        nb_ptr, nb = np.zeros(1, np.int64), np.zeros(0, np.int64)
+    mark = np.full(hopf.size(level), -1, np.int64)
+    return _decide_kernel(np.asarray(ptr, np.int64), np.asarray(rot, np.int64), np.asarray(mass, np.float64),
+                          np.asarray(todo, np.bool_), float(spec.eps), int(cap or 0), REFINE_SHARE,
+                          nb_ptr, nb, spec.margin > 0, mark, keep, dropped, partial)
+
+
+def _decide_pass(ps, patches, spec, cap, dropped, partial):
+    """:func:`decide` on pass ``ps`` for the chunk patches ``patches``; returns ``{j: refined rotations}``."""
+    n = len(dropped)
+    if ps.dense:
+        ng, K = len(ps.rows), ps.K
+        todo = np.zeros(ng, bool)
+        todo[[ps.pos[int(j)] for j in patches]] = True
+        ptr = np.arange(ng + 1, dtype=np.int64) * K
+        rot = np.tile(np.arange(K, dtype=np.int64), ng)
+        keep = np.ones(ng * K, bool)
+        dsub = dropped[ps.rows].copy()
+        psub = partial[ps.rows].copy()
+        rptr, ridx = decide(ps.level, ptr, rot, np.ascontiguousarray(ps.mass).ravel(), todo, spec, cap, keep, dsub,
+                            psub)
+        ps.keep.reshape(ng, -1)[:, :K] &= keep.reshape(ng, K)
+        dropped[ps.rows] = dsub
+        partial[ps.rows] = psub
+        owner = ps.rows
     else:
-        coarse_mass[j] += left
-    return refine
+        todo = np.zeros(n, bool)
+        todo[np.asarray(patches, np.int64)] = True
+        rptr, ridx = decide(ps.level, ps.ptr, ps.rot, ps.mass, todo, spec, cap, ps.keep, dropped, partial)
+        owner = np.arange(n)
+    counts = np.diff(rptr)
+    return {int(owner[i]): ridx[rptr[i]:rptr[i + 1]] for i in np.nonzero(counts)[0]}
 
 
 #: A partly concentrated patch refines the fewest rotations holding this share of its
@@ -871,11 +994,9 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     nxt = {}
     for ps in starts:
         members = ps.rows if ps.dense else loc
-        for j in members:
-            finest[j] = ps.level
-            r = _decide(ps, j, spec, cap, ps.level == rf, dropped, partial)
-            if len(r):
-                nxt[j] = (ps.level, r)
+        finest[members] = ps.level
+        if ps.level < rf:
+            nxt.update({j: (ps.level, r) for j, r in _decide_pass(ps, members, spec, cap, dropped, partial).items()})
     todo = np.array(sorted(nxt), np.int64)
     cost = np.array([8 * len(nxt[j][1]) for j in todo], np.int64)
     start = 0
@@ -954,24 +1075,24 @@ def _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dr
     """Refine the patches ``group`` (positions in the chunk) level by level; returns their passes."""
     n = len(Y)
     passes = []
-    cur = {j: nxt[j] for j in group}
+    cur = {int(j): nxt[j] for j in group}
     while cur:
         level = min(lv for lv, _ in cur.values()) + 1
-        now = {j: c for j, (lv, c) in cur.items() if lv + 1 == level}
-        lists = [hopf.children(now[j]).ravel() if j in now else np.zeros(0, np.int64) for j in range(n)]
-        ptr = _csr([len(c) for c in lists])
+        now = sorted(j for j, (lv, _) in cur.items() if lv + 1 == level)
+        counts = np.zeros(n, np.int64)
+        counts[now] = [8 * len(cur[j][1]) for j in now]
+        ptr = _csr(counts)
+        rot = hopf.children(np.concatenate([cur[j][1] for j in now])).ravel()
         t0 = time.perf_counter()
-        ps = _sparse_pass(Y, model, level, ptr, np.concatenate(lists), c2, inv, log_state_prior(level), log_u, timer)
+        ps = _sparse_pass(Y, model, level, ptr, rot, c2, inv, log_state_prior(level), log_u, timer)
         _report_add(rep, f"pairs_level_{level}", int(ptr[-1]))
+        finest[now] = level
+        for j in now:
+            del cur[j]
+        if level < spec.fine:
+            cur.update({j: (level, r) for j, r in _decide_pass(ps, now, spec, cap, dropped, partial).items()})
         _report_add(rep, f"seconds_level_{level}", time.perf_counter() - t0)
         passes.append(ps)
-        for j in now:
-            finest[j] = level
-            r = _decide(ps, j, spec, cap, level == spec.fine, dropped, partial)
-            if len(r):
-                cur[j] = (level, r)
-            else:
-                del cur[j]
     return passes
 
 
