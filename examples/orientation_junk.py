@@ -7,13 +7,19 @@ without the extension:
 (a) preferred views (``views='top:0.6'``): ``orientation_prior=NSIDE`` against the uniform
     ``1/K``; the aligned relative error and the total variation distance of the estimated
     distribution of viewing directions (HEALPix cells) to the truth's (the cells' masses of
-    the true distribution, by Monte Carlo, carried into the estimate's frame by the
-    alignment's rotation ``w``: ``v -> w^T v``);
+    the true distribution, by Monte Carlo, carried into the estimate's frame through the
+    alignment by :func:`numbaem.analysis.align.estimate_directions`: ``v -> w^T v`` whether
+    or not the estimate came out reflected, since a point reflection only turns the
+    projections by 180 degrees in the plane; tested against projections in
+    tests/test_view_alignment.py), with the TV of the uniform distribution to the same
+    truth as the reference, and the TV to the simulated particles' own directions;
 (b) contaminants (``junk=0.3``): ``junk_class=True`` against without;
 (c) crowding: arbitrary against separated spacing at the highest density both reach.
 
 Writes orientation_junk.json and orientation_junk_views.png (estimate against truth, SNR 1)
-into --out; seconds per iteration of every run are in the JSON.
+into --out; seconds per iteration of every run are in the JSON. Runs of parts not named in
+--parts that an earlier orientation_junk.json in --out holds are kept in it, each with the
+arguments it ran with (``args`` of the run).
 
     python examples/orientation_junk.py --out examples/results/orientation_junk
 """
@@ -26,6 +32,7 @@ import time
 import numpy as np
 
 import numbaem
+from numbaem.analysis.align import estimate_directions
 from numbaem.analysis.compare import compare_to_truth
 from numbaem.analysis.plots import plot_view_distribution
 from numbaem.model import viewprior
@@ -35,13 +42,20 @@ from numbaem.sim.simulate import simulate_micrographs
 from numbaem.sim.views import parse_views, sample_directions
 
 
-def truth_cells(views, nside, w=None, n=400000, seed=0):
+def truth_cells(views, nside, pair=None, n=400000, seed=0):
     """Probabilities of the HEALPix cells under the view distribution ``views`` (Monte Carlo,
-    ``n`` draws: standard error below 1e-3 per cell), in the frame rotated by ``w^T``."""
+    ``n`` draws: standard error below 1e-3 per cell), carried into the estimate's frame by
+    the alignment ``pair`` (its ``rotation`` and ``reflected``; None: the truth's frame)."""
     v = sample_directions(n, parse_views(views), np.random.default_rng(seed))
-    if w is not None:
-        v = v @ np.asarray(w)          # rows v^T w = (w^T v)^T
-    return np.bincount(viewprior.bins_of_directions(v, nside), minlength=12 * nside * nside) / n
+    return cells_of_directions(v, nside, pair)
+
+
+def cells_of_directions(v, nside, pair=None):
+    """Fractions of the directions ``v`` (n, 3) of the truth's frame in each HEALPix cell of
+    the estimate's frame (:func:`numbaem.analysis.align.estimate_directions`)."""
+    if pair is not None:
+        v = estimate_directions(v, pair.rotation, pair.reflected)
+    return np.bincount(viewprior.bins_of_directions(v, nside), minlength=12 * nside * nside) / len(v)
 
 
 def run_one(truth_full, init, args, snr, rng_seed, sim_kw, rec_kw):
@@ -61,11 +75,20 @@ def run_one(truth_full, init, args, snr, rng_seed, sim_kw, rec_kw):
                iterations=len(result.history), load=os.getloadavg())
     if "views" in sim_kw:
         nside = rec_kw.get("orientation_prior") or args.nside
-        t = truth_cells(sim_kw["views"], nside, pair.rotation)
+        t = truth_cells(sim_kw["views"], nside, pair)
+        # the simulated particles' own viewing directions W^T e_z (third rows), a finite sample of t
+        t_particles = cells_of_directions(np.concatenate([np.asarray(r)[:, 2, :] for r in sim.rotations]),
+                                          nside, pair)
+        uniform = np.full(len(t), 1.0 / len(t))
         est = viewprior.distribution(result.state.view_weights) if result.state.view_weights is not None \
-            else np.full(len(t), 1.0 / len(t))
-        out.update(tv_distance=viewprior.tv_distance(est, t), view_distribution=est.tolist(),
-                   truth_distribution=t.tolist(), alignment_rotation=np.asarray(pair.rotation).tolist())
+            else uniform
+        out.update(tv_distance=viewprior.tv_distance(est, t), tv_uniform=viewprior.tv_distance(uniform, t),
+                   tv_distance_particles=viewprior.tv_distance(est, t_particles),
+                   tv_uniform_particles=viewprior.tv_distance(uniform, t_particles),
+                   n_particles=int(sum(len(r) for r in sim.rotations)), view_distribution=est.tolist(),
+                   truth_distribution=t.tolist(), particles_distribution=t_particles.tolist(),
+                   view_mapping="estimate_directions (w^T v, either reflection)",
+                   alignment_rotation=np.asarray(pair.rotation).tolist())
     if result.state.junk_theta is not None:
         out.update(varsigma=result.state.varsigma, junk_theta=result.state.junk_theta.tolist())
     if "junk" in sim_kw:
@@ -102,6 +125,11 @@ def main():
     parts = args.parts.split(",")
     path = os.path.join(args.out, "orientation_junk.json")
     runs = []
+    kept = []                 # runs of the parts not rerun now stay in the JSON, each with the arguments it ran with
+    if os.path.exists(path):
+        with open(path) as fh:
+            old = json.load(fh)
+        kept = [dict(r, args=r.get("args", old.get("args"))) for r in old.get("runs", []) if r.get("part") not in parts]
     plan = []
     for snr in (float(s) for s in args.snrs.split(",")):
         if "views" in parts:
@@ -117,13 +145,14 @@ def main():
         seed = [args.seed, int(1000 * snr), ["views", "junk", "crowding"].index(part)]
         rec = run_one(truth_full, init, args, snr, seed, sim_kw, ext)
         rec["part"] = part
+        rec["args"] = vars(args)
         runs.append(rec)
         print(f"{part:8s} SNR {snr:g} {sim_kw} {ext or 'off'}: aligned relative error {rec['relative_error']:.3f}"
-              + (f", TV {rec['tv_distance']:.3f}" if "tv_distance" in rec else "")
+              + (f", TV {rec['tv_distance']:.3f} (uniform {rec['tv_uniform']:.3f})" if "tv_distance" in rec else "")
               + (f", varsigma {rec['varsigma']:.3f}" if "varsigma" in rec else "")
               + f", {rec['seconds_per_iteration']:.2f} s/iteration", flush=True)
         with open(path, "w") as fh:       # after every run: a partial table survives an interrupted job
-            json.dump(dict(args=vars(args), runs=runs), fh, indent=1)
+            json.dump(dict(args=vars(args), runs=kept + runs), fh, indent=1)
         if part == "views" and ext and snr == 1.0:
             plot_view_distribution(np.asarray(rec["view_distribution"]), os.path.join(args.out,
                                    "orientation_junk_views.png"), truth=np.asarray(rec["truth_distribution"]),

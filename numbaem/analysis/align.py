@@ -68,7 +68,7 @@ from .fsc import fsc as fsc_curve, relative_error
 logger = logging.getLogger(__name__)
 
 __all__ = ["AlignResult", "VolumeAlignment", "rotate_coefficients", "reflect_coefficients", "align", "align_volumes",
-           "align_to_reference", "comparison_basis"]
+           "align_to_reference", "comparison_basis", "reference_rotations", "estimate_directions"]
 
 # Highest order of the coarse search when none is given (it costs sum_l (2l+1)^2 per grid
 # rotation; l = 12 resolves rotations to well under a degree); the refinement uses all orders.
@@ -434,6 +434,84 @@ def _check_lmax_search(lmax_search, lmax):
         raise NumbaemError(f"lmax_search={lmax_search} is above the expansion's lmax={lmax}; "
                            f"use lmax_search <= {lmax}")
     return lmax_search
+
+
+# --------------------------------------------------------------------------- viewing directions
+
+
+_RZ_PI = np.diag([-1.0, -1.0, 1.0])
+
+
+def reference_rotations(rots, rotation, reflected):
+    """The reference's rotations that give the images the estimate gives at ``rots``.
+
+    An alignment (:func:`align`, :class:`VolumeAlignment`) with rotation ``w`` and
+    reflection ``e`` says ``rotate(reflect^e(est), w) = ref``, i.e.
+    ``est(r) = ref((-1)^e w r)``. numbaem projects a volume at rotation ``Q`` as
+    ``P_Q f(x, y) = integral f(Q^T (x, y, z)) dz`` (theory section 1). Then
+
+    - ``e = 0``: ``est(Q^T r) = ref(w Q^T r) = ref((Q w^T)^T r)``, so
+      ``P_Q est = P_{Q w^T} ref``;
+    - ``e = 1``: ``est(Q^T r) = ref(-w Q^T r)``. Write ``-r = Rz(pi) (x, y, -z)``; the
+      integral over ``z`` does not see ``z -> -z``, so
+      ``P_Q est (x, y) = integral ref(w Q^T Rz(pi) (x, y, z)) dz = P_{Rz(pi) Q w^T} ref``.
+
+    So ``Q' = Rz(pi)^e Q w^T`` (``P_Q est = P_{Q'} ref`` exactly, for band-limited maps and
+    the Fourier-Bessel operator alike). A point reflection turns a projection by 180
+    degrees in the plane and nothing else: the handedness of a map is invisible in its
+    projections. The viewing direction ``Q'^T e_z = w Q^T e_z`` is therefore ``w v``
+    whether or not the estimate is reflected (:func:`estimate_directions` is its inverse).
+    A mirror such as ``x -> -x`` is a point reflection times a half turn
+    (``diag(-1, 1, 1) = -Rx(pi)``), which the alignment puts into ``w``; mirroring the
+    direction itself (``v -> diag(-1, 1, 1) v``) would give the antipode of the right
+    one, whose projection is the mirror image, not the same image.
+
+    Parameters
+    ----------
+    rots : ndarray, shape (n, 3, 3) or (3, 3)
+        Rotations ``Q`` at which the estimate is projected.
+    rotation : ndarray, shape (3, 3)
+        The alignment's rotation ``w``.
+    reflected : bool
+        The alignment's reflection ``e``.
+
+    Returns
+    -------
+    ndarray, the shape of ``rots``
+        ``Q' = Rz(pi)^e Q w^T``.
+    """
+    w = _check_rotation(rotation)
+    out = np.asarray(rots, dtype=np.float64) @ w.T
+    return _RZ_PI @ out if reflected else out
+
+
+def estimate_directions(v, rotation, reflected):
+    """Viewing directions of the reference carried into the estimate's frame: ``w^T v``.
+
+    The inverse of the map of directions of :func:`reference_rotations`: a particle that
+    the reference sees along ``v`` (``v = W^T e_z`` for the reference's rotation ``W``,
+    :mod:`numbaem.sim.views`) is seen by the estimate along ``w^T v``, for either value of
+    ``reflected`` (a point reflection only turns the projection in the plane). Use it to
+    compare a distribution of viewing directions estimated on the estimate's rotation grid
+    with the truth's.
+
+    Parameters
+    ----------
+    v : ndarray, shape (n, 3)
+        Unit directions in the reference's frame.
+    rotation : ndarray, shape (3, 3)
+        The alignment's rotation ``w``.
+    reflected : bool
+        The alignment's reflection (it does not change the result; taken so that callers
+        pass the whole alignment and need not know that).
+
+    Returns
+    -------
+    ndarray, shape (n, 3)
+    """
+    w = _check_rotation(rotation)
+    del reflected            # see the docstring: P_Q of the reflected map is P_Q turned by pi in the plane
+    return np.asarray(v, dtype=np.float64).reshape(-1, 3) @ w     # rows v^T w = (w^T v)^T
 
 
 # --------------------------------------------------------------------------- volumes
