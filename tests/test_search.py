@@ -342,9 +342,11 @@ def test_search_iteration_on_ctf_groups_is_the_composition_of_its_parts(rng):
 
 def test_records_of_the_top_rotations_match_a_full_sort(rng):
     """record_of takes the top RECORD_MAX + 1 masses by partition: the same rotations, in the same
-    order, as sorting them all; _rotations_by_level equals one hopf.rotations call per state."""
-    from numbaem.em.estep import RECORD_MAX, record_of
-    from numbaem.em.search import _rotations_by_level
+    order, as sorting them all; the search's records of a whole chunk at once (_write_records,
+    states on several levels) equal record_of patch by patch."""
+    from numbaem.em.estep import RECORD_EPS, RECORD_MAX, Records, record_of
+    from numbaem.em.search import _write_records
+    from numbaem.model.rotations import matrices_to_quaternions
     for m in (5, 40, 600):
         mass = rng.random(m) ** 8
         got = record_of(mass, lambda pos: np.asarray(pos, float)[:, None] * np.ones(4), 0.3)
@@ -352,8 +354,22 @@ def test_records_of_the_top_rotations_match_a_full_sort(rng):
         need = int(np.searchsorted(np.cumsum(mass[top]), 0.7 * mass.sum(), side="left")) + 1
         ref = top[:need] if need <= RECORD_MAX else np.zeros(0)
         np.testing.assert_array_equal(got[:, 0], np.asarray(ref, np.float32))
-    lev = np.array([2, 1, 2, 0, 1])
-    rot = np.array([100, 7, 4000, 3, 500])
-    pos = np.array([4, 0, 3, 2])
-    ref = np.stack([hopf.rotations(int(lev[k]), rot[k:k + 1])[0] for k in pos])
-    np.testing.assert_array_equal(_rotations_by_level(lev, rot, pos), ref)
+    n, kept, per_patch = 6, [], {}
+    for part in range(3):                          # three passes, each with states of some patches
+        lev = part
+        P = np.repeat(np.arange(n), rng.integers(0, 12, n))
+        R = rng.integers(0, hopf.size(lev), len(P))
+        Mm = rng.random(len(P)) ** (4 + 20 * (P % 2))   # odd patches: a few states hold the mass
+        kept.append((P, np.full(len(P), lev), R, Mm))
+        for j, r, m in zip(P, R, Mm):
+            per_patch.setdefault(int(j), []).append((lev, int(r), m))
+    ids = np.arange(n) + 100
+    rec = Records()
+    _write_records(kept, n, ids, rec)
+    for j in range(n):
+        states = per_patch.get(j, [])
+        mass = np.array([m for _, _, m in states])
+        ref = record_of(mass, lambda pos: matrices_to_quaternions(np.stack(
+            [hopf.rotations(states[k][0], np.array([states[k][1]]))[0] for k in pos])), RECORD_EPS)
+        np.testing.assert_array_equal(rec.quats[int(ids[j])], ref)
+    assert sum(len(q) > 0 for q in rec.quats.values()) >= 2

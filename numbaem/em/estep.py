@@ -850,10 +850,8 @@ def chunk_bytes(n_chunk, K, L, route="fft", itemsize=8):
     spectrum workspace, the patch buffer and the temporaries of reading it, and the
     per-patch vectors of the posteriors. Direct route (``itemsize`` of its precision):
     per pair the ``(2L-1)^2`` exponentials, a lane sum and a block scale; per patch the
-    patch in that precision, the buffer and the temporaries of reading it, per task its
-    scratch (a block of ``KB`` lanes of projections' energies and back-correlations), and
-    the accumulation's partial sums per group of patches (fewer than ``2 MIN_ACC_TASKS``
-    blocks: :func:`numbaem.em.kernels.acc_groups`).
+    patch in that precision, the buffer and the temporaries of reading it, and per task
+    its scratch (a block of ``KB`` lanes of projections' energies and back-correlations).
     """
     if route == "direct":
         S = 2 * L - 1
@@ -861,8 +859,7 @@ def chunk_bytes(n_chunk, K, L, route="fft", itemsize=8):
         per_pair = S * S * itemsize + 8 + 16
         per_patch = L * L * (itemsize + 3 * 8) + 128
         scratch = KB * (S * S + 2 * L * L) * itemsize
-        partial = 2 * kernels.MIN_ACC_TASKS * KB * (S * S + L * L) * 8   # the accumulation's group sums
-        return n_chunk * (K * per_pair + per_patch) + scratch + partial
+        return n_chunk * (K * per_pair + per_patch) + scratch
     per_pair = (2 * L) * (2 * L) * 8 + (2 * L) * (L + 1) * 16 + 16
     per_patch = (2 * L) * (L + 1) * 16 + (2 * L) ** 2 * 8 + 3 * L * L * 8 + 128
     return n_chunk * (K * per_pair + per_patch)

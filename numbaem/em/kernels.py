@@ -57,15 +57,6 @@ _F_TAYLOR = tuple(np.float32(1.0 / math.factorial(i)) for i in range(8))
 _D_TAYLOR = tuple(1.0 / math.factorial(i) for i in range(13))
 
 
-#: Tasks the dense accumulation is split into at least (lane blocks times groups of
-#: patches, each group summing into partial sums of its own that are added in group order):
-#: a constant, not the thread count, so that 1 and N threads give the same bits.
-MIN_ACC_TASKS = 32
-#: Groups of patches the dense accumulation splits a chunk into at most (each holds
-#: partial sums of ``(S^2 + L^2) KB`` numbers per lane block).
-MAX_ACC_GROUPS = 16
-
-
 def lane_blocks(K, threads=None):
     """``(KB, n_blocks)``: rotations per lane block and the number of blocks for ``K`` rotations.
 
@@ -77,20 +68,14 @@ def lane_blocks(K, threads=None):
     at 120 (the exponentials of a block stop fitting the caches). The layout depends on ``K`` alone (``threads`` is ignored):
     the scores of a block are exponentiated against the block's maximum, so another
     layout would round differently, and results must not depend on the thread count.
-    The accumulation finds its parallelism in groups of patches (:func:`acc_groups`).
+    The accumulation runs one block per task: ``K / 64`` tasks (on many cores a small
+    grid leaves cores idle there; the scores run per (pair of patches, block)).
     """
     K = int(K)
     n = max(-(-K // BLOCK), 1)
     KB = -(-K // n)
     KB = -(-KB // LANE) * LANE
     return KB, -(-K // KB)
-
-
-@jit
-def acc_groups(n_valid, n_blocks):
-    """Groups of patches :func:`dense_accumulate` splits ``n_valid`` patches into (a function
-    of the chunk and the layout alone: never of the thread count)."""
-    return max(1, min(n_valid, MAX_ACC_GROUPS, -(-MIN_ACC_TASKS // max(1, n_blocks))))
 
 
 # --------------------------------------------------------------------------- exp
@@ -410,35 +395,17 @@ def dense_accumulate(Y, C, f, n_valid, Wacc, gacc):
 
     Y : (n, L, L); C : (n, B, S, S, KB); f : (n, B, KB) float64, the posterior scale of
     each (patch, rotation) (``exp(bmax - max_j) / total_j``, 0 for a state that is not
-    counted); Wacc : (B, S, S, KB), gacc : (B, L, L, KB) float64. Parallel over (lane
-    block, group of patches) tasks (:func:`acc_groups`): each group sums its patches in
-    order into partial sums of its own, and the groups are added in order. Patches whose
-    factors in a block are all 0 are skipped there.
+    counted); Wacc : (B, S, S, KB), gacc : (B, L, L, KB) float64. Parallel over lane
+    blocks, each summing its patches in order. Patches whose factors in a block are all 0
+    are skipped there.
     """
     B = Wacc.shape[0]
     L = Y.shape[1]
     S = Wacc.shape[1]
     KB = Wacc.shape[3]
-    G = acc_groups(n_valid, B)
-    size = -(-n_valid // G)
-    if G == 1:
-        for b in prange(B):
-            tmp = np.empty((L, L, KB), C.dtype)
-            _accumulate_group(Y, C, f, b, 0, n_valid, Wacc[b].reshape(S * S, KB), gacc[b].reshape(L * L, KB), tmp)
-        return
-    Wp = np.zeros((G, B, S * S, KB))
-    gp = np.zeros((G, B, L * L, KB))
-    for task in prange(G * B):
-        grp = task // B
-        b = task - grp * B
-        tmp = np.empty((L, L, KB), C.dtype)
-        _accumulate_group(Y, C, f, b, grp * size, min(n_valid, (grp + 1) * size), Wp[grp, b], gp[grp, b], tmp)
     for b in prange(B):
-        Wf = Wacc[b].reshape(S * S, KB)
-        gf = gacc[b].reshape(L * L, KB)
-        for grp in range(G):
-            Wf += Wp[grp, b]
-            gf += gp[grp, b]
+        tmp = np.empty((L, L, KB), C.dtype)
+        _accumulate_group(Y, C, f, b, 0, n_valid, Wacc[b].reshape(S * S, KB), gacc[b].reshape(L * L, KB), tmp)
 
 
 # --------------------------------------------------------------------------- sparse

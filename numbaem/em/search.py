@@ -50,11 +50,15 @@ from ..model.projection import _steer, direction_images
 from ..runtime.errors import NumbaemError
 from ..runtime.jit import jit
 from . import kernels
-from .estep import (RECORD_EPS, Records, SufficientStats, _no_timer, add_totals, block_scales, check_estep_args,
-                    choose_precision, direct_spectra, fold_log_prior, merge_rows, pop_records, record_of,
+from .estep import (RECORD_EPS, RECORD_MAX, Records, SufficientStats, _no_timer, add_totals, block_scales,
+                    check_estep_args, choose_precision, direct_spectra, fold_log_prior, merge_rows, pop_records,
                     shift_index)
 
 logger = logging.getLogger(__name__)
+
+#: The share of a search's ``prune`` that the statistics may leave out (:attr:`SearchSpec.stats_eps`);
+#: the rest bounds the mass left unrefined (:attr:`SearchSpec.eps`).
+STATS_SHARE = 0.1
 
 #: (patch, rotation) pairs one refinement pass scores at most: the patches of a chunk that
 #: refine are taken in groups of about this many (their work arrays stay bounded).
@@ -106,8 +110,15 @@ class SearchSpec:
 
     @property
     def eps(self):
-        """Mass dropped per refinement step at most."""
-        return self.prune / (self.fine - self.coarse)
+        """Mass left unrefined per refinement step at most (``1 - STATS_SHARE`` of ``prune`` over the steps)."""
+        return self.prune * (1.0 - STATS_SHARE) / (self.fine - self.coarse)
+
+    @property
+    def stats_eps(self):
+        """Mass a sparse pass may leave out of the statistics per patch (``STATS_SHARE`` of
+        ``prune`` over the passes a patch can have): its states of least mass, which would
+        otherwise add rows of negligible weight (the neighbours of a sharp peak)."""
+        return self.prune * STATS_SHARE / (self.fine - self.coarse + 1)
 
     @property
     def local_level(self):
@@ -739,8 +750,32 @@ def _normalisers(passes, patches, n, log_u):
     return mx, Z
 
 
-def _accumulate_pass(ps, Y, mx, Z, patches, acc):
-    """A pass's kept states of the chunk patches ``patches`` into ``acc``, scaled by their posteriors."""
+@jit
+def _drop_tails(ptr, mass, todo, eps, fp, dropped):
+    """Per patch ``j`` with ``todo[j]`` (pairs ``ptr[j]:ptr[j+1]``): the pairs of least ``mass``
+    whose sum stays within ``eps`` get ``fp = 0``; ``dropped[j]`` adds their mass."""
+    for j in range(ptr.shape[0] - 1):
+        a, b = ptr[j], ptr[j + 1]
+        if not todo[j] or b == a:
+            continue
+        order = np.argsort(mass[a:b], kind="mergesort")
+        c = 0.0
+        for t in range(b - a):
+            p = a + order[t]
+            if fp[p] == 0.0:
+                continue
+            if c + mass[p] > eps:
+                break
+            c += mass[p]
+            fp[p] = 0.0
+        dropped[j] += c
+
+
+def _accumulate_pass(ps, Y, mx, Z, patches, acc, stats_eps=0.0, dropped=None):
+    """A pass's kept states of the chunk patches ``patches`` into ``acc``, scaled by their posteriors.
+
+    In a sparse pass each patch's states of least mass, at most ``stats_eps`` in all, are
+    left out (``dropped`` adds their mass)."""
     sel = np.zeros(len(mx), bool)
     sel[patches] = True
     if ps.dense:
@@ -758,6 +793,8 @@ def _accumulate_pass(ps, Y, mx, Z, patches, acc):
     rel = ps.bm - mx[tp]
     ft = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0) / Z[tp]
     fp = np.where(sel[tp][ps.pair_task] & ps.keep, ft[ps.pair_task], 0.0)
+    if stats_eps > 0:
+        _drop_tails(ps.ptr, fp * ps.lsum, sel, float(stats_eps), fp, dropped)
     if not np.any(fp > 0):
         return
     L = acc.L
@@ -965,7 +1002,7 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     mx = np.zeros(n)
     Z = np.ones(n)
     kept_posts = {}
-    kept_mass = {}
+    kept_mass = []                 # (patch, level, rotation, mass) arrays of the kept states, for records
 
     # ---- the start: every rotation of rc (dense), or near the patch's record at rl (local search)
     prev = model.previous
@@ -1010,7 +1047,7 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
         t0 = time.perf_counter()
         with timer("accumulate"):
             for ps in passes:
-                _accumulate_pass(ps, Y, mx, Z, group, acc)
+                _accumulate_pass(ps, Y, mx, Z, group, acc, spec.stats_eps, dropped)
         _report_add(rep, "seconds_accumulate", time.perf_counter() - t0)
         if keep_posteriors:
             _collect(passes, group, mx, Z, kept_posts, L)
@@ -1024,7 +1061,7 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     t0 = time.perf_counter()
     with timer("accumulate"):
         for ps in starts:
-            _accumulate_pass(ps, Y, mx, Z, np.arange(n), acc)
+            _accumulate_pass(ps, Y, mx, Z, np.arange(n), acc, spec.stats_eps, dropped)
     _report_add(rep, "seconds_accumulate", time.perf_counter() - t0)
     if keep_posteriors:
         _collect(starts, np.arange(n), mx, Z, kept_posts, L)
@@ -1047,28 +1084,10 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     for r in spec.levels:
         _report_add(rep, f"patches_final_level_{r}", int(np.sum(finest == r)))
     if records is not None and patch_ids is not None:
-        from ..model.rotations import matrices_to_quaternions
-        for j in range(n):
-            parts = kept_mass.get(j, [])
-            mass = np.concatenate([m for _, _, m in parts]) if parts else np.zeros(0)
-            lev = np.concatenate([np.full(len(r), lv) for lv, r, _ in parts]) if parts else np.zeros(0, int)
-            rot = np.concatenate([r for _, r, _ in parts]) if parts else np.zeros(0, np.int64)
-            records.quats[int(patch_ids[j])] = record_of(
-                mass, lambda pos, lev=lev, rot=rot: matrices_to_quaternions(_rotations_by_level(lev, rot, pos)),
-                RECORD_EPS)
+        _write_records(kept_mass, n, patch_ids, records)
     if keep_posteriors:
         return loglik, kept_posts, w_empty, finest
     return loglik
-
-
-def _rotations_by_level(lev, rot, pos):
-    """Rotation matrices (n, 3, 3) of the states ``pos`` given by their levels and rotations (one call per level)."""
-    pos = np.asarray(pos, dtype=np.int64)
-    out = np.empty((len(pos), 3, 3))
-    for lv in np.unique(lev[pos]):
-        sel = np.nonzero(lev[pos] == lv)[0]
-        out[sel] = hopf.rotations(int(lv), rot[pos[sel]])
-    return out
 
 
 def _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dropped, partial, finest, rep, timer):
@@ -1097,27 +1116,79 @@ def _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dr
 
 
 def _final_masses(passes, patches, mx, Z, out):
-    """Each patch's posterior mass per kept rotation, ``out[j] = [(level, rotations, masses), ...]``."""
-    want = set(int(j) for j in patches)
+    """The posterior mass of each kept state of ``patches`` in ``passes``: appends
+    ``(patch, level, rotation, mass)`` arrays (states of mass 0 left out) to ``out``."""
+    want = np.zeros(len(mx), bool)
+    want[np.asarray(patches, np.int64)] = True
     for ps in passes:
         if ps.dense:
-            for i, j in enumerate(ps.rows):
-                if int(j) not in want:
-                    continue
-                rel = ps.bm[i] - mx[j]
-                f = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0) / Z[j]
-                m = (f[:, None] * ps.lsum[i] * ps.keep[i]).reshape(-1)[:ps.K]
-                rot = np.nonzero(m > 0)[0]
-                out.setdefault(int(j), []).append((ps.level, rot, m[rot]))
+            use = want[ps.rows]
+            rel = ps.bm - mx[ps.rows][:, None]
+            f = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0)
+            f = f / Z[ps.rows][:, None]
+            m = (f[:, :, None] * ps.lsum * ps.keep).reshape(len(ps.rows), -1)[:, :ps.K] * use[:, None]
+            i, rot = np.nonzero(m > 0)
+            out.append((ps.rows[i], np.full(len(i), ps.level), rot.astype(np.int64), m[i, rot]))
             continue
         rel = ps.bm - mx[ps.t_patch]
         ft = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0) / Z[ps.t_patch]
         m = ft[ps.pair_task] * ps.lsum * ps.keep
-        for j in want:
-            a, b = ps.ptr[j], ps.ptr[j + 1]
-            if b > a:
-                sel = np.nonzero(m[a:b] > 0)[0]
-                out.setdefault(j, []).append((ps.level, ps.rot[a:b][sel], m[a:b][sel]))
+        owner = ps.t_patch[ps.pair_task]
+        sel = np.nonzero((m > 0) & want[owner])[0]
+        out.append((owner[sel], np.full(len(sel), ps.level), ps.rot[sel], m[sel]))
+
+
+@jit
+def _top_states(ptr, mass, eps, most):
+    """Per patch (states ``ptr[j]:ptr[j+1]``): positions of its states of largest mass holding
+    all but ``eps`` of its mass (ties in position order), none when more than ``most`` are
+    needed. Returns the CSR ``(sptr, pos)``."""
+    n = ptr.shape[0] - 1
+    sptr = np.zeros(n + 1, np.int64)
+    pos = np.empty(n * most, np.int64)
+    cnt = 0
+    for j in range(n):
+        sptr[j] = cnt
+        a, b = ptr[j], ptr[j + 1]
+        tot = 0.0
+        for t in range(a, b):
+            tot += mass[t]
+        if b == a or not tot > 0:
+            continue
+        desc = np.argsort(-mass[a:b], kind="mergesort")
+        c = 0.0
+        need = 0
+        for t in range(b - a):
+            c += mass[a + desc[t]]
+            need += 1
+            if c >= (1.0 - eps) * tot:
+                break
+        if need > most:
+            continue
+        for t in range(need):
+            pos[cnt] = a + desc[t]
+            cnt += 1
+    sptr[n] = cnt
+    return sptr, pos[:cnt]
+
+
+def _write_records(kept, n, patch_ids, records):
+    """Each patch's record (:func:`numbaem.em.estep.record_of`'s rule) from its kept states' masses."""
+    from ..model.rotations import matrices_to_quaternions
+    if kept:
+        P, LV, R, Mm = (np.concatenate(x) for x in zip(*kept))
+    else:
+        P, LV, R, Mm = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    order = np.argsort(P, kind="stable")
+    P, LV, R, Mm = P[order], LV[order], R[order], Mm[order]
+    ptr = np.searchsorted(P, np.arange(n + 1)).astype(np.int64)
+    sptr, pos = _top_states(ptr, np.ascontiguousarray(Mm, np.float64), RECORD_EPS, RECORD_MAX)
+    q = np.zeros((len(pos), 4), np.float32)
+    for lv in np.unique(LV[pos]):
+        sel = np.nonzero(LV[pos] == lv)[0]
+        q[sel] = matrices_to_quaternions(hopf.rotations(int(lv), R[pos[sel]]))
+    for j in range(n):
+        records.quats[int(patch_ids[j])] = q[sptr[j]:sptr[j + 1]]
 
 
 def _collect(passes, patches, mx, Z, out, L):
