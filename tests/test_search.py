@@ -101,6 +101,45 @@ def test_nothing_pruned_equals_the_exhaustive_search(rng):
     assert rep["pairs_level_2"] == 6 * hopf.size(2) and rep["mass_pruned"] == 0.0
 
 
+@pytest.mark.parametrize("share", [0.0, 2.0])
+def test_dense_and_sparse_refinement_passes_agree(rng, monkeypatch, share):
+    """A refinement pass scored densely over its patches' union of rotations (each patch's
+    other lanes masked: DENSE_SHARE 0) gives the states, posteriors, statistics and records
+    of the sparse tasks (DENSE_SHARE 2: never dense) to round-off, with pruning, a cap, the
+    margin and the statistics' tails on."""
+    import numbaem.em.search as search
+    from numbaem.em.estep import Records
+    basis, theta = _molecule_theta(7, 4)
+    patches, sigma2 = _patches(np.random.default_rng(7), basis, theta, 12, snr=30.0)
+    spec = SearchSpec(1, 3, prune=1e-3, cap=32, margin=1.5)
+    out = {}
+    for name, sh in (("ref", 1.0 - 1e-9 if share == 0.0 else 0.0), ("alt", share)):
+        monkeypatch.setattr(search, "DENSE_SHARE", sh)
+        model = SearchModel(theta, basis, spec, precision="float64")
+        acc = SearchAccumulator(model)
+        rec = Records()
+        ll, post, we, final = search_chunk(patches, model, 0.5, sigma2, acc, patch_ids=np.arange(12),
+                                           keep_posteriors=True, records=rec)
+        out[name] = (ll, post, we, final, acc.to_stats(), rec, dict(acc.report))
+    (ll0, p0, we0, f0, s0, r0, rep0), (ll1, p1, we1, f1, s1, r1, rep1) = out["ref"], out["alt"]
+    dense_keys = [k for k in set(rep0) | set(rep1) if k.startswith("dense_pairs")]
+    assert dense_keys                                       # one of the two runs scored densely
+    assert np.array_equal(f0, f1) and (f0 == 3).sum() >= 3
+    np.testing.assert_allclose(ll1, ll0, rtol=1e-12)
+    np.testing.assert_allclose(we1, we0, rtol=1e-11, atol=1e-15)
+    for j in range(12):
+        a = {(lv, int(r)): w for lv, rots, ws in p0.get(j, []) for r, w in zip(rots, ws)}
+        b = {(lv, int(r)): w for lv, rots, ws in p1.get(j, []) for r, w in zip(rots, ws)}
+        assert set(a) == set(b)
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-10, atol=1e-14)
+    assert np.array_equal(s0.rotations, s1.rotations)
+    np.testing.assert_allclose(s1.W, s0.W, rtol=1e-10, atol=1e-14 * np.abs(s0.W).max())
+    np.testing.assert_allclose(s1.g, s0.g, rtol=1e-10, atol=1e-12 * np.abs(s0.g).max())
+    for j in range(12):
+        np.testing.assert_array_equal(r0.quats[j], r1.quats[j])
+
+
 def test_pruned_mass_is_reported_and_bounded():
     """A refined patch leaves the tail of its coarse posterior (at most prune, reported)
     at the coarse resolution; its fine posterior mass outside the region refined (against

@@ -308,6 +308,37 @@ def _score_block(blk, eb, c2, inv2s2, mx, bits, lsum):
     return float(m)
 
 
+@jit
+def _score_block_masked(blk, eb, c2, inv2s2, mx, bits, lsum, member):
+    """:func:`_score_block` with the lanes ``t`` where ``member[t]`` is False scored ``-inf``
+    (their exponentials exactly 0, the block's maximum over the members only)."""
+    n, KB = blk.shape
+    mx[:] = -np.inf
+    c2 = _typed(mx[0], c2)
+    inv2s2 = _typed(mx[0], inv2s2)
+    for q in range(n):
+        row = blk[q]
+        er = eb[q]
+        for t in range(KB):
+            v = c2 * row[t] - inv2s2 * er[t]
+            v = v if member[t] else -np.inf
+            row[t] = v
+            mx[t] = max(mx[t], v)
+    m = mx[0]
+    for t in range(1, KB):
+        m = max(m, mx[t])
+    lsum[:] = 0.0
+    if m == -np.inf:
+        blk[:] = 0.0
+        return -np.inf
+    for q in range(n):
+        row = blk[q]
+        exp_shifted(row, m, bits)
+        for t in range(KB):
+            lsum[t] += row[t]
+    return float(m)
+
+
 # --------------------------------------------------------------------------- dense
 
 @pjit
@@ -387,6 +418,24 @@ def _accumulate_group(Y, C, f, b, j0, j1, Wf, gf, tmp):
             tq = tf[q]
             for t in range(KB):
                 gq[t] += fl[t] * tq[t]
+
+
+@pjit
+def dense_scores_masked(Y, P, E, n_valid, c2, inv2s2, member, C, bmax, lsum):
+    """:func:`dense_scores` (exponentials kept) with a per (patch, lane) mask: ``member``
+    (n, B, KB) bool; the lanes not members of a patch score ``-inf`` for it (posterior 0;
+    block maxima over the members). One patch per task (the refinement's dense passes)."""
+    B, KB = P.shape[0], P.shape[3]
+    S = E.shape[1]
+    for task in prange(n_valid * B):
+        j = task // B
+        b = task - j * B
+        blk = C[j, b]
+        _correlate(Y[j], P[b], blk)
+        mx = np.empty(KB, E.dtype)
+        bits = _bits_scratch(KB, E[b, 0, 0, 0])
+        bmax[j, b] = _score_block_masked(blk.reshape(S * S, KB), E[b].reshape(S * S, KB), c2, inv2s2, mx, bits,
+                                         lsum[j, b], member[j, b])
 
 
 @pjit
