@@ -65,9 +65,10 @@ def lane_blocks(K, threads=None):
     per block). Scoring and accumulating a (patch, rotation) pair, 2 threads, measured
     (us): L = 7, K = 1024: 1.35 + 1.29 at 16 lanes, 0.76 + 0.46 at 32, 0.62 + 0.46 at
     64, 0.73 + 0.36 at 128; L = 11, K = 576: 5.8 + 5.8 at 16, 1.8 + 1.2 at 64, 2.2 + 1.8
-    at 120 (the exponentials of a block stop fitting the caches). The layout depends on ``K`` alone (``threads`` is ignored):
-    the scores of a block are exponentiated against the block's maximum, so another
-    layout would round differently, and results must not depend on the thread count.
+    at 120 (the exponentials of a block stop fitting the caches). The layout depends on
+    ``K`` alone (``threads`` is ignored): the scores of a block are exponentiated against
+    the block's maximum, so another layout would round differently, and results must not
+    depend on the thread count.
     The accumulation runs one block per task: ``K / 64`` tasks (on many cores a small
     grid leaves cores idle there; the scores run per (pair of patches, block)).
     """

@@ -683,9 +683,12 @@ def _dense_pass(Y, model, rows, c2, inv, log_prior, log_u, timer):
 
 #: A refinement pass is scored densely (every patch of the group against the union of the
 #: group's rotations, each patch's own ones kept by a mask) when its pairs fill at least
-#: this share of that product: dense lane blocks score a pair in about half the time of
-#: the sparse tasks (L = 11: 2.6 against 5.5 us per pair on 2 threads, paper-v1, measured).
-DENSE_SHARE = 0.5
+#: this share of that product. Measured on paper-v1 patches (L = 11, 60 -> 30 degrees, 2
+#: threads), the dense masked pass and the sparse tasks cost the same per pair scored
+#: (about 2.5 us on raw patches; on the whitened patches of numbaem reconstruct the unions
+#: were 1.5 times the pairs, and the iteration took the same time), so only a pass that
+#: needs every rotation of its union for every patch (nothing masked) goes dense.
+DENSE_SHARE = 1.0
 
 
 def _dense_sub_pass(Y, model, level, patches, ptr, rot, c2, inv, log_prior, log_u, timer):
@@ -1183,8 +1186,8 @@ def _final_masses(passes, patches, mx, Z, out):
             out.append((ps.rows[i], np.full(len(i), ps.level), ps.rotations()[lane], m[i, lane]))
             continue
         rel = ps.bm - mx[ps.t_patch]
-        ft = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0) / Z[ps.t_patch]
-        m = ft[ps.pair_task] * ps.lsum * ps.keep
+        ft = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0)
+        m = (ft / Z[ps.t_patch])[ps.pair_task] * ps.lsum * ps.keep
         owner = ps.t_patch[ps.pair_task]
         sel = np.nonzero((m > 0) & want[owner])[0]
         out.append((owner[sel], np.full(len(sel), ps.level), ps.rot[sel], m[sel]))
