@@ -425,7 +425,7 @@ class SearchAccumulator:
             slot[new] = n0 + np.arange(len(new))
             n1 = n0 + len(new)
             if n1 > len(self.W[level]):
-                size = max(n1, 2 * len(self.W[level]), 64)
+                size = min(max(n1, 2 * len(self.W[level]), 64), hopf.size(level))
                 for arr in (self.W, self.g):
                     grown = np.zeros((size,) + arr[level].shape[1:])
                     grown[:n0] = arr[level][:n0]
@@ -1369,9 +1369,11 @@ class GroupSearchStats:
 
 
 def accumulator_bytes(spec, L):
-    """Bytes of the :class:`SearchAccumulator` of a search (every level dense)."""
+    """Bytes of the :class:`SearchAccumulator` of a search, at most: every level's slot table,
+    and its sums grown to every rotation of the level (the arrays double up to the level's
+    size, so this bounds them; a search reaches far fewer), and the coarse lane-block sums."""
     S = 2 * L - 1
-    return sum(hopf.size(r) for r in spec.levels) * ((S * S + L * L) * 8 + 1) + hopf.size(spec.coarse) * 8 * (S * S + L * L)
+    return sum(hopf.size(r) for r in spec.levels) * ((S * S + L * L) * 8 + 8) + hopf.size(spec.coarse) * 8 * (S * S + L * L)
 
 
 def chunk_bytes(n_chunk, spec, L, itemsize):
