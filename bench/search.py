@@ -438,6 +438,8 @@ def paper(args):
                 ("search-60-30", f"lmax=10,iters={iters},frac={frac},fine=30,coarse=60", {})]
     for s in args.schedule or []:
         variants.append((s, s, {}))
+    if args.variants:
+        variants = [v for v in variants if v[0] in args.variants.split(",") or v[0] in (args.schedule or [])]
     runs = []
     for name, sched, env in variants:
         print(f"paper: {name}: {sched} {env}", flush=True)
@@ -478,6 +480,8 @@ def default(args):
                 ("new-default", new)]
     for s in args.schedule or []:
         variants.append((s, s))
+    if args.variants:
+        variants = [v for v in variants if v[0] in args.variants.split(",") or v[0] in (args.schedule or [])]
     runs = []
     for name, sched in variants:
         print(f"default: {name}: {sched}", flush=True)
@@ -516,6 +520,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--iters", type=int, default=None, help="iterations per run")
     p.add_argument("--schedule", action="append", help="a schedule to run besides the built-in ones (repeatable)")
+    p.add_argument("--variants", default=None,
+                   help="paper, default: run only these built-in variants (comma-separated names) and --schedule's")
     args = p.parse_args(argv)
     args.data_dir = args.data_dir or os.path.join(args.out, "data")
     from numbaem.runtime.threads import use_threads

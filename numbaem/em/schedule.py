@@ -211,7 +211,7 @@ def default_schedule(L, search=False):
     top = FBBasis.max_lmax(L)
     l1, l2 = max(1, round(top / 3)), max(1, round(2 * top / 3))
     fine = 7.5 if L <= 9 else 15.0
-    last = Stage(top, 6, 1.0, fine=fine, coarse=DEFAULT_COARSE_STEP, prune=1e-3, local=20.0) if search else \
+    last = Stage(top, 6, 1.0, fine=fine, coarse=60.0, prune=1e-3, local=20.0, margin=1.0) if search else \
         Stage(top, 6, 1.0, 1000)
     return [Stage(l1, 4, 1.0, 100), Stage(l2, 4, 1.0, 300), last]
 
