@@ -9,7 +9,7 @@ contiguous):
    kernels) under the prior ``(1 - upsilon) / ((2L-1)^2 K_rc)`` per state, giving the
    posterior mass ``pi_jk`` of each rotation summed over shifts.
 2. A patch whose posterior is *concentrated* -- after dropping the rotations of least mass
-   whose total is at most ``eps = prune / (rf - rc)``, at most ``cap`` rotations are
+   whose total is at most ``eps = 0.9 prune / (rf - rc)``, at most ``cap`` rotations are
    left -- is *refined*: the rotations left, joined by every rotation of the level within
    ``margin`` grid steps of them (a peak between two centres is refined from both), are
    replaced by their 8 children at the next level, scored under that level's prior (the
@@ -19,7 +19,8 @@ contiguous):
    overlaps it) stops refining: its posteriors live on the level it reached, where they
    were just computed in full (nothing is lost). A patch that reaches ``rf`` stops there.
 4. Each patch's posteriors, normalised over its final level's states and the empty state,
-   feed the sufficient statistics of the rotations of that level (rows keyed by level and
+   less each refinement pass's tail of least mass (at most ``stats_eps``: theory section
+   12.9), feed the sufficient statistics of the rotations of that level (rows keyed by level and
    rotation: :attr:`numbaem.em.estep.SufficientStats.rotations`, see :meth:`SearchModel.rotations`).
 
 With ``prune = 0`` and no ``cap`` every patch reaches ``rf`` having evaluated every
