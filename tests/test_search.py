@@ -411,3 +411,30 @@ def test_records_of_the_top_rotations_match_a_full_sort(rng):
             [hopf.rotations(states[k][0], np.array([states[k][1]]))[0] for k in pos])), RECORD_EPS)
         np.testing.assert_array_equal(rec.quats[int(ids[j])], ref)
     assert sum(len(q) > 0 for q in rec.quats.values()) >= 2
+
+
+def test_search_mstep_is_the_same_on_any_thread_count():
+    """The search's M-step runs blocks of rows on several threads (each block's products on one
+    BLAS thread) and adds them in block order: 1 and 2 threads give the same bits, and the
+    blocks equal one whole-matrix sum to round-off."""
+    import numba
+    from numbaem.em.search import search_normal_equations
+    basis, theta = _molecule_theta(7, 4)
+    patches, sigma2 = _patches(np.random.default_rng(3), basis, theta, 10, snr=30.0)
+    spec = SearchSpec(1, 2, prune=1e-3, cap=32, margin=1.0)
+    model = SearchModel(theta, basis, spec, precision="float64")
+    acc = SearchAccumulator(model)
+    search_chunk(patches, model, 0.5, sigma2, acc)
+    stats = acc.to_stats()
+    before = numba.get_num_threads()
+    out = []
+    try:
+        for t in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(t)
+            out.append(search_normal_equations(stats, spec, basis, max_block_bytes=1 << 20))
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(out[0][0], out[1][0]) and np.array_equal(out[0][1], out[1][1])
+    H1, b1 = search_normal_equations(stats, spec, basis, max_block_bytes=1 << 30)   # one block
+    np.testing.assert_allclose(out[0][0], H1, rtol=1e-12, atol=1e-12 * np.abs(H1).max())
+    np.testing.assert_allclose(out[0][1], b1, rtol=1e-12, atol=1e-12 * np.abs(b1).max())

@@ -605,28 +605,52 @@ def search_normal_equations(stats, spec, basis, max_block_bytes=16 << 20, filter
 
 
 def _search_normal_equations(stats, spec, basis, max_block_bytes, filt):
+    import numba
     from ..model.projection import projection_matrices
+    from ..runtime.threads import kernel_guard
     L, M = basis.L, basis.M
+    keep = significant_rows(stats, max(NEGLIGIBLE_ROW_WEIGHT, 1e-3 * spec.prune))
+    # Blocks of rows run on as many threads as numba has, each block's products on one BLAS
+    # thread (they are skinny, M x M from a block: a multithreaded BLAS spent 50x longer on
+    # them on a busy 2-core machine, 0.61 s against 0.012 s for a block at L = 7, M = 34),
+    # at most MSTEP_WORKERS blocks in flight, each holding 1/MSTEP_WORKERS of the bytes (the
+    # plan's bound holds), whatever the thread count; the blocks' sums are added in block
+    # order: the bits depend on neither thread count.
+    workers = max(1, min(numba.get_num_threads(), MSTEP_WORKERS))
+    step = max(1, int(max_block_bytes // MSTEP_WORKERS // (L * L * M * 8)))
+
+    def block(i):
+        pos = keep[i:i + step]
+        with kernel_guard():
+            A = projection_matrices(basis, rotations_of_rows(spec, stats.rotations[pos]))
+            h = np.sqrt(box_sums(stats.W[pos], L)).reshape(len(pos), L * L)
+        if filt is not None:
+            A = np.matmul(filt, A)                      # Psi_g A_k, block by block
+        B = (h[:, :, None] * A).reshape(-1, M)
+        return B.T @ B, A.reshape(-1, M).T @ stats.g[pos].reshape(-1)
+
     H = np.zeros((M, M))
     b = np.zeros(M)
-    keep = significant_rows(stats, max(NEGLIGIBLE_ROW_WEIGHT, 1e-3 * spec.prune))
-    step = max(1, int(max_block_bytes // (L * L * M * 8)))
-    # The products are skinny (M x M from a block of rows): a multithreaded BLAS spends more on
-    # its threads than on them, 50x more on a busy 2-core machine (0.61 s against 0.012 s for
-    # a block at L = 7, M = 34, measured); one thread, and a fixed order, so the bits do not
-    # depend on the thread count either.
+    starts = range(0, len(keep), step)
     with threadpool_limits(limits=1, user_api="blas"):
-        for i in range(0, len(keep), step):
-            pos = keep[i:i + step]
-            A = projection_matrices(basis, rotations_of_rows(spec, stats.rotations[pos]))
-            if filt is not None:
-                A = np.matmul(filt, A)                      # Psi_g A_k, block by block
-            h = np.sqrt(box_sums(stats.W[pos], L)).reshape(len(pos), L * L)
-            B = (h[:, :, None] * A).reshape(-1, M)
-            H += B.T @ B
-            del B
-            b += A.reshape(-1, M).T @ stats.g[pos].reshape(-1)
+        if workers == 1 or len(starts) == 1:
+            parts = map(block, starts)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+            pool = ThreadPoolExecutor(workers)
+            parts = pool.map(block, starts)
+        try:
+            for Hb, bb in parts:                        # in block order
+                H += Hb
+                b += bb
+        finally:
+            if workers > 1 and len(starts) > 1:
+                pool.shutdown()
     return H, b
+
+
+#: Blocks of rows the search's M-step runs at once at most (each of ``max_block_bytes / 8``).
+MSTEP_WORKERS = 8
 
 
 # --------------------------------------------------------------------------- the passes
