@@ -39,8 +39,9 @@ each timed run, and the versions.
 ``default``
     The README's default schedule: four 700 x 700 micrographs at L = 7 (``numbaem
     simulate``, SNR 5, density 0.12, Method 2, a synthetic molecule of side 21) through
-    ``numbaem reconstruct`` with the default schedule (K = 100, 300, 1000) and its search
-    variant (:func:`numbaem.em.schedule.default_schedule` with ``search=True``); total
+    ``numbaem reconstruct`` with the earlier default schedule (K = 100, 300, 1000:
+    ``old-default``, what :func:`numbaem.em.schedule.default_schedule` gives with
+    ``search=False``) and today's (``new-default``: a search in the last stage); total
     seconds and the final aligned relative error and FSC.
 """
 import argparse
@@ -484,7 +485,7 @@ def default(args):
     data = _simulate(args.data_dir, "default-quick" if q else "default-700", 7, 140 if q else 700, 4, 5.0, 0.12, 21)
     runs_dir = os.path.join(args.out, "default-runs")
     os.makedirs(runs_dir, exist_ok=True)
-    new = ";".join(",".join(f"{k}={v}" for k, v in st.to_dict().items()) for st in default_schedule(7, search=True))
+    new = ";".join(",".join(f"{k}={v}" for k, v in st.to_dict().items()) for st in default_schedule(7))
     variants = [("old-default", OLD_DEFAULT if not q else OLD_DEFAULT.replace("iters=6", "iters=2")),
                 ("new-default", new)]
     for s in args.schedule or []:

@@ -7,7 +7,9 @@ stage by stage; the stochastic factor draws a fraction of the patches per iterat
 
 Schedule: "lmax=2,iters=5,frac=0.1,rotations=300;lmax=4,iters=5,frac=0.05,rotations=600"
 (or a TOML file with [[stage]] tables with the same keys). Default: three stages up to
-the highest lmax of L (about L-1) with K = 100, 300, 1000 and full batches.
+the highest lmax of L (about L-1), full batches: exhaustive on K = 100 and 300, then a
+search from 60 degrees down to 7.5 (15 for L > 9) with local searches near concentrated
+posteriors (numbaem.em.schedule.default_schedule).
 
 Starts: a volume (--init INIT.mrc), an atomic model (--init MODEL.pdb|MODEL.cif, or a
 shipped entry such as 1hvr: its density at the micrographs' pixel size, scaled to the
@@ -226,7 +228,8 @@ def main(args):
         outputs.append(_sibling(args.output, "_views.png"))
     if args.junk_class:
         from ..em.schedule import default_schedule
-        if any(st.is_search for st in (schedule or default_schedule(L))):
+        schedule = schedule or default_schedule(L, search=False)      # the junk class needs exhaustive stages
+        if any(st.is_search for st in schedule):
             raise NumbaemError("--junk-class runs with exhaustive stages only; pass a --schedule whose stages all "
                                "have rotations=K, e.g. 'lmax=2,iters=5,frac=1,rotations=600;lmax=4,iters=5,frac=1,"
                                "rotations=600'")
