@@ -9,7 +9,10 @@ Standalone (it needs nothing of the rest of ``bench/``)::
 
 Each experiment writes ``search-<experiment>-<UTC time>.json`` and ``.png`` into ``--out``
 (default ``bench/results``) and records the machine, the load average before and after
-each timed run, and the versions.
+each timed run, and the versions. ``paper`` and ``default`` run ``numbaem reconstruct``
+twice per schedule: a warm-up on 0.2% of the patches with one iteration per stage (numba's
+kernels compiled, as on a user's second run), then the timed run; ``--variants`` picks
+their built-in runs by name.
 
 ``offgrid``
     The off-grid floor (theory section 9): L = 7, lmax = 4, a random Fourier-Bessel volume
