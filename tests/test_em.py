@@ -134,6 +134,17 @@ def test_schedule_toml(tmp_path):
         schedule.load_schedule(p)
 
 
+def test_default_schedule_ends_in_a_search_except_on_boxes_and_with_the_junk_class():
+    """No schedule given: the default's last stage is a search, but boxes around picks and the
+    junk class, which a search does not run on, take the exhaustive variant; a schedule given
+    is kept."""
+    assert schedule.schedule_or_default(None, 7)[-1].is_search
+    for kw in (dict(boxes=True), dict(junk_class=True)):
+        assert not any(st.is_search for st in schedule.schedule_or_default(None, 7, **kw))
+    given = schedule.parse_schedule("lmax=2,iters=1,fine=15")
+    assert schedule.schedule_or_default(given, 7, boxes=True) is given
+
+
 def test_default_schedule_is_valid():
     for L in (7, 11, 15):
         s = schedule.default_schedule(L)

@@ -9,7 +9,8 @@ from numbaem.data.patches import PatchSource
 from numbaem.em import run as em
 from numbaem.em.estep import Records, SufficientStats, e_step_chunk, projection_spectra, shift_index, stream_stats
 from numbaem.em.mstep import normal_equations
-from numbaem.em.search import (SearchAccumulator, SearchModel, SearchSpec, SearchStats, prune, search_chunk,
+import numbaem.em.search as search
+from numbaem.em.search import (SearchAccumulator, SearchModel, SearchSpec, SearchStats, search_chunk,
                                search_normal_equations, search_stats)
 from numbaem.model import hopf
 from numbaem.model.basis import FBBasis, expand, synthesize
@@ -101,44 +102,6 @@ def test_nothing_pruned_equals_the_exhaustive_search(rng):
     assert rep["pairs_level_2"] == 6 * hopf.size(2) and rep["mass_pruned"] == 0.0
 
 
-def test_dense_and_sparse_refinement_passes_agree(monkeypatch):
-    """A refinement pass scored densely over its patches' union of rotations (each patch's
-    other lanes masked: DENSE_SHARE 0, always dense) gives the states, posteriors,
-    statistics and records of the sparse tasks (DENSE_SHARE 2: never dense) to round-off,
-    with pruning, a cap, the margin and the statistics' tails on."""
-    import numbaem.em.search as search
-    from numbaem.em.estep import Records
-    basis, theta = _molecule_theta(7, 4)
-    patches, sigma2 = _patches(np.random.default_rng(7), basis, theta, 12, snr=30.0)
-    spec = SearchSpec(1, 3, prune=1e-3, cap=32, margin=1.5)
-    out = {}
-    for name, sh in (("ref", 2.0), ("alt", 0.0)):
-        monkeypatch.setattr(search, "DENSE_SHARE", sh)
-        model = SearchModel(theta, basis, spec, precision="float64")
-        acc = SearchAccumulator(model)
-        rec = Records()
-        ll, post, we, final = search_chunk(patches, model, 0.5, sigma2, acc, patch_ids=np.arange(12),
-                                           keep_posteriors=True, records=rec)
-        out[name] = (ll, post, we, final, acc.to_stats(), rec, dict(acc.report))
-    (ll0, p0, we0, f0, s0, r0, rep0), (ll1, p1, we1, f1, s1, r1, rep1) = out["ref"], out["alt"]
-    assert not any(k.startswith("dense_pairs") for k in rep0)
-    assert any(k.startswith("dense_pairs") for k in rep1)
-    assert np.array_equal(f0, f1) and (f0 == 3).sum() >= 3
-    np.testing.assert_allclose(ll1, ll0, rtol=1e-12)
-    np.testing.assert_allclose(we1, we0, rtol=1e-11, atol=1e-15)
-    for j in range(12):
-        a = {(lv, int(r)): w for lv, rots, ws in p0.get(j, []) for r, w in zip(rots, ws)}
-        b = {(lv, int(r)): w for lv, rots, ws in p1.get(j, []) for r, w in zip(rots, ws)}
-        assert set(a) == set(b)
-        for k in a:
-            np.testing.assert_allclose(b[k], a[k], rtol=1e-10, atol=1e-14)
-    assert np.array_equal(s0.rotations, s1.rotations)
-    np.testing.assert_allclose(s1.W, s0.W, rtol=1e-10, atol=1e-14 * np.abs(s0.W).max())
-    np.testing.assert_allclose(s1.g, s0.g, rtol=1e-10, atol=1e-12 * np.abs(s0.g).max())
-    for j in range(12):
-        np.testing.assert_array_equal(r0.quats[j], r1.quats[j])
-
-
 def test_pruned_mass_is_reported_and_bounded():
     """A refined patch leaves the tail of its coarse posterior (at most prune, reported)
     at the coarse resolution; its fine posterior mass outside the region refined (against
@@ -176,21 +139,30 @@ def test_pruned_mass_is_reported_and_bounded():
 
 
 def test_prune_matches_a_greedy_twin(rng):
-    """prune() drops, per patch, the longest tail of smallest masses whose sum stays within eps."""
+    """The refinement decision drops, per patch, the longest tail of smallest masses whose sum
+    stays within eps (no cap, no margin: every other rotation is refined, the tail stays and
+    its mass is reported)."""
+    from numbaem.em.search import decide
     ptr = np.array([0, 5, 5, 12])
     mass = rng.random(12) ** 3 * 0.01
-    keep, dropped = prune(ptr, mass, 2e-3)
+    rot = np.array([3, 7, 1, 0, 9, 2, 5, 4, 11, 8, 6, 10])
+    spec = SearchSpec(0, 1, prune=2e-3 / (1.0 - search.STATS_SHARE), cap=0, margin=0.0)
+    assert spec.eps == pytest.approx(2e-3, rel=1e-15)
+    keep, dropped, partial = np.ones(12, bool), np.zeros(3), np.zeros(3, bool)
+    rptr, ridx = decide(0, ptr, rot, mass, np.ones(3, bool), spec, 0, keep, dropped, partial)
     for j in range(3):
         m = mass[ptr[j]:ptr[j + 1]]
         order = np.argsort(m)
         tot, drop = 0.0, np.zeros(len(m), bool)
         for i in order:
-            if tot + m[i] > 2e-3:
+            if tot + m[i] > spec.eps:
                 break
             tot += m[i]
             drop[i] = True
-        assert np.array_equal(keep[ptr[j]:ptr[j + 1]], ~drop)
+        assert np.array_equal(keep[ptr[j]:ptr[j + 1]], drop)          # the tail stays at this level
+        assert np.array_equal(ridx[rptr[j]:rptr[j + 1]], np.sort(rot[ptr[j]:ptr[j + 1]][~drop]))
         assert dropped[j] == pytest.approx(tot, rel=1e-12, abs=1e-18)
+    assert not partial.any()
 
 
 def test_search_statistics_merge_by_rotation(rng):

@@ -44,7 +44,7 @@ import numpy as np
 
 from ..runtime.validate import check_L
 from ..em.run import reconstruct
-from ..em.schedule import load_schedule, parse_schedule
+from ..em.schedule import load_schedule, parse_schedule, schedule_or_default
 from ..runtime.errors import InterruptedRun, NumbaemError
 from ..runtime.fourier import downsample
 from ..data.io import atomic_write_text, read_volume, write_volume
@@ -213,7 +213,7 @@ def _load_init(path, L, downsample_init):
 def main(args):
     t_start = time.perf_counter()
     L = check_L(args.patch_size, "--patch-size")
-    schedule = _schedule(args.schedule)
+    schedule = schedule_or_default(_schedule(args.schedule), L, bool(args.particles), args.junk_class)
     budget = parse_size(args.memory) if args.memory else default_budget()
     if args.resume and not args.checkpoint:
         raise NumbaemError("--resume needs --checkpoint DIR, the directory of the run to continue")
@@ -227,8 +227,6 @@ def main(args):
         check_floor(args.prior_floor)
         outputs.append(_sibling(args.output, "_views.png"))
     if args.junk_class:
-        from ..em.schedule import default_schedule
-        schedule = schedule or default_schedule(L, search=False)      # the junk class needs exhaustive stages
         if any(st.is_search for st in schedule):
             raise NumbaemError("--junk-class runs with exhaustive stages only; pass a --schedule whose stages all "
                                "have rotations=K, e.g. 'lmax=2,iters=5,frac=1,rotations=600;lmax=4,iters=5,frac=1,"
@@ -445,9 +443,8 @@ def _read_particles(args):
 def _write_particles(args, source, result, schedule, budget):
     from ..data.coordinates import relion_angles, write_coordinates
     from ..em.particles import posterior_particles
-    from ..em.schedule import default_schedule
 
-    last = (schedule or default_schedule(source.L))[-1]
+    last = schedule[-1]
     K = 1000 if last.is_search else last.rotations     # the picks' most likely rotation, on a 20-degree grid
     picks = posterior_particles(source, result.theta, result.basis, K, result.upsilon, result.sigma2,
                                 min_probability=args.min_probability, memory=budget)

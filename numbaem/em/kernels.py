@@ -309,37 +309,6 @@ def _score_block(blk, eb, c2, inv2s2, mx, bits, lsum):
     return float(m)
 
 
-@jit
-def _score_block_masked(blk, eb, c2, inv2s2, mx, bits, lsum, member):
-    """:func:`_score_block` with the lanes ``t`` where ``member[t]`` is False scored ``-inf``
-    (their exponentials exactly 0, the block's maximum over the members only)."""
-    n, KB = blk.shape
-    mx[:] = -np.inf
-    c2 = _typed(mx[0], c2)
-    inv2s2 = _typed(mx[0], inv2s2)
-    for q in range(n):
-        row = blk[q]
-        er = eb[q]
-        for t in range(KB):
-            v = c2 * row[t] - inv2s2 * er[t]
-            v = v if member[t] else -np.inf
-            row[t] = v
-            mx[t] = max(mx[t], v)
-    m = mx[0]
-    for t in range(1, KB):
-        m = max(m, mx[t])
-    lsum[:] = 0.0
-    if m == -np.inf:
-        blk[:] = 0.0
-        return -np.inf
-    for q in range(n):
-        row = blk[q]
-        exp_shifted(row, m, bits)
-        for t in range(KB):
-            lsum[t] += row[t]
-    return float(m)
-
-
 # --------------------------------------------------------------------------- dense
 
 @pjit
@@ -392,53 +361,6 @@ def dense_scores(Y, P, E, n_valid, c2, inv2s2, keep, C, bmax, lsum):
             bmax[j1, b] = _score_block(blk1.reshape(S * S, KB), Eb, c2, inv2s2, mx, bits, lsum[j1, b])
 
 
-@jit
-def _accumulate_group(Y, C, f, b, j0, j1, Wf, gf, tmp):
-    """Patches ``j0 .. j1 - 1`` of lane block ``b`` into ``Wf`` (S^2, KB) and ``gf`` (L^2, KB), in order."""
-    L = Y.shape[1]
-    S = 2 * L - 1
-    KB = Wf.shape[1]
-    tf = tmp.reshape(L * L, KB)
-    for j in range(j0, j1):
-        fl = f[j, b]
-        use = False
-        for t in range(KB):
-            if fl[t] != 0.0:
-                use = True
-        if not use:
-            continue
-        cf = C[j, b].reshape(S * S, KB)
-        for q in range(S * S):
-            Wq = Wf[q]
-            cq = cf[q]
-            for t in range(KB):
-                Wq[t] += fl[t] * cq[t]
-        _back_correlate(Y[j], C[j, b], tmp)
-        for q in range(L * L):
-            gq = gf[q]
-            tq = tf[q]
-            for t in range(KB):
-                gq[t] += fl[t] * tq[t]
-
-
-@pjit
-def dense_scores_masked(Y, P, E, n_valid, c2, inv2s2, member, C, bmax, lsum):
-    """:func:`dense_scores` (exponentials kept) with a per (patch, lane) mask: ``member``
-    (n, B, KB) bool; the lanes not members of a patch score ``-inf`` for it (posterior 0;
-    block maxima over the members). One patch per task (the refinement's dense passes)."""
-    B, KB = P.shape[0], P.shape[3]
-    S = E.shape[1]
-    for task in prange(n_valid * B):
-        j = task // B
-        b = task - j * B
-        blk = C[j, b]
-        _correlate(Y[j], P[b], blk)
-        mx = np.empty(KB, E.dtype)
-        bits = _bits_scratch(KB, E[b, 0, 0, 0])
-        bmax[j, b] = _score_block_masked(blk.reshape(S * S, KB), E[b].reshape(S * S, KB), c2, inv2s2, mx, bits,
-                                         lsum[j, b], member[j, b])
-
-
 @pjit
 def dense_accumulate(Y, C, f, n_valid, Wacc, gacc):
     """``Wacc[b, :, :, t] += sum_j f[j, b, t] C[j, b, :, :, t]``, ``gacc`` likewise with ``back_correlate``.
@@ -446,8 +368,7 @@ def dense_accumulate(Y, C, f, n_valid, Wacc, gacc):
     Y : (n, L, L); C : (n, B, S, S, KB); f : (n, B, KB) float64, the posterior scale of
     each (patch, rotation) (``exp(bmax - max_j) / total_j``, 0 for a state that is not
     counted); Wacc : (B, S, S, KB), gacc : (B, L, L, KB) float64. Parallel over lane
-    blocks, each summing its patches in order. Patches whose factors in a block are all 0
-    are skipped there.
+    blocks, each summing its patches in order. Blocks whose factors are all 0 are skipped.
     """
     B = Wacc.shape[0]
     L = Y.shape[1]
@@ -455,7 +376,29 @@ def dense_accumulate(Y, C, f, n_valid, Wacc, gacc):
     KB = Wacc.shape[3]
     for b in prange(B):
         tmp = np.empty((L, L, KB), C.dtype)
-        _accumulate_group(Y, C, f, b, 0, n_valid, Wacc[b].reshape(S * S, KB), gacc[b].reshape(L * L, KB), tmp)
+        Wf = Wacc[b].reshape(S * S, KB)
+        gf = gacc[b].reshape(L * L, KB)
+        tf = tmp.reshape(L * L, KB)
+        for j in range(n_valid):
+            fl = f[j, b]
+            use = False
+            for t in range(KB):
+                if fl[t] != 0.0:
+                    use = True
+            if not use:
+                continue
+            cf = C[j, b].reshape(S * S, KB)
+            for q in range(S * S):
+                Wq = Wf[q]
+                cq = cf[q]
+                for t in range(KB):
+                    Wq[t] += fl[t] * cq[t]
+            _back_correlate(Y[j], C[j, b], tmp)
+            for q in range(L * L):
+                gq = gf[q]
+                tq = tf[q]
+                for t in range(KB):
+                    gq[t] += fl[t] * tq[t]
 
 
 # --------------------------------------------------------------------------- sparse
@@ -541,9 +484,9 @@ def sparse_accumulate(r_ptr, r_pairs, r_rows, pair_task, pair_lane, t_off, t_len
 
     r_ptr : (R + 1,); r_pairs : (n_pairs,) the pairs of each rotation ``r`` at
     ``r_pairs[r_ptr[r]:r_ptr[r+1]]`` (patch order); r_rows : (R,) the row of the
-    statistics each rotation adds into (-1: none of its pairs counts); pair_task, pair_lane : (n_pairs,) the task of a
-    pair and its lane in the task's block; fp : (n_pairs,) the posterior scale of each
-    pair (0: not counted).
+    statistics each rotation adds into (-1: none of its pairs counts); pair_task,
+    pair_lane : (n_pairs,) the task of a pair and its lane in the task's block; fp :
+    (n_pairs,) the posterior scale of each pair (0: not counted).
     W : (rows, S, S) and g : (rows, L, L) float64. Parallel over rotations (each row
     is written by one rotation only).
     """

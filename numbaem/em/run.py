@@ -33,7 +33,8 @@ from .estep import GroupSpectra, Records, choose_precision, choose_route, fold_l
     restrict_shifts, stream_stats
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
 from .plan import phi_bytes, plan_iteration, plan_search
-from .schedule import Stage, default_schedule, load_schedule, parse_schedule, validate_schedule  # noqa: F401
+from .schedule import (Stage, default_schedule, load_schedule, parse_schedule, schedule_or_default,  # noqa: F401
+                       validate_schedule)
 
 logger = logging.getLogger(__name__)
 
@@ -492,7 +493,9 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         sample of patches from every micrograph).
     estimate_noise : bool
         Update ``sigma^2`` by EM each iteration (section 6).
-    schedule : list of Stage, optional (default :func:`default_schedule`)
+    schedule : list of Stage, optional
+        Default :func:`schedule_or_default`: :func:`default_schedule`, its exhaustive
+        variant on boxes around picks and with the junk class.
     upsilon0 : float
         Initial probability of an empty patch.
     rng : numpy.random.Generator or int, optional
@@ -567,7 +570,8 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                            "of the patches' pixels, or estimate it (estimate_noise=True)")
     if not 0 < upsilon0 < 1:
         raise NumbaemError(f"upsilon0={upsilon0} must lie strictly between 0 and 1")
-    schedule = validate_schedule(schedule or default_schedule(L), L)
+    boxes = getattr(source, "shift_window", None) is not None
+    schedule = validate_schedule(schedule_or_default(schedule, L, boxes, junk_class), L)
     budget = default_budget() if memory is None else int(memory)
     anneal = _check_anneal(anneal)
     restarts = int(restarts)

@@ -204,8 +204,9 @@ def default_schedule(L, search=True):
     (four 700 x 700 micrographs, L = 7, SNR 5, 2 threads) it took 172 s in all to an aligned
     relative error of 0.0772, against 264 s to 0.0774 with K = 1000 in the last stage
     (``bench/reference/search-default-*.json``). ``search=False`` gives that exhaustive
-    variant (what ``--junk-class`` runs, which needs exhaustive stages). Large data sets
-    should pass ``frac < 1``.
+    variant: what runs on boxes around picks (a search does not model their shift window)
+    and with the junk class (exhaustive stages only). Large data sets should pass
+    ``frac < 1``.
     """
     top = FBBasis.max_lmax(L)
     l1, l2 = max(1, round(top / 3)), max(1, round(2 * top / 3))
@@ -213,6 +214,13 @@ def default_schedule(L, search=True):
     last = Stage(top, 6, 1.0, fine=fine, coarse=60.0, prune=1e-3, local=20.0, margin=1.0) if search else \
         Stage(top, 6, 1.0, 1000)
     return [Stage(l1, 4, 1.0, 100), Stage(l2, 4, 1.0, 300), last]
+
+
+def schedule_or_default(schedule, L, boxes=False, junk_class=False):
+    """``schedule`` if given, else :func:`default_schedule` of ``L``: with its search stage,
+    except on boxes around picks (a search does not model their shift window) and with the
+    junk class (exhaustive stages only), which take the exhaustive variant."""
+    return schedule or default_schedule(L, search=not (boxes or junk_class))
 
 
 def validate_schedule(stages, L):

@@ -292,52 +292,20 @@ def _csr(counts):
     return ptr
 
 
-def prune(ptr, mass, eps):
-    """Per patch, keep the states of largest mass, dropping a tail of total mass at most ``eps``.
-
-    Parameters
-    ----------
-    ptr : ndarray, shape (n + 1,)
-        Patch ``j``'s states are ``ptr[j]:ptr[j+1]`` of ``mass``.
-    mass : ndarray
-        Posterior masses.
-    eps : float
-
-    Returns
-    -------
-    keep : ndarray of bool, like ``mass``
-    dropped : ndarray, shape (n,)
-        The mass dropped per patch (at most ``eps``).
-    """
-    n = len(ptr) - 1
-    if eps <= 0 or len(mass) == 0:
-        return np.ones(len(mass), bool), np.zeros(n)
-    seg = np.repeat(np.arange(n), np.diff(ptr))
-    order = np.lexsort((mass, seg))                       # per patch, ascending mass
-    m = mass[order]
-    cs = np.cumsum(m)
-    start = ptr[:-1]
-    before = np.where(start > 0, cs[np.maximum(start - 1, 0)], 0.0)
-    within = cs - before[seg]                             # ascending cumulative mass within the patch
-    drop_sorted = within <= eps
-    keep = np.ones(len(mass), bool)
-    keep[order] = ~drop_sorted
-    dropped = np.bincount(seg, weights=np.where(drop_sorted, m, 0.0), minlength=n)
-    return keep, dropped
-
-
-def expand(level, lists, margin):
-    """Each patch's rotations joined by their neighbours within ``margin`` steps of ``level`` (sorted)."""
-    if margin <= 0:
-        return lists
-    ptr, nbr = hopf.neighbour_table(level, round(margin * hopf.level_step(level), 9))
-    out = []
-    for c in lists:
-        if len(c) == 0:
-            out.append(c)
-        else:
-            out.append(np.unique(np.concatenate([nbr[ptr[k]:ptr[k + 1]] for k in c])))
-    return out
+@jit
+def _tail(m, eps):
+    """The tail of least mass of ``m`` whose sum stays within ``eps``: ``(asc, n, c)``, the
+    positions in ascending order of mass (ties in position order), the tail's length (the
+    first ``n`` of ``asc``) and its mass ``c``."""
+    asc = np.argsort(m, kind="mergesort")
+    c = 0.0
+    n = 0
+    for t in range(m.shape[0]):
+        if c + m[asc[t]] > eps:
+            break
+        c += m[asc[t]]
+        n = t + 1
+    return asc, n, c
 
 
 def cells_near(level, quats, radius_deg):
@@ -679,10 +647,6 @@ class _Pass:
         kept = np.bincount(self.pair_task, weights=self.lsum * self.keep, minlength=len(self.t_patch))
         return self.t_patch, self.bm, kept
 
-    def rotations(self):
-        """The rotation of each lane of a dense pass (its level's numbers)."""
-        return np.arange(self.K, dtype=np.int64) if self.U is None else self.U
-
 
 def _dense_pass(Y, model, rows, c2, inv, log_prior, log_u, timer):
     """Every rotation of the coarse level against the chunk's patches ``rows`` (exponentials kept)."""
@@ -703,51 +667,7 @@ def _dense_pass(Y, model, rows, c2, inv, log_prior, log_u, timer):
     mass = (f[:, :, None] * lsum).reshape(len(rows), B * KB)[:, :cs.K]
     pos = {int(j): i for i, j in enumerate(rows)}
     return _Pass(model.spec.coarse, True, rows=np.asarray(rows), pos=pos, Y=Yg, C=C, bm=bm, lsum=lsum,
-                 keep=np.ones(lsum.shape, bool), mass=mass, K=cs.K, U=None)
-
-
-#: A refinement pass is scored densely (every patch of the group against the union of the
-#: group's rotations, each patch's own ones kept by a mask) when its pairs fill at least
-#: this share of that product. Measured on paper-v1 patches (L = 11, 60 -> 30 degrees, 2
-#: threads), the dense masked pass and the sparse tasks cost the same per pair scored
-#: (about 2.5 us on raw patches; on the whitened patches of numbaem reconstruct the unions
-#: were 1.5 times the pairs, and the iteration took the same time), so only a pass that
-#: needs every rotation of its union for every patch (nothing masked) goes dense.
-DENSE_SHARE = 1.0
-
-
-def _dense_sub_pass(Y, model, level, patches, ptr, rot, c2, inv, log_prior, log_u, timer):
-    """The chunk patches ``patches`` against the union ``U`` of their rotations
-    ``rot[ptr[j]:ptr[j+1]]`` of ``level`` in dense lane blocks, each patch's other lanes
-    masked (score ``-inf``, not kept): the same states as :func:`_sparse_pass`."""
-    L = Y.shape[1]
-    S = 2 * L - 1
-    U, lanes = np.unique(rot, return_inverse=True)
-    lanes = lanes.astype(np.int64).ravel()
-    sp = direct_spectra(model.projections(level, U), model.dtype)
-    if model.view_weights is not None:      # the orientation prior folded into the energies
-        sp = fold_log_prior(sp, model.view_offsets(level, U), 1.0 / (2.0 * float(inv)))
-    B, KB = sp.P.shape[0], sp.KB
-    rows = np.asarray(patches, np.int64)
-    ng = len(rows)
-    owner = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))       # chunk patch of each pair
-    where = np.full(len(ptr) - 1, -1, np.int64)
-    where[rows] = np.arange(ng)
-    member = np.zeros((ng, B * KB), bool)
-    member[where[owner], lanes] = True
-    member = member.reshape(ng, B, KB)
-    Yg = np.ascontiguousarray(Y[rows])
-    C = np.empty((ng, B, S, S, KB), model.dtype)
-    bmax = np.empty((ng, B))
-    lsum = np.empty((ng, B, KB))
-    with timer(f"level_{level}"):
-        kernels.dense_scores_masked(Yg, sp.P, sp.E, ng, c2, inv, member, C, bmax, lsum)
-    bm = bmax + log_prior
-    f, _, _ = block_scales(bm, lsum.sum(axis=2), log_u)
-    mass = (f[:, :, None] * lsum).reshape(ng, B * KB)[:, :len(U)]
-    pos = {int(j): i for i, j in enumerate(rows)}
-    return _Pass(level, True, rows=rows, pos=pos, Y=Yg, C=C, bm=bm, lsum=lsum, keep=member.copy(), mass=mass,
-                 K=len(U), U=U)
+                 keep=np.ones(lsum.shape, bool), mass=mass, K=cs.K)
 
 
 def _sparse_pass(Y, model, level, ptr, rot, c2, inv, log_prior, log_u, timer):
@@ -813,24 +733,17 @@ def _drop_tails(ptr, mass, todo, eps, fp, dropped):
         a, b = ptr[j], ptr[j + 1]
         if not todo[j] or b == a:
             continue
-        order = np.argsort(mass[a:b], kind="mergesort")
-        c = 0.0
-        for t in range(b - a):
-            p = a + order[t]
-            if fp[p] == 0.0:
-                continue
-            if c + mass[p] > eps:
-                break
-            c += mass[p]
-            fp[p] = 0.0
+        order, nd, c = _tail(mass[a:b], eps)
+        for t in range(nd):
+            fp[a + order[t]] = 0.0
         dropped[j] += c
 
 
 def _accumulate_pass(ps, Y, mx, Z, patches, acc, stats_eps=0.0, dropped=None):
     """A pass's kept states of the chunk patches ``patches`` into ``acc``, scaled by their posteriors.
 
-    In a refinement pass (sparse, or dense over a union) each patch's states of least
-    mass, at most ``stats_eps`` in all, are left out (``dropped`` adds their mass)."""
+    In a refinement (sparse) pass each patch's states of least mass, at most
+    ``stats_eps`` in all, are left out (``dropped`` adds their mass)."""
     sel = np.zeros(len(mx), bool)
     sel[patches] = True
     if ps.dense:
@@ -839,28 +752,8 @@ def _accumulate_pass(ps, Y, mx, Z, patches, acc, stats_eps=0.0, dropped=None):
         f = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0)
         f = f / Z[ps.rows][:, None]
         fl = np.where(use[:, None, None] & ps.keep, f[:, :, None], 0.0)
-        if not np.any(fl > 0):
-            return
-        if ps.U is None:                    # the coarse level: its own lane-block sums
+        if np.any(fl > 0):
             kernels.dense_accumulate(ps.Y, ps.C, np.ascontiguousarray(fl), len(ps.rows), acc.Wd, acc.gd)
-            return
-        B, KB = fl.shape[1], fl.shape[2]
-        L, S = acc.L, 2 * acc.L - 1
-        if stats_eps > 0:                   # as a sparse pass: each patch's tail of least mass left out
-            ng = len(ps.rows)
-            flat = np.ascontiguousarray(fl).reshape(-1)
-            dsub = dropped[ps.rows].copy()
-            _drop_tails(np.arange(ng + 1, dtype=np.int64) * (B * KB), flat * ps.lsum.reshape(-1), use, float(stats_eps),
-                        flat, dsub)
-            dropped[ps.rows] = dsub
-            fl = flat.reshape(ng, B, KB)
-        Wt = np.zeros((B, S, S, KB))
-        gt = np.zeros((B, L, L, KB))
-        kernels.dense_accumulate(ps.Y, ps.C, np.ascontiguousarray(fl), len(ps.rows), Wt, gt)
-        hit = np.nonzero(np.any(fl > 0, axis=0).reshape(-1)[:ps.K])[0]
-        rows = acc.rows_of(ps.level, ps.U[hit])
-        acc.W[ps.level][rows] += Wt.transpose(0, 3, 1, 2).reshape(-1, S, S)[hit]
-        acc.g[ps.level][rows] += gt.transpose(0, 3, 1, 2).reshape(-1, L, L)[hit]
         return
     if not len(ps.rot):
         return
@@ -909,15 +802,7 @@ def _decide_kernel(ptr, rot, mass, todo, eps, cap, share, nb_ptr, nb, margin, ma
             tot += m[t]
         if not tot > 0:
             continue
-        asc = np.argsort(m, kind="mergesort")
-        c = 0.0
-        ndrop = 0
-        for t in range(b - a):
-            c += m[asc[t]]
-            if c <= eps:
-                ndrop = t + 1
-            else:
-                break
+        asc, ndrop, _ = _tail(m, eps)
         part = False
         if cap <= 0 or (b - a) - ndrop <= cap:
             top = asc[ndrop:]
@@ -1005,7 +890,7 @@ def _decide_pass(ps, patches, spec, cap, dropped, partial):
         todo = np.zeros(ng, bool)
         todo[[ps.pos[int(j)] for j in patches]] = True
         ptr = np.arange(ng + 1, dtype=np.int64) * K
-        rot = np.tile(ps.rotations(), ng)
+        rot = np.tile(np.arange(K, dtype=np.int64), ng)
         keep = np.ones(ng * K, bool)
         dsub = dropped[ps.rows].copy()
         psub = partial[ps.rows].copy()
@@ -1178,12 +1063,7 @@ def _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dr
         ptr = _csr(counts)
         rot = hopf.children(np.concatenate([cur[j][1] for j in now])).ravel()
         t0 = time.perf_counter()
-        n_union = len(np.unique(rot))
-        if len(rot) >= DENSE_SHARE * len(now) * n_union:
-            ps = _dense_sub_pass(Y, model, level, now, ptr, rot, c2, inv, log_state_prior(level), log_u, timer)
-            _report_add(rep, f"dense_pairs_level_{level}", int(len(now) * n_union))
-        else:
-            ps = _sparse_pass(Y, model, level, ptr, rot, c2, inv, log_state_prior(level), log_u, timer)
+        ps = _sparse_pass(Y, model, level, ptr, rot, c2, inv, log_state_prior(level), log_u, timer)
         _report_add(rep, f"pairs_level_{level}", int(ptr[-1]))
         finest[now] = level
         for j in now:
@@ -1208,7 +1088,7 @@ def _final_masses(passes, patches, mx, Z, out):
             f = f / Z[ps.rows][:, None]
             m = (f[:, :, None] * ps.lsum * ps.keep).reshape(len(ps.rows), -1)[:, :ps.K] * use[:, None]
             i, lane = np.nonzero(m > 0)
-            out.append((ps.rows[i], np.full(len(i), ps.level), ps.rotations()[lane], m[i, lane]))
+            out.append((ps.rows[i], np.full(len(i), ps.level), lane.astype(np.int64), m[i, lane]))
             continue
         rel = ps.bm - mx[ps.t_patch]
         ft = np.where(rel > kernels.LOG_NEGLIGIBLE, np.exp(np.maximum(rel, kernels.LOG_NEGLIGIBLE)), 0.0)
@@ -1290,7 +1170,7 @@ def _collect(passes, patches, mx, Z, out, L):
                     continue
                 w = np.zeros((len(lane), 2 * L, 2 * L))
                 w[:, idx[:, None], idx[None, :]] = lanes[lane]
-                out.setdefault(int(j), []).append((ps.level, ps.rotations()[lane], w))
+                out.setdefault(int(j), []).append((ps.level, lane, w))
             continue
         for i in range(len(ps.t_patch)):
             j = int(ps.t_patch[i])
