@@ -90,6 +90,23 @@ def test_kernel_against_numpy_twin(rng):
         np.testing.assert_allclose(A[k], b.complex_columns_to_real(Ac), atol=1e-13)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_filter_images_equals_the_matrix_product(rng, threads):
+    """The E-step's BLAS-free filter (``out[k] = Psi x[k]``) equals numpy's product to
+    round-off on 1 and 2 threads; a transposed filter (the easy mistake) does not."""
+    from numbaem.model.projection import filter_images
+    P = 121
+    x = rng.standard_normal((37, P))
+    filt = rng.standard_normal((P, P))
+    out = np.empty_like(x)
+    with use_threads(threads):
+        filter_images(x, np.ascontiguousarray(filt.T), out)
+    ref = x @ filt.T
+    assert np.abs(out - ref).max() < 1e-12 * np.abs(ref).max()
+    wrong = x @ filt
+    assert np.abs(out - wrong).max() > 0.1 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("L, lmax", [(7, 4), (11, 6)])
 def test_steered_projections_equal_the_operator(rng, L, lmax):
     """Hopf-grid projections by in-plane phases (one set of images per viewing direction)

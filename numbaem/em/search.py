@@ -47,7 +47,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..model import hopf
-from ..model.projection import _steer, direction_images
+from ..model.projection import _steer, direction_images, filter_images
 from ..runtime.errors import NumbaemError
 from ..runtime.jit import jit
 from . import kernels
@@ -174,6 +174,7 @@ class SearchModel:
         self.spec = spec
         self.L = basis.L
         self.filt = None if filt is None else np.asarray(filt, dtype=np.float64)
+        self._filt_t = None if filt is None else np.ascontiguousarray(self.filt.T)
         self._coarse_raw = project_hopf(self.theta, basis, spec.coarse)
         coarse = self._filtered(self._coarse_raw)
         self.sigma2, self.precision = sigma2, precision
@@ -210,13 +211,16 @@ class SearchModel:
         if self.filt is None:
             return proj
         n, L, _ = proj.shape
-        return (proj.reshape(n, L * L) @ self.filt.T).reshape(n, L, L)
+        out = np.empty((n, L * L))
+        filter_images(np.ascontiguousarray(proj, dtype=np.float64).reshape(n, L * L), self._filt_t, out)
+        return out.reshape(n, L, L)
 
     def for_group(self, filt):
         """The model of a CTF group: projections ``Psi_g A_k x`` (same coefficients, levels and
         direction images; the coarse level's spectra made for the group, in this model's precision)."""
         other = copy.copy(self)
         other.filt = np.asarray(filt, dtype=np.float64)
+        other._filt_t = np.ascontiguousarray(other.filt.T)
         other.coarse = direct_spectra(other._filtered(self._coarse_raw), self.dtype)
         return other
 
@@ -260,9 +264,7 @@ class SearchModel:
         alpha = hopf.euler_angles(level, idx)[:, 0]
         out = np.empty((len(idx), self.L * self.L))
         _steer(q, pix, alpha, self.basis.lmax, out)
-        if self.filt is not None:
-            out = out @ self.filt.T
-        return out.reshape(-1, self.L, self.L)
+        return self._filtered(out.reshape(-1, self.L, self.L))
 
 
 def rotations_of_rows(spec, rows):
