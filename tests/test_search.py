@@ -410,3 +410,39 @@ def test_search_mstep_is_the_same_on_any_thread_count():
     H1, b1 = search_normal_equations(stats, spec, basis, max_block_bytes=1 << 30)   # one block
     np.testing.assert_allclose(out[0][0], H1, rtol=1e-12, atol=1e-12 * np.abs(H1).max())
     np.testing.assert_allclose(out[0][1], b1, rtol=1e-12, atol=1e-12 * np.abs(b1).max())
+
+
+def test_memory_plan_bounds_the_rows_of_fine_levels():
+    """Where every rotation of every level fits, the plan counts them all (as before); where
+    a fine level does not (1.875 degrees: 2.7 million rotations), it holds the rows the budget
+    allows beside a chunk, within the budget, and refuses a budget that holds not even the
+    coarse level."""
+    from numbaem.em.plan import plan_search
+    basis = FBBasis(7, 4)
+    coarse = SearchSpec(0, 2)
+    p = plan_search(2 << 30, basis, coarse, 6400)
+    assert p.parts["max_rows"] == sum(hopf.size(r) for r in coarse.levels)
+    fine = SearchSpec(0, 5)
+    q = plan_search(2 << 30, basis, fine, 6400)
+    total = sum(hopf.size(r) for r in fine.levels)
+    assert hopf.size(0) <= q.parts["max_rows"] < total
+    assert q.parts["peak"] <= (2 << 30) - (256 << 20)
+    S = 13
+    assert q.parts["max_rows"] * ((S * S + 49) * 8 * 2 + 8) > (2 << 30) - (512 << 20)   # most of the budget is rows
+    with pytest.raises(NumbaemError, match="too small for a search"):
+        plan_search(280 << 20, basis, fine, 6400)
+
+
+def test_accumulator_stops_past_the_rows_the_budget_holds(rng):
+    """Rows are handed out up to ``model.max_rows`` over all levels (spare capacity included);
+    one more is an error naming the budget."""
+    basis, theta = _molecule_theta(7, 2)
+    model = SearchModel(theta, basis, SearchSpec(0, 2))
+    model.max_rows = 150
+    acc = SearchAccumulator(model)
+    assert list(acc.rows_of(1, np.arange(100))) == list(range(100))
+    acc.rows_of(2, np.arange(50))
+    assert sum(len(w) for w in acc.W.values()) <= 150
+    assert list(acc.rows_of(2, np.arange(50))) == list(range(50))       # rows already held: no new ones
+    with pytest.raises(NumbaemError, match="memory budget"):
+        acc.rows_of(2, np.arange(50, 51))

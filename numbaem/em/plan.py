@@ -222,8 +222,14 @@ def plan_search(budget, basis, spec, n_selected, itemsize=8, *, records=0, targe
     reached are never written, but are counted), ``H`` with its factor, the minibatch's
     indices and the records (64 bytes a rotation, at most 16 a patch, for ``records``
     patches). E-step: one chunk (:func:`numbaem.em.search.chunk_bytes`). M-step: the
-    statistics of every row (worst case: every rotation reached), their ``h`` and one
-    block of the operator of the rows and its copy ``B`` (at most :data:`MSTEP_BLOCK_BYTES` each).
+    statistics of every row, their ``h`` and one block of the operator of the rows and its
+    copy ``B`` (at most :data:`MSTEP_BLOCK_BYTES` each).
+
+    Rows: where the sums and statistics of every rotation of every level fit, the plan
+    counts them all (a search reaches far fewer). Where they do not (fine levels: millions
+    of rotations), ``parts["max_rows"]`` is the number of rows the budget holds beside a
+    chunk of the target size, and the search's accumulator stops with an error naming the
+    budget if its patches reach more (:class:`numbaem.em.search.SearchAccumulator`).
     With ``n_groups`` CTF groups: their filters, one group's coarse spectra beside the
     unfiltered coarse projections, and the filtered block ``Psi_g A`` in the M-step.
 
@@ -233,39 +239,47 @@ def plan_search(budget, basis, spec, n_selected, itemsize=8, *, records=0, targe
         When not even one patch fits, naming the levels and what they need.
     """
     from ..model import hopf
-    from .search import accumulator_bytes, chunk_bytes as search_chunk_bytes, direction_bytes
+    from .search import chunk_bytes as search_chunk_bytes, direction_bytes
     L, M, lmax = basis.L, basis.M, basis.lmax
     S = 2 * L - 1
     room = int(budget) - INTERPRETER_BYTES
     rows = sum(hopf.size(r) for r in spec.levels)
+    row_sums = (S * S + L * L) * 8                   # a row of the accumulator's sums
+    row_stats = (S * S + L * L) * 8 + 8              # its copy in the statistics, with its rotation
     a = L * L * M * 8
     mstep_b = max(a, MSTEP_BLOCK_BYTES - MSTEP_BLOCK_BYTES % a)
-    resident = (spectra_bytes(hopf.size(spec.coarse), L, "direct", itemsize)
-                + sum(direction_bytes(r, L, lmax) for r in spec.levels[1:]) + accumulator_bytes(spec, L)
-                + phi_bytes(L, lmax, len(basis.ls_pairs)) + 3 * M * M * 8 + 8 * int(n_selected)
-                + 64 * 16 * int(records) + SMALL_OBJECTS_BYTES)
-    grouped = 0
+    base = (spectra_bytes(hopf.size(spec.coarse), L, "direct", itemsize)
+            + sum(direction_bytes(r, L, lmax) for r in spec.levels[1:])
+            + rows * 8 + hopf.size(spec.coarse) * 8 * (S * S + L * L)       # slot tables, coarse lane-block sums
+            + phi_bytes(L, lmax, len(basis.ls_pairs)) + 3 * M * M * 8 + 8 * int(n_selected)
+            + 64 * 16 * int(records) + SMALL_OBJECTS_BYTES)
     if n_groups is not None:
-        grouped = int(n_groups) * L ** 4 * 8 + spectra_bytes(hopf.size(spec.coarse), L, "direct", itemsize) \
+        base += int(n_groups) * L ** 4 * 8 + spectra_bytes(hopf.size(spec.coarse), L, "direct", itemsize) \
             + hopf.size(spec.coarse) * L * L * 8
-        resident += grouped
-    phases = dict(spectra=hopf.size(spec.coarse) * L * L * 8 * 2,
-                  mstep=rows * ((S * S + L * L) * 8 + 8) + L * L * 8 * (mstep_b // a) + 2 * mstep_b + M * M * 8
-                  + (mstep_b if n_groups is not None else 0))
+    m_fixed = L * L * 8 * (mstep_b // a) + 2 * mstep_b + M * M * 8 + (mstep_b if n_groups is not None else 0)
     fixed = search_chunk_bytes(0, spec, L, itemsize)        # a group of refining patches, scratch
     per = search_chunk_bytes(1, spec, L, itemsize) - fixed   # one more patch
-    free = room - resident - fixed
-    if free < per or room - resident - max(phases.values()) < 0:
-        need = INTERPRETER_BYTES + resident + max(fixed + per, max(phases.values()))
+    target = chunk_target_bytes() if target is None else int(target)
+    # every rotation of every level fits (the sums of each row reached, then their copy in the M-step) ...
+    max_rows = rows
+    if room - base - rows * row_sums - max(fixed + per, m_fixed + rows * row_stats) < 0:
+        # ... or not (fine levels: millions of rotations, of which a search reaches a few): the rows
+        # the budget holds beside a chunk of the target size; the accumulator stops past them
+        chunk = fixed + per * max(1, min(int(n_selected), target // per))
+        max_rows = min(rows, int((room - base - max(chunk, m_fixed)) // (row_sums + row_stats)))
+    if max_rows < hopf.size(spec.coarse):
+        need = INTERPRETER_BYTES + base + max(fixed + per, m_fixed) + hopf.size(spec.coarse) * (row_sums + row_stats)
         steps = "-".join(f"{hopf.level_step(r):g}" for r in spec.levels)
         raise NumbaemError(f"the memory budget {format_size(budget)} is too small for a search over {steps} "
-                           f"degrees ({rows} rotations over its levels) at L={L} with M={M} coefficients: at least "
-                           f"{format_size(need)} is needed (of which {format_size(INTERPRETER_BYTES)} for the "
-                           "interpreter); raise --memory or use a coarser fine step")
-    target = chunk_target_bytes() if target is None else int(target)
+                           f"degrees at L={L} with M={M} coefficients: at least {format_size(need)} is needed (of "
+                           f"which {format_size(INTERPRETER_BYTES)} for the interpreter); raise --memory or use a "
+                           "coarser fine step")
+    resident = base + max_rows * row_sums
+    phases = dict(spectra=hopf.size(spec.coarse) * L * L * 8 * 2, mstep=max_rows * row_stats + m_fixed)
+    free = room - resident - fixed
     n_chunk = int(max(1, min(n_selected, free // per, max(1, target // per))))
     phases["estep"] = search_chunk_bytes(n_chunk, spec, L, itemsize)
     parts = dict(K=rows, route="search", precision=f"float{8 * itemsize}", resident=resident, operator=mstep_b,
-                 **{f"phase_{k}": v for k, v in phases.items()})
+                 max_rows=max_rows, **{f"phase_{k}": v for k, v in phases.items()})
     parts["peak"] = resident + max(phases.values())
     return IterationPlan(int(budget), n_chunk, int(mstep_b // a), int(mstep_b), 1 << 20, parts)

@@ -152,6 +152,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
         plan = plan_search(budget, basis, spec, len(idx), model.dtype.itemsize,
                            records=len(state.records or ()), n_groups=None if filters is None else len(filters))
         n_chunk = plan.n_chunk if n_chunk is None else int(n_chunk)
+        model.max_rows = plan.parts["max_rows"]
         executor = executor or LocalExecutor()
         stats = executor.sufficient_stats(source, idx, model, state.upsilon, sigma2_e, n_chunk, progress)
         row_rots = model.rotations(stats.rotations) if state.view_weights is not None else None

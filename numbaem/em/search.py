@@ -183,6 +183,7 @@ class SearchModel:
         self.previous = previous
         self.record = bool(record)
         self.max_pairs = MAX_PAIRS
+        self.max_rows = None         # rows the accumulator may hold (the memory plan's; None: every rotation)
         self._q = {}
         self.view_weights = None if view_weights is None else np.asarray(view_weights, dtype=np.float64)
         self._view_log_mean = {}
@@ -365,10 +366,15 @@ class SearchAccumulator:
     dense coarse pass adds into lane-block arrays (:class:`numbaem.em.estep.DirectAccumulator`
     layout) folded in at the end. Rows are assigned in the order the passes reach them and
     every sum runs in patch order: the bits do not depend on the thread count.
+
+    ``model.max_rows`` (the memory plan's ``max_rows``; None: no bound) bounds the rows
+    held over all levels, their spare capacity included: a search whose patches reach more
+    stops with an error naming the budget.
     """
 
     def __init__(self, model):
         L = model.L
+        self.max_rows = model.max_rows
         S = 2 * L - 1
         self.model, self.L = model, L
         self.slot = {r: np.full(hopf.size(r), -1, np.int64) for r in model.spec.levels}
@@ -397,6 +403,14 @@ class SearchAccumulator:
             n1 = n0 + len(new)
             if n1 > len(self.W[level]):
                 size = min(max(n1, 2 * len(self.W[level]), 64), hopf.size(level))
+                if self.max_rows is not None:
+                    others = sum(len(w) for r, w in self.W.items() if r != level)
+                    if others + n1 > self.max_rows:
+                        raise NumbaemError(
+                            f"the search reached more rotations ({sum(self.n_rows.values()) + len(new)}) than "
+                            f"the memory budget holds sums for ({self.max_rows}); raise --memory or use a "
+                            "coarser fine step")
+                    size = min(size, self.max_rows - others)
                 for arr in (self.W, self.g):
                     grown = np.zeros((size,) + arr[level].shape[1:])
                     grown[:n0] = arr[level][:n0]
@@ -1273,14 +1287,6 @@ class GroupSearchStats:
     @property
     def nbytes(self):
         return sum(p.nbytes for p in self.parts if p is not None)
-
-
-def accumulator_bytes(spec, L):
-    """Bytes of the :class:`SearchAccumulator` of a search, at most: every level's slot table,
-    and its sums grown to every rotation of the level (the arrays double up to the level's
-    size, so this bounds them; a search reaches far fewer), and the coarse lane-block sums."""
-    S = 2 * L - 1
-    return sum(hopf.size(r) for r in spec.levels) * ((S * S + L * L) * 8 + 8) + hopf.size(spec.coarse) * 8 * (S * S + L * L)
 
 
 def chunk_bytes(n_chunk, spec, L, itemsize):
