@@ -383,6 +383,20 @@ def test_records_of_the_top_rotations_match_a_full_sort(rng):
             [hopf.rotations(states[k][0], np.array([states[k][1]]))[0] for k in pos])), RECORD_EPS)
         np.testing.assert_array_equal(rec.quats[int(ids[j])], ref)
     assert sum(len(q) > 0 for q in rec.quats.values()) >= 2
+    # at level 0: every state counts as its level-0 ancestor, masses summed (in the order given)
+    rec0 = Records()
+    _write_records(kept, n, ids, rec0, level=0)
+    for j in range(n):
+        agg = {}
+        for lev, r, m in per_patch.get(j, []):
+            key = int(r) // 8 ** lev
+            agg[key] = agg.get(key, 0.0) + m
+        cells = sorted(agg)
+        ref = record_of(np.array([agg[c] for c in cells]),
+                        lambda pos: matrices_to_quaternions(hopf.rotations(0, np.array([cells[k] for k in pos]))),
+                        RECORD_EPS)
+        np.testing.assert_array_equal(rec0.quats[int(ids[j])], ref)
+    assert sum(len(q) > 0 for q in rec0.quats.values()) > sum(len(q) > 0 for q in rec.quats.values())
 
 
 def test_search_mstep_is_the_same_on_any_thread_count():

@@ -1060,7 +1060,7 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     for r in spec.levels:
         _report_add(rep, f"patches_final_level_{r}", int(np.sum(finest == r)))
     if records is not None and patch_ids is not None:
-        _write_records(kept_mass, n, patch_ids, records)
+        _write_records(kept_mass, n, patch_ids, records, spec.local_level)
     if keep_posteriors:
         return loglik, kept_posts, w_empty, finest
     return loglik
@@ -1148,13 +1148,29 @@ def _top_states(ptr, mass, eps, most):
     return sptr, pos[:cnt]
 
 
-def _write_records(kept, n, patch_ids, records):
-    """Each patch's record (:func:`numbaem.em.estep.record_of`'s rule) from its kept states' masses."""
+def _write_records(kept, n, patch_ids, records, level=None):
+    """Each patch's record (:func:`numbaem.em.estep.record_of`'s rule) from its kept states' masses.
+
+    With ``level``, a state finer than ``level`` counts as its ancestor there (masses summed):
+    the search records at the level its local search starts on (:attr:`SearchSpec.local_level`),
+    so that a posterior as concentrated in angle has a record on a fine grid too (at 1.875
+    degrees a peak spans more than :data:`numbaem.em.estep.RECORD_MAX` rotations).
+    """
     from ..model.rotations import matrices_to_quaternions
     if kept:
         P, LV, R, Mm = (np.concatenate(x) for x in zip(*kept))
     else:
         P, LV, R, Mm = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    if level is not None and np.any(LV > level):
+        R = R // np.int64(hopf.CHILDREN) ** np.maximum(LV - level, 0)       # the ancestor (children contiguous)
+        LV = np.minimum(LV, level)
+        order = np.lexsort((R, LV, P))                       # stable: within a state, the order given
+        P, LV, R, Mm = P[order], LV[order], R[order], Mm[order]
+        new = np.ones(len(P), bool)
+        new[1:] = (P[1:] != P[:-1]) | (LV[1:] != LV[:-1]) | (R[1:] != R[:-1])
+        start = np.nonzero(new)[0]
+        Mm = np.add.reduceat(Mm, start) if len(start) else Mm
+        P, LV, R = P[start], LV[start], R[start]
     order = np.argsort(P, kind="stable")
     P, LV, R, Mm = P[order], LV[order], R[order], Mm[order]
     ptr = np.searchsorted(P, np.arange(n + 1)).astype(np.int64)
