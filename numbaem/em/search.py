@@ -299,10 +299,14 @@ def _csr(counts):
 def _tail(m, eps):
     """The tail of least mass of ``m`` whose sum stays within ``eps``: ``(asc, n, c)``, the
     positions in ascending order of mass (ties in position order), the tail's length (the
-    first ``n`` of ``asc``) and its mass ``c``."""
+    first ``n`` of ``asc``) and its mass ``c``. ``eps = 0`` drops nothing: a mass of 0 here
+    is a state more than ``exp(-50)`` below its block's best, whose children need not be
+    (at high SNR a coarse cell's centre can score far below the fine rotations inside it)."""
     asc = np.argsort(m, kind="mergesort")
     c = 0.0
     n = 0
+    if not eps > 0:
+        return asc, n, c
     for t in range(m.shape[0]):
         if c + m[asc[t]] > eps:
             break
