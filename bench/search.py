@@ -6,6 +6,7 @@ Standalone (it needs nothing of the rest of ``bench/``)::
     python -m bench.search kernels  [--quick] ...
     python -m bench.search paper    [--quick] [--data-dir DIR] ...
     python -m bench.search default  [--quick] [--data-dir DIR] ...
+    python -m bench.search decisions [--quick] ...
 
 Each experiment writes ``search-<experiment>-<UTC time>.json`` and ``.png`` into ``--out``
 (default ``bench/results``) and records the machine, the load average before and after
@@ -39,6 +40,12 @@ their built-in runs by name.
     patches per iteration, ``--memory 4GiB``) with the exhaustive K = 560 on the FFT route
     (today's code path), on the direct route, and the schedules given; seconds per
     iteration and aligned relative error after each iteration from its log.
+``decisions``
+    The search's refinement decisions at SNR 100 (theory section 12.10): the 400 patches of
+    the off-grid data holding most signal, one E-step and M-step from the true
+    coefficients, exhaustive on Hopf level 2 against searches 60 -> 15 degrees (prune 0 and
+    no cap; nearly none; the defaults): the relative difference of ``H`` and ``b`` and the
+    M-step's error against the truth.
 ``default``
     The README's default schedule: four 700 x 700 micrographs at L = 7 (``numbaem
     simulate``, SNR 5, density 0.12, Method 2, a synthetic molecule of side 21) through
@@ -239,6 +246,62 @@ def _short(schedule):
             s += f", local {kv['local']}"
         return s + (f" (after K={dict(x.split('=') for x in parts[0].split(','))['rotations']})" if len(parts) > 1 else "")
     return f"exhaustive K={kv.get('rotations', 300)}"
+
+
+# --------------------------------------------------------------------------- decisions
+
+DECISION_SPECS = (("prune 0, no cap, margin 1", dict(prune=0.0, cap=0, margin=1.0)),
+                  ("prune 1e-8, cap 1000, margin 2", dict(prune=1e-8, cap=1000, margin=2.0)),
+                  ("prune 1e-3, cap 32, margin 1 (defaults)", dict(prune=1e-3, cap=32, margin=1.0)))
+
+
+def decisions(args):
+    """The search's refinement decisions against the exhaustive E-step on the same level
+    (theory section 12.10): the off-grid data's patches of most signal, one E-step and
+    M-step from the true coefficients, float64."""
+    from numbaem.em.estep import SufficientStats, e_step_chunk, projection_spectra
+    from numbaem.em.mstep import normal_equations
+    from numbaem.em.search import SearchAccumulator, SearchModel, SearchSpec, search_chunk, search_normal_equations
+    from numbaem.model import hopf
+    from numbaem.model.projection import project_hopf, projection_matrices
+    data = offgrid_data(args.quick)
+    src, basis, theta, sigma2 = data["source"], data["basis"], data["theta"], data["sigma2"]
+    Y = src.get(np.arange(src.n_patches))
+    n = 100 if args.quick else 400
+    Y = Y[np.argsort(-(Y ** 2).sum(axis=(1, 2)), kind="stable")[:n]]
+    upsilon, level = 0.6, 2
+    norm = float(np.linalg.norm(theta))
+    t0 = time.perf_counter()
+    st = SufficientStats.zeros(hopf.size(level), basis.L)
+    e_step_chunk(Y, projection_spectra(project_hopf(theta, basis, level), route="direct", precision="float64"),
+                 upsilon, sigma2, st)
+    A = projection_matrices(basis, hopf.rotations(level))
+    H0, b0 = normal_equations([(slice(0, len(A)), A)], st.W, st.G, basis.L, basis.M)
+    rows = [dict(e_step=f"exhaustive, Hopf level {level} ({hopf.size(level)} rotations)", pairs=n * hopf.size(level),
+                 error=float(np.linalg.norm(np.linalg.solve(H0, b0) - theta) / norm),
+                 seconds=time.perf_counter() - t0)]
+    for name, kw in DECISION_SPECS:
+        t0 = time.perf_counter()
+        spec = SearchSpec(0, level, **kw)
+        model = SearchModel(theta, basis, spec, sigma2=sigma2, precision="float64")
+        acc = SearchAccumulator(model)
+        search_chunk(Y, model, upsilon, sigma2, acc)
+        H, b = search_normal_equations(acc.to_stats(), spec, basis)
+        rows.append(dict(e_step=f"search 60 -> {hopf.level_step(level):g}, {name}",
+                         pairs=int(sum(v for k, v in acc.report.items() if k.startswith("pairs_level_"))),
+                         H_relative_difference=float(np.abs(H - H0).max() / np.abs(H0).max()),
+                         b_relative_difference=float(np.abs(b - b0).max() / np.abs(b0).max()),
+                         error=float(np.linalg.norm(np.linalg.solve(H, b) - theta) / norm),
+                         seconds=time.perf_counter() - t0))
+        print(f"  {rows[-1]['e_step']}: H differs by {rows[-1]['H_relative_difference']:.2g}, "
+              f"error {rows[-1]['error']:.4f}", flush=True)
+    rec = dict(experiment="decisions", quick=args.quick, machine=machine(),
+               params=dict(L=7, lmax=4, snr=100, patches=n, upsilon=upsilon, start="the true coefficients",
+                           selection="the patches of largest energy (most signal) of the off-grid data"),
+               rows=rows, notes=["error: the M-step's solution against the true coefficients, relative (no "
+                                 "alignment: same frame)", "H_relative_difference: max |H - H_exhaustive| / "
+                                 "max |H_exhaustive|"])
+    write(args.out, "decisions", rec)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -526,7 +589,7 @@ def default(args):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=("offgrid", "kernels", "paper", "default"))
+    p.add_argument("experiment", choices=("offgrid", "kernels", "paper", "default", "decisions"))
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     p.add_argument("--out", default=os.path.join("bench", "results"))
     p.add_argument("--data-dir", default=None, help="cache of simulated micrographs (default OUT/data)")
@@ -538,7 +601,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.data_dir = args.data_dir or os.path.join(args.out, "data")
     from numbaem.runtime.threads import use_threads
-    if args.experiment in ("offgrid", "kernels"):
+    if args.experiment in ("offgrid", "kernels", "decisions"):
         with use_threads(args.threads):
             return globals()[args.experiment](args)
     return globals()[args.experiment](args)
