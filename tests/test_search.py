@@ -386,20 +386,30 @@ def test_records_of_the_top_rotations_match_a_full_sort(rng):
             [hopf.rotations(states[k][0], np.array([states[k][1]]))[0] for k in pos])), RECORD_EPS)
         np.testing.assert_array_equal(rec.quats[int(ids[j])], ref)
     assert sum(len(q) > 0 for q in rec.quats.values()) >= 2
-    # at level 0: every state counts as its level-0 ancestor, masses summed (in the order given)
+    # down to level 0: a patch without a record is recorded one level coarser (its states as
+    # their parents there, masses summed in the order given), and so on
     rec0 = Records()
     _write_records(kept, n, ids, rec0, level=0)
+    coarser = 0
     for j in range(n):
-        agg = {}
-        for lev, r, m in per_patch.get(j, []):
-            key = int(r) // 8 ** lev
-            agg[key] = agg.get(key, 0.0) + m
-        cells = sorted(agg)
-        ref = record_of(np.array([agg[c] for c in cells]),
-                        lambda pos: matrices_to_quaternions(hopf.rotations(0, np.array([cells[k] for k in pos]))),
-                        RECORD_EPS)
+        states = per_patch.get(j, [])
+        ref = np.zeros((0, 4), np.float32)
+        top = max([lev for lev, _, _ in states], default=0)
+        for lv in range(top, -1, -1):
+            agg = {}
+            for i, (lev, r, m) in enumerate(states):
+                key = (min(lev, lv), int(r) // 8 ** max(lev - lv, 0)) if lv < top else i   # at top: as given
+                agg[key] = agg.get(key, 0.0) + m
+            cells = sorted(agg) if lv < top else [states[i][:2] for i in agg]
+            ref = record_of(np.array([agg[c] for c in cells]), lambda pos: matrices_to_quaternions(np.stack(
+                [hopf.rotations(cells[k][0], np.array([cells[k][1]]))[0] for k in pos])), RECORD_EPS)
+            if len(ref) or not states:
+                coarser += lv < top and len(ref) > 0
+                break
         np.testing.assert_array_equal(rec0.quats[int(ids[j])], ref)
-    assert sum(len(q) > 0 for q in rec0.quats.values()) > sum(len(q) > 0 for q in rec.quats.values())
+        if len(rec.quats[int(ids[j])]):                              # a record at the states' own level stays
+            np.testing.assert_array_equal(rec0.quats[int(ids[j])], rec.quats[int(ids[j])])
+    assert coarser >= 1
 
 
 def test_search_mstep_is_the_same_on_any_thread_count():

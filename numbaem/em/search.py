@@ -1152,39 +1152,59 @@ def _top_states(ptr, mass, eps, most):
     return sptr, pos[:cnt]
 
 
+def _coarsened(P, LV, R, Mm, level):
+    """States finer than ``level`` as their ancestors there, masses summed (in the order given);
+    sorted by patch, level and rotation."""
+    R = R // np.int64(hopf.CHILDREN) ** np.maximum(LV - level, 0)       # the ancestor (children contiguous)
+    LV = np.minimum(LV, level)
+    order = np.lexsort((R, LV, P))                                      # stable: equal states in the order given
+    P, LV, R, Mm = P[order], LV[order], R[order], Mm[order]
+    new = np.ones(len(P), bool)
+    new[1:] = (P[1:] != P[:-1]) | (LV[1:] != LV[:-1]) | (R[1:] != R[:-1])
+    start = np.nonzero(new)[0]
+    return P[start], LV[start], R[start], (np.add.reduceat(Mm, start) if len(start) else Mm)
+
+
 def _write_records(kept, n, patch_ids, records, level=None):
     """Each patch's record (:func:`numbaem.em.estep.record_of`'s rule) from its kept states' masses.
 
-    With ``level``, a state finer than ``level`` counts as its ancestor there (masses summed):
-    the search records at the level its local search starts on (:attr:`SearchSpec.local_level`),
-    so that a posterior as concentrated in angle has a record on a fine grid too (at 1.875
-    degrees a peak spans more than :data:`numbaem.em.estep.RECORD_MAX` rotations).
+    With ``level``, a patch whose states need more than :data:`numbaem.em.estep.RECORD_MAX`
+    rotations (a peak on a fine level: at 1.875 degrees and SNR 100 most do) is recorded one
+    level coarser, its states counted as their parents there (masses summed), and so on
+    down to ``level`` (the local search's start level, :attr:`SearchSpec.local_level`): a
+    posterior as concentrated in angle has a record on any fine grid, as precise as the
+    record rule allows.
     """
     from ..model.rotations import matrices_to_quaternions
     if kept:
         P, LV, R, Mm = (np.concatenate(x) for x in zip(*kept))
     else:
         P, LV, R, Mm = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    if level is not None and np.any(LV > level):
-        R = R // np.int64(hopf.CHILDREN) ** np.maximum(LV - level, 0)       # the ancestor (children contiguous)
-        LV = np.minimum(LV, level)
-        order = np.lexsort((R, LV, P))                       # stable: within a state, the order given
-        P, LV, R, Mm = P[order], LV[order], R[order], Mm[order]
-        new = np.ones(len(P), bool)
-        new[1:] = (P[1:] != P[:-1]) | (LV[1:] != LV[:-1]) | (R[1:] != R[:-1])
-        start = np.nonzero(new)[0]
-        Mm = np.add.reduceat(Mm, start) if len(start) else Mm
-        P, LV, R = P[start], LV[start], R[start]
     order = np.argsort(P, kind="stable")
     P, LV, R, Mm = P[order], LV[order], R[order], Mm[order]
-    ptr = np.searchsorted(P, np.arange(n + 1)).astype(np.int64)
-    sptr, pos = _top_states(ptr, np.ascontiguousarray(Mm, np.float64), RECORD_EPS, RECORD_MAX)
-    q = np.zeros((len(pos), 4), np.float32)
-    for lv in np.unique(LV[pos]):
-        sel = np.nonzero(LV[pos] == lv)[0]
-        q[sel] = matrices_to_quaternions(hopf.rotations(int(lv), R[pos[sel]]))
-    for j in range(n):
-        records.quats[int(patch_ids[j])] = q[sptr[j]:sptr[j + 1]]
+    done = np.zeros(n, bool)
+    top = int(LV.max()) if len(LV) else 0
+    tries = [None] + (list(range(top - 1, level - 1, -1)) if level is not None else [])
+    for lv_try in tries:
+        sel = ~done[P]
+        p, lv, r, m = P[sel], LV[sel], R[sel], Mm[sel]
+        if lv_try is not None:
+            if not np.any(lv > lv_try):
+                continue
+            p, lv, r, m = _coarsened(p, lv, r, m, lv_try)
+        ptr = np.searchsorted(p, np.arange(n + 1)).astype(np.int64)
+        sptr, pos = _top_states(ptr, np.ascontiguousarray(m, np.float64), RECORD_EPS, RECORD_MAX)
+        q = np.zeros((len(pos), 4), np.float32)
+        for v in np.unique(lv[pos]):
+            at = np.nonzero(lv[pos] == v)[0]
+            q[at] = matrices_to_quaternions(hopf.rotations(int(v), r[pos[at]]))
+        for j in np.nonzero(~done)[0]:
+            rec = q[sptr[j]:sptr[j + 1]]
+            if lv_try is None or len(rec):          # every patch gets one (empty: no local search)
+                records.quats[int(patch_ids[j])] = rec
+            done[j] = len(rec) > 0 or not ptr[j + 1] > ptr[j]
+        if done.all():
+            break
 
 
 def _collect(passes, patches, mx, Z, out, L):
