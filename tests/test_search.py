@@ -396,12 +396,16 @@ def test_records_of_the_top_rotations_match_a_full_sort(rng):
         ref = np.zeros((0, 4), np.float32)
         top = max([lev for lev, _, _ in states], default=0)
         for lv in range(top, -1, -1):
-            agg = {}
-            for i, (lev, r, m) in enumerate(states):
-                key = (min(lev, lv), int(r) // 8 ** max(lev - lv, 0)) if lv < top else i   # at top: as given
-                agg[key] = agg.get(key, 0.0) + m
-            cells = sorted(agg) if lv < top else [states[i][:2] for i in agg]
-            ref = record_of(np.array([agg[c] for c in cells]), lambda pos: matrices_to_quaternions(np.stack(
+            if lv == top:                                                 # the states as given
+                cells, mass = [(lev, r) for lev, r, _ in states], [m for _, _, m in states]
+            else:
+                agg = {}
+                for lev, r, m in states:
+                    key = (min(lev, lv), int(r) // 8 ** max(lev - lv, 0))
+                    agg[key] = agg.get(key, 0.0) + m
+                cells = sorted(agg)
+                mass = [agg[c] for c in cells]
+            ref = record_of(np.array(mass), lambda pos: matrices_to_quaternions(np.stack(
                 [hopf.rotations(cells[k][0], np.array([cells[k][1]]))[0] for k in pos])), RECORD_EPS)
             if len(ref) or not states:
                 coarser += lv < top and len(ref) > 0
