@@ -201,8 +201,8 @@ def default_schedule(L, search=True):
     60 degrees (72 rotations) down to 7.5 degrees (15 for ``L > 9``), pruning 1e-3 of each
     patch's posterior, refining within one grid step of the rotations kept and searching
     within 20 degrees of where a concentrated posterior was. On the README's default data
-    (four 700 x 700 micrographs, L = 7, SNR 5, 2 threads) it took 176.7 s in all to an aligned
-    relative error of 0.0772, against 231.0 s to 0.0774 with K = 1000 in the last stage
+    (four 700 x 700 micrographs, L = 7, SNR 5, 2 threads) it took 172 s in all to an aligned
+    relative error of 0.0772, against 229 s to 0.0774 with K = 1000 in the last stage
     (``bench/reference/search-default-*.json``). ``search=False`` gives that exhaustive
     variant: what runs on boxes around picks (a search does not model their shift window)
     and with the junk class (exhaustive stages only). Large data sets should pass
