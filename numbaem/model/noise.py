@@ -35,6 +35,7 @@ import dataclasses
 import math
 
 import numpy as np
+import scipy.fft
 
 from ..runtime.errors import NumbaemError
 
@@ -77,6 +78,12 @@ class RadialProfile:
         return dict(radius=self.radius.tolist(), values=self.values.tolist())
 
 
+def _workers():
+    """Threads for the micrograph-sized transforms (``--threads`` / the environment)."""
+    from ..runtime.threads import resolve_threads
+    return resolve_threads()
+
+
 def _check_tile(T):
     if int(T) != T or T < 3 or T % 2 == 0:
         raise NumbaemError(f"tile side {T!r} must be an odd whole number >= 3 (odd: no Nyquist bin)")
@@ -104,7 +111,7 @@ def tile_periodograms(img, T):
         raise NumbaemError(f"an image of {img.shape[0]} x {img.shape[1]} pixels holds no {T} x {T} tile; "
                            "use larger micrographs or a smaller patch size")
     tiles = img[:r * T, :c * T].reshape(r, T, c, T).transpose(0, 2, 1, 3).reshape(r * c, T, T)
-    spec = np.fft.fft2(tiles)
+    spec = scipy.fft.fft2(tiles, workers=_workers(), overwrite_x=True)
     return (spec.real ** 2 + spec.imag ** 2) / (T * T)
 
 
@@ -200,9 +207,10 @@ def apply_radial_filter(img, profile):
     n0, n1 = img.shape
     f0 = np.fft.fftfreq(n0)[:, None]
     f1 = np.fft.rfftfreq(n1)[None, :]
-    spec = np.fft.rfft2(img)
+    w = _workers()
+    spec = scipy.fft.rfft2(img, workers=w)
     spec *= profile(np.hypot(f0, f1))
-    return np.fft.irfft2(spec, s=(n0, n1))
+    return scipy.fft.irfft2(spec, s=(n0, n1), workers=w, overwrite_x=True)
 
 
 def estimate_noise_spectrum(img, T, quantile=DEFAULT_QUANTILE, refinements=3):
