@@ -465,15 +465,23 @@ def test_memory_plan_bounds_the_rows_of_fine_levels():
 
 
 def test_accumulator_stops_past_the_rows_the_budget_holds(rng):
-    """Rows are handed out up to ``model.max_rows`` over all levels (spare capacity included);
-    one more is an error naming the budget."""
+    """The finer levels share ``model.max_rows`` less the coarse level's rows (reserved for
+    the fold of its lane-block sums): a level's spare rows are given back (sums kept) before
+    another level is refused, the rows actually used may reach the bound, and one more is
+    an error naming the budget."""
     basis, theta = _molecule_theta(7, 2)
     model = SearchModel(theta, basis, SearchSpec(0, 2))
-    model.max_rows = 150
+    model.max_rows = hopf.size(0) + 150
     acc = SearchAccumulator(model)
-    assert list(acc.rows_of(1, np.arange(100))) == list(range(100))
-    acc.rows_of(2, np.arange(50))
-    assert sum(len(w) for w in acc.W.values()) <= 150
-    assert list(acc.rows_of(2, np.arange(50))) == list(range(50))       # rows already held: no new ones
+    assert list(acc.rows_of(1, np.arange(40))) == list(range(40))       # level 1 holds 64 rows (doubling)
+    acc.W[1][:40] = np.arange(40)[:, None, None]
+    assert list(acc.rows_of(2, np.arange(100))) == list(range(100))     # 40 + 100 used: fits (64 + 100 would not)
+    assert np.array_equal(acc.W[1][:40, 0, 0], np.arange(40))
+    assert list(acc.rows_of(2, np.arange(100))) == list(range(100))     # rows already held: no new ones
+    acc.rows_of(2, np.arange(100, 110))                                  # 150 used: the bound itself
+    assert len(acc.W[1]) + len(acc.W[2]) <= 150
     with pytest.raises(NumbaemError, match="memory budget"):
-        acc.rows_of(2, np.arange(50, 51))
+        acc.rows_of(2, np.arange(110, 111))
+    assert acc.n_rows[2] == 110 and acc.slot[2][110] == -1              # nothing half-assigned
+    acc.rows_of(0, np.arange(hopf.size(0)))                              # the coarse level's rows are reserved
+    assert sum(len(w) for w in acc.W.values()) <= model.max_rows

@@ -228,8 +228,11 @@ def plan_search(budget, basis, spec, n_selected, itemsize=8, *, records=0, targe
     Rows: where the sums and statistics of every rotation of every level fit, the plan
     counts them all (a search reaches far fewer). Where they do not (fine levels: millions
     of rotations), ``parts["max_rows"]`` is the number of rows the budget holds beside a
-    chunk of the target size, and the search's accumulator stops with an error naming the
-    budget if its patches reach more (:class:`numbaem.em.search.SearchAccumulator`).
+    chunk of the target size (of one patch where that leaves too few), the coarse level's
+    among them; with CTF groups each group's accumulator holds ``max_rows / groups`` (their
+    statistics are kept together for the M-step); the accumulator stops with an error
+    naming the budget if the patches reach more (:class:`numbaem.em.search.SearchAccumulator`).
+    Not counted: level-wide tables of a fine level (neighbours for the margin, k-d trees).
     With ``n_groups`` CTF groups: their filters, one group's coarse spectra beside the
     unfiltered coarse projections, and the filtered block ``Psi_g A`` in the M-step.
 
@@ -267,6 +270,8 @@ def plan_search(budget, basis, spec, n_selected, itemsize=8, *, records=0, targe
         # the budget holds beside a chunk of the target size; the accumulator stops past them
         chunk = fixed + per * max(1, min(int(n_selected), target // per))
         max_rows = min(rows, int((room - base - max(chunk, m_fixed)) // (row_sums + row_stats)))
+        if max_rows < hopf.size(spec.coarse):      # a chunk of one patch leaves more rows
+            max_rows = min(rows, int((room - base - max(fixed + per, m_fixed)) // (row_sums + row_stats)))
     if max_rows < hopf.size(spec.coarse):
         need = INTERPRETER_BYTES + base + max(fixed + per, m_fixed) + hopf.size(spec.coarse) * (row_sums + row_stats)
         steps = "-".join(f"{hopf.level_step(r):g}" for r in spec.levels)

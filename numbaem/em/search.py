@@ -403,24 +403,39 @@ class SearchAccumulator:
         if len(new):
             new = new[np.sort(np.unique(new, return_index=True)[1])]
             n0 = self.n_rows[level]
-            slot[new] = n0 + np.arange(len(new))
             n1 = n0 + len(new)
             if n1 > len(self.W[level]):
                 size = min(max(n1, 2 * len(self.W[level]), 64), hopf.size(level))
                 if self.max_rows is not None:
-                    others = sum(len(w) for r, w in self.W.items() if r != level)
-                    if others + n1 > self.max_rows:
-                        raise NumbaemError(
-                            f"the search reached more rotations ({sum(self.n_rows.values()) + len(new)}) than "
-                            f"the memory budget holds sums for ({self.max_rows}); raise --memory or use a "
-                            "coarser fine step")
-                    size = min(size, self.max_rows - others)
+                    size = self._capped(level, n1, size)
                 for arr in (self.W, self.g):
                     grown = np.zeros((size,) + arr[level].shape[1:])
                     grown[:n0] = arr[level][:n0]
                     arr[level] = grown
+            slot[new] = n0 + np.arange(len(new))
             self.n_rows[level] = n1
         return slot[rot]
+
+    def _capped(self, level, n1, size):
+        """``size`` rows for ``level`` (which needs ``n1``) within :attr:`max_rows` over all
+        levels' arrays. The coarse level's rows stay reserved (the fold of its lane-block
+        sums in :meth:`to_stats` always fits); the finer levels share the rest, the others'
+        spare rows given back before the budget is called short."""
+        rc = self.model.spec.coarse
+        if level == rc:
+            return size
+        cap = self.max_rows - hopf.size(rc)
+        others = [r for r in self.W if r not in (level, rc)]
+        used = sum(self.n_rows[r] for r in others) + n1
+        if used > cap:
+            raise NumbaemError(f"the search reached more rotations ({used} on its finer levels) than the memory "
+                               f"budget holds sums for ({cap}); raise --memory or use a coarser fine step")
+        if sum(len(self.W[r]) for r in others) + size > cap:
+            for r in others:
+                if len(self.W[r]) > self.n_rows[r]:
+                    self.W[r] = self.W[r][:self.n_rows[r]].copy()
+                    self.g[r] = self.g[r][:self.n_rows[r]].copy()
+        return max(n1, min(size, cap - sum(len(self.W[r]) for r in others)))
 
     @property
     def nbytes(self):
@@ -442,15 +457,18 @@ class SearchAccumulator:
             self.g[rc][rows] += gd[hit]
         self.Wd[:] = 0.0
         self.gd[:] = 0.0
-        rows, Ws, gs = [], [], []
-        for r in model.spec.levels:
+        n = sum(self.n_rows.values())
+        W, g, rows = np.empty((n, S, S)), np.empty((n, L, L)), np.empty(n, np.int64)
+        at = 0
+        for r in model.spec.levels:       # one copy of the sums at a time beside the accumulator's
             t = np.nonzero(self.slot[r] >= 0)[0]           # sorted rotations reached
             pos = self.slot[r][t]
-            rows.append(model.offset(r) + t)
-            Ws.append(self.W[r][pos])
-            gs.append(self.g[r][pos])
-        return SearchStats(np.concatenate(Ws), np.concatenate(gs), np.concatenate(rows), self.n_patches,
-                           self.sum_empty, self.sum_yy, self.loglik, search=dict(self.report))
+            rows[at:at + len(t)] = model.offset(r) + t
+            W[at:at + len(t)] = self.W[r][pos]
+            g[at:at + len(t)] = self.g[r][pos]
+            at += len(t)
+        return SearchStats(W, g, rows, self.n_patches, self.sum_empty, self.sum_yy, self.loglik,
+                           search=dict(self.report))
 
 
 @dataclasses.dataclass
@@ -1269,8 +1287,10 @@ def search_stats(source, idx, model, upsilon, sigma2, n_chunk, progress=None, ti
     parts = []
     for g in range(len(filters)):
         sel = idx[groups == g]
-        parts.append(_search_stats(source, sel, model.for_group(filters[g]), upsilon, sigma2, n_chunk, progress,
-                                   timer) if len(sel) else None)
+        part = model.for_group(filters[g])
+        if model.max_rows is not None:       # the groups' statistics are held together for the M-step
+            part.max_rows = max(hopf.size(model.spec.coarse), model.max_rows // len(filters))
+        parts.append(_search_stats(source, sel, part, upsilon, sigma2, n_chunk, progress, timer) if len(sel) else None)
     return GroupSearchStats(parts, model)
 
 

@@ -80,8 +80,8 @@ class RadialProfile:
 
 def _workers():
     """Threads for the micrograph-sized transforms (``--threads`` / the environment)."""
-    from ..runtime.threads import resolve_threads
-    return resolve_threads()
+    from ..runtime.threads import fft_threads
+    return fft_threads()
 
 
 def _check_tile(T):
