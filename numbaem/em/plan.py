@@ -229,7 +229,7 @@ def plan_search(budget, basis, spec, n_selected, itemsize=8, *, records=0, targe
     counts them all (a search reaches far fewer). Where they do not (fine levels: millions
     of rotations), ``parts["max_rows"]`` is the number of rows the budget holds beside a
     chunk of the target size (of one patch where that leaves too few), the coarse level's
-    among them; with CTF groups each group's accumulator holds ``max_rows / groups`` (their
+    among them; with CTF groups each group's accumulator then holds ``max_rows / groups`` (their
     statistics are kept together for the M-step); the accumulator stops with an error
     naming the budget if the patches reach more (:class:`numbaem.em.search.SearchAccumulator`).
     Not counted: level-wide tables of a fine level (neighbours for the margin, k-d trees).

@@ -1288,8 +1288,8 @@ def search_stats(source, idx, model, upsilon, sigma2, n_chunk, progress=None, ti
     for g in range(len(filters)):
         sel = idx[groups == g]
         part = model.for_group(filters[g])
-        if model.max_rows is not None:       # the groups' statistics are held together for the M-step
-            part.max_rows = max(hopf.size(model.spec.coarse), model.max_rows // len(filters))
+        if model.max_rows is not None and model.max_rows < model.K:   # a binding bound: the groups'
+            part.max_rows = max(hopf.size(model.spec.coarse), model.max_rows // len(filters))  # statistics add up
         parts.append(_search_stats(source, sel, part, upsilon, sigma2, n_chunk, progress, timer) if len(sel) else None)
     return GroupSearchStats(parts, model)
 
