@@ -35,7 +35,8 @@ Local search (``local > 0``): a patch with a *record* (:class:`numbaem.em.estep.
 the few rotations its posterior held at its last E-step, on whatever grid) is scored at
 level ``max(rc, rf - 2)`` only on the rotations within ``local`` degrees of its record;
 the rest follows as above. A patch without one (first seen, or diffuse last time: its
-posterior needed more than 16 rotations) takes the full level ``rc``.
+posterior needed more than 16 rotations even counted at the local level, see
+:func:`_write_records`) takes the full level ``rc``.
 """
 import copy
 import dataclasses
