@@ -175,7 +175,6 @@ class SearchModel:
         self.spec = spec
         self.L = basis.L
         self.filt = None if filt is None else np.asarray(filt, dtype=np.float64)
-        self._filt_t = None if filt is None else np.ascontiguousarray(self.filt.T)
         self._coarse_raw = project_hopf(self.theta, basis, spec.coarse)
         coarse = self._filtered(self._coarse_raw)
         self.sigma2, self.precision = sigma2, precision
@@ -214,7 +213,8 @@ class SearchModel:
             return proj
         n, L, _ = proj.shape
         out = np.empty((n, L * L))
-        filter_images(np.ascontiguousarray(proj, dtype=np.float64).reshape(n, L * L), self._filt_t, out)
+        filter_images(np.ascontiguousarray(proj, dtype=np.float64).reshape(n, L * L),
+                      np.ascontiguousarray(self.filt.T), out)
         return out.reshape(n, L, L)
 
     def for_group(self, filt):
@@ -222,7 +222,6 @@ class SearchModel:
         direction images; the coarse level's spectra made for the group, in this model's precision)."""
         other = copy.copy(self)
         other.filt = np.asarray(filt, dtype=np.float64)
-        other._filt_t = np.ascontiguousarray(other.filt.T)
         other.coarse = direct_spectra(other._filtered(self._coarse_raw), self.dtype)
         return other
 
@@ -373,8 +372,9 @@ class SearchAccumulator:
     every sum runs in patch order: the bits do not depend on the thread count.
 
     ``model.max_rows`` (the memory plan's ``max_rows``; None: no bound) bounds the rows
-    held over all levels, their spare capacity included: a search whose patches reach more
-    stops with an error naming the budget.
+    held over all levels, spare capacity included (:meth:`_capped`): the coarse level's are
+    reserved, the finer levels share the rest, and a search whose patches reach more stops
+    with an error naming the budget.
     """
 
     def __init__(self, model):
@@ -1174,7 +1174,7 @@ def _top_states(ptr, mass, eps, most):
 def _coarsened(P, LV, R, Mm, level):
     """States finer than ``level`` as their ancestors there, masses summed (in the order given);
     sorted by patch, level and rotation."""
-    R = R // np.int64(hopf.CHILDREN) ** np.maximum(LV - level, 0)       # the ancestor (children contiguous)
+    R = hopf.parent(R, np.maximum(LV - level, 0))
     LV = np.minimum(LV, level)
     order = np.lexsort((R, LV, P))                                      # stable: equal states in the order given
     P, LV, R, Mm = P[order], LV[order], R[order], Mm[order]

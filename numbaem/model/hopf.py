@@ -210,8 +210,9 @@ def children(idx):
 
 
 def parent(idx, levels=1):
-    """The ancestor ``levels`` levels coarser of the rotations ``idx``."""
-    return np.asarray(idx, dtype=np.int64) // CHILDREN ** int(levels)
+    """The ancestor ``levels`` levels coarser of the rotations ``idx`` (``levels`` a number or
+    an array like ``idx``, each >= 0)."""
+    return np.asarray(idx, dtype=np.int64) // np.int64(CHILDREN) ** np.asarray(levels, dtype=np.int64)
 
 
 @functools.lru_cache(maxsize=8)

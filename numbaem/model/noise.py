@@ -38,6 +38,7 @@ import numpy as np
 import scipy.fft
 
 from ..runtime.errors import NumbaemError
+from ..runtime.threads import fft_threads
 
 __all__ = ["RadialProfile", "tile_periodograms", "estimate_psd", "estimate_noise_spectrum", "mean_power",
            "whitening_filter", "apply_radial_filter", "DEFAULT_QUANTILE"]
@@ -78,12 +79,6 @@ class RadialProfile:
         return dict(radius=self.radius.tolist(), values=self.values.tolist())
 
 
-def _workers():
-    """Threads for the micrograph-sized transforms (``--threads`` / the environment)."""
-    from ..runtime.threads import fft_threads
-    return fft_threads()
-
-
 def _check_tile(T):
     if int(T) != T or T < 3 or T % 2 == 0:
         raise NumbaemError(f"tile side {T!r} must be an odd whole number >= 3 (odd: no Nyquist bin)")
@@ -111,7 +106,7 @@ def tile_periodograms(img, T):
         raise NumbaemError(f"an image of {img.shape[0]} x {img.shape[1]} pixels holds no {T} x {T} tile; "
                            "use larger micrographs or a smaller patch size")
     tiles = img[:r * T, :c * T].reshape(r, T, c, T).transpose(0, 2, 1, 3).reshape(r * c, T, T)
-    spec = scipy.fft.fft2(tiles, workers=_workers(), overwrite_x=True)
+    spec = scipy.fft.fft2(tiles, workers=fft_threads(), overwrite_x=True)
     return (spec.real ** 2 + spec.imag ** 2) / (T * T)
 
 
@@ -207,7 +202,7 @@ def apply_radial_filter(img, profile):
     n0, n1 = img.shape
     f0 = np.fft.fftfreq(n0)[:, None]
     f1 = np.fft.rfftfreq(n1)[None, :]
-    w = _workers()
+    w = fft_threads()                    # the configured threads (--threads, use_threads)
     spec = scipy.fft.rfft2(img, workers=w)
     spec *= profile(np.hypot(f0, f1))
     return scipy.fft.irfft2(spec, s=(n0, n1), workers=w, overwrite_x=True)
