@@ -24,7 +24,9 @@ their built-in runs by name.
     The same data and start run through several schedules -- exhaustive searches at
     several K and coarse-to-fine / local searches -- and each iteration's aligned relative
     error, seconds (E-step, M-step) and search figures (pairs per level, fraction of
-    pairs reaching the fine level, mass pruned, seconds per pass) are recorded. The PNG:
+    pairs reaching the fine level, mass pruned, seconds per pass) are recorded; the exhaustive
+    K = 1000 and the search (60 -> 3.75 degrees, local 20, margin 1, prune 0.01) also with the posterior
+    annealed from T = 30 over the search's iterations (theory section 12.12). The PNG:
     error per iteration, and final error against seconds per iteration (the
     accuracy-versus-time curve).
 ``kernels``
@@ -164,8 +166,9 @@ def offgrid_data(quick, seed=0):
                 start_resolution=resolution(f, c), micrographs=count, size=N, projections=count * per)
 
 
-def run_schedule(data, schedule, seed=1, precision="auto"):
-    """One EM run of ``schedule`` on ``data``: per-iteration records (seconds, error, search figures)."""
+def run_schedule(data, schedule, seed=1, precision="auto", anneal=None):
+    """One EM run of ``schedule`` on ``data`` (``anneal``: ``(T0, n)`` or None): per-iteration
+    records (seconds, error, search figures)."""
     from numbaem.em import run as em
     from numbaem.model.basis import synthesize
     sched = em.parse_schedule(schedule)
@@ -173,7 +176,7 @@ def run_schedule(data, schedule, seed=1, precision="auto"):
     t0 = time.perf_counter()
     res = em.reconstruct(data["source"], synthesize(data["start"], data["basis"]), sigma2=data["sigma2"],
                          schedule=sched, rng=np.random.default_rng(seed), progress=False, truth=data["truth"],
-                         precision=precision)
+                         precision=precision, anneal=anneal)
     wall = time.perf_counter() - t0
     keep = ("iteration", "stage", "lmax", "K", "patches", "seconds", "seconds_estep", "seconds_mstep", "loglik",
             "relative_error", "fsc_resolution", "precision", "peak_memory")
@@ -183,7 +186,8 @@ def run_schedule(data, schedule, seed=1, precision="auto"):
         d.update({k: v for k, v in r.items() if k.startswith("search_")})
         its.append(d)
     last = [r for r in its if r["stage"] == its[-1]["stage"]]
-    return dict(schedule=schedule, iterations=its, wall_seconds=wall, load_before=l0, load_after=load(),
+    return dict(schedule=schedule, anneal=list(anneal) if anneal else None, iterations=its, wall_seconds=wall,
+                load_before=l0, load_after=load(),
                 final_error=its[-1]["relative_error"],
                 seconds_per_iteration_last_stage=float(np.mean([r["seconds"] for r in last])),
                 seconds_per_iteration=float(np.mean([r["seconds"] for r in its])))
@@ -194,17 +198,18 @@ def offgrid(args):
     data = offgrid_data(args.quick)
     pre = 2 if args.quick else 3
     fine = "7.5" if args.quick else "3.75"
-    schedules = [f"lmax=4,iters={iters},rotations={K}" for K in ((100, 300) if args.quick else (300, 1000, 3000))]
-    schedules += [
-        f"lmax=4,iters={pre},rotations=300;lmax=4,iters={iters - pre},fine={fine},coarse=15,local=20",
-        f"lmax=4,iters={pre},rotations=300;lmax=4,iters={iters - pre},fine={fine},coarse=30,local=20",
-    ]
+    anneal = (30.0, iters - pre)
+    search = (f"lmax=4,iters={pre},rotations=300;lmax=4,iters={iters - pre},fine={fine},coarse=60,local=20,margin=1,"
+              "prune=0.01")
+    schedules = [(f"lmax=4,iters={iters},rotations={K}", None) for K in ((100, 300) if args.quick else (300, 1000, 3000))]
+    schedules += [(f"lmax=4,iters={iters},rotations={100 if args.quick else 1000}", anneal), (search, None),
+                  (search, anneal)]
     if args.schedule:
-        schedules = args.schedule
+        schedules = [(s, args.anneal) for s in args.schedule]
     runs = []
-    for s in schedules:
-        print(f"offgrid: {s}", flush=True)
-        r = run_schedule(data, s)
+    for s, ann in schedules:
+        print(f"offgrid: {s}" + (f", annealed {ann}" if ann else ""), flush=True)
+        r = run_schedule(data, s, anneal=ann)
         print(f"  final error {r['final_error']:.4f}, {r['seconds_per_iteration_last_stage']:.2f} s per iteration "
               f"(last stage), load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}", flush=True)
         runs.append(r)
@@ -220,10 +225,10 @@ def offgrid(args):
     fig, (a1, a2) = _figure(2)
     for r in runs:
         its = r["iterations"]
-        a1.semilogy([x["iteration"] for x in its], [x["relative_error"] for x in its], "o-", ms=3,
-                    label=_short(r["schedule"]))
+        name = _short(r["schedule"]) + (", annealed" if r.get("anneal") else "")
+        a1.semilogy([x["iteration"] for x in its], [x["relative_error"] for x in its], "o-", ms=3, label=name)
         a2.loglog(r["seconds_per_iteration_last_stage"], r["final_error"], "o", ms=7)
-        a2.annotate(_short(r["schedule"]), (r["seconds_per_iteration_last_stage"], r["final_error"]), fontsize=7)
+        a2.annotate(name, (r["seconds_per_iteration_last_stage"], r["final_error"]), fontsize=7)
     a1.axhline(0.02, color="k", lw=0.6, ls=":")
     a1.set_xlabel("EM iteration")
     a1.set_ylabel("aligned relative error")
@@ -252,7 +257,8 @@ def _short(schedule):
 
 DECISION_SPECS = (("prune 0, no cap, margin 1", dict(prune=0.0, cap=0, margin=1.0)),
                   ("prune 1e-8, cap 1000, margin 2", dict(prune=1e-8, cap=1000, margin=2.0)),
-                  ("prune 1e-3, cap 32, margin 1 (defaults)", dict(prune=1e-3, cap=32, margin=1.0)))
+                  ("prune 1e-3, cap 32, margin 1 (defaults)", dict(prune=1e-3, cap=32, margin=1.0)),
+                  ("prune 1e-3, cap 32, margin 1, bound", dict(prune=1e-3, cap=32, margin=1.0, bound=True)))
 
 
 def decisions(args):
@@ -596,6 +602,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--iters", type=int, default=None, help="iterations per run")
     p.add_argument("--schedule", action="append", help="a schedule to run besides the built-in ones (repeatable)")
+    p.add_argument("--anneal", default=None, type=lambda v: (float(v.split(",")[0]), int(v.split(",")[1])),
+                   metavar="T0,N", help="offgrid: anneal the --schedule runs (T0 down to 1 over N iterations)")
     p.add_argument("--variants", default=None,
                    help="paper, default: run only these built-in variants (comma-separated names) and --schedule's")
     args = p.parse_args(argv)

@@ -161,15 +161,20 @@ def test_table_quotes_the_reference_files(tmp_path):
 
 def test_search_decisions_quick_pins_the_exhaustive_equality(tmp_path):
     """``python -m bench.search decisions --quick``: with prune 0 the search's H is the
-    exhaustive one's to round-off on SNR-100 data (where coarse masses read 0), and the
-    record carries every row the theory's table quotes."""
+    exhaustive one's to round-off on SNR-100 data (where coarse masses read 0), the bound
+    does better than the defaults, and the record carries every row the theory's table
+    quotes."""
     search_bench = pytest.importorskip("bench.search")
     search_bench.main(["decisions", "--quick", "--out", str(tmp_path)])
     files = sorted(Path(tmp_path).glob("search-decisions-*.json"))
     assert len(files) == 1
     rec = json.loads(files[0].read_text())
     rows = rec["rows"]
-    assert len(rows) == 4 and rows[0]["e_step"].startswith("exhaustive")
+    assert len(rows) == 5 and rows[0]["e_step"].startswith("exhaustive")
     assert rows[1]["H_relative_difference"] < 1e-10 and rows[1]["b_relative_difference"] < 1e-10
     assert abs(rows[1]["error"] - rows[0]["error"]) < 1e-8
     assert rows[1]["pairs"] == rec["params"]["patches"] * (72 + 576 + 4608)
+    # the bound finds the peaks the defaults' masses miss: its M-step is the exhaustive one's to
+    # far closer than the defaults'
+    assert rows[4]["e_step"].endswith("bound")
+    assert abs(rows[4]["error"] - rows[0]["error"]) < 0.1 * (rows[3]["error"] - rows[0]["error"])

@@ -18,7 +18,7 @@ from ..model.basis import FBBasis
 from ..runtime.errors import NumbaemError
 
 
-STAGE_KEYS = ("lmax", "iters", "frac", "rotations", "fine", "coarse", "prune", "local", "cap", "margin")
+STAGE_KEYS = ("lmax", "iters", "frac", "rotations", "fine", "coarse", "prune", "local", "cap", "margin", "bound")
 
 #: The coarse step (degrees) of a search stage that names none: Hopf level 1, 576 rotations.
 DEFAULT_COARSE_STEP = 30.0
@@ -53,6 +53,9 @@ class Stage:
         ``prune`` of its rotation mass (0: always refined).
     margin : float
         Neighbours within this many grid steps of a refined rotation are refined too.
+    bound : int
+        1: a refined patch also refines every cell a bound on its best score cannot rule
+        out (branch and bound, theory section 12.11); 0: by the centres' masses alone.
     """
 
     lmax: int
@@ -65,16 +68,19 @@ class Stage:
     local: float = 0.0
     cap: int = 32
     margin: float = 1.5
+    bound: int = 0
 
     def to_dict(self):
         d = dataclasses.asdict(self)
         if self.fine is None:   # exhaustive stages keep the keys they always had
-            for k in ("fine", "coarse", "prune", "local", "cap", "margin"):
+            for k in ("fine", "coarse", "prune", "local", "cap", "margin", "bound"):
                 d.pop(k)
         else:                   # a search has no K of its own
             d.pop("rotations")
             if self.coarse is None:
                 d.pop("coarse")
+            if not self.bound:  # checkpoints written before the key existed compare equal
+                d.pop("bound")
         return d
 
     @property
@@ -91,7 +97,8 @@ class Stage:
         rc = hopf.level_for_step(self.coarse if self.coarse is not None else DEFAULT_COARSE_STEP)
         if self.coarse is None:
             rc = min(rc, max(0, rf - 1))
-        return SearchSpec(rc, rf, self.prune, cap=self.cap, margin=self.margin, local=self.local)
+        return SearchSpec(rc, rf, self.prune, cap=self.cap, margin=self.margin, local=self.local,
+                          bound=bool(self.bound))
 
     @property
     def size(self):
@@ -106,8 +113,8 @@ class Stage:
 _KINDS = dict(lmax="a whole number >= 0", iters="a whole number >= 1", frac="a fraction in (0, 1]",
               rotations="a whole number >= 1", fine="an angle in degrees > 0", coarse="an angle in degrees > 0",
               prune="a fraction in [0, 1)", local="an angle in degrees >= 0", cap="a whole number >= 1",
-              margin="a number > 0")
-_WHOLE = ("lmax", "iters", "rotations", "cap")
+              margin="a number > 0", bound="0 or 1")
+_WHOLE = ("lmax", "iters", "rotations", "cap", "bound")
 
 
 def _number(d, key, where, whole):
@@ -136,19 +143,22 @@ def _stage_from_mapping(d, where):
     fine, coarse = vals.get("fine"), vals.get("coarse")
     prune, local = vals.get("prune", 1e-3), vals.get("local", 0.0)
     cap, margin = vals.get("cap", 32), vals.get("margin", 1.5)
+    bound = vals.get("bound", 0)
     for key, val, ok in (("lmax", lmax, lmax >= 0), ("iters", iters, iters >= 1), ("frac", frac, 0 < frac <= 1),
                          ("rotations", K, K >= 1), ("fine", fine, fine is None or fine > 0),
                          ("coarse", coarse, coarse is None or coarse > 0), ("prune", prune, 0 <= prune < 1),
-                         ("local", local, local >= 0), ("cap", cap, cap >= 1), ("margin", margin, margin > 0)):
+                         ("local", local, local >= 0), ("cap", cap, cap >= 1), ("margin", margin, margin > 0),
+                         ("bound", bound, bound in (0, 1))):
         if not ok:
             raise NumbaemError(f"schedule {where}: {key}={val} must be {_KINDS[key]}")
-    if fine is None and any(k in d for k in ("coarse", "prune", "local", "cap", "margin")):
-        raise NumbaemError(f"schedule {where}: coarse, prune and local belong to a coarse-to-fine search; "
+    if fine is None and any(k in d for k in ("coarse", "prune", "local", "cap", "margin", "bound")):
+        raise NumbaemError(f"schedule {where}: coarse, prune, local, cap, margin and bound belong to a coarse-to-fine "
+                           "search; "
                            "give its finest step too, e.g. 'fine=7.5'")
     if fine is not None and "rotations" in d:
         raise NumbaemError(f"schedule {where}: give either rotations=K (exhaustive search) or fine=STEP "
                            "(coarse-to-fine search on the Hopf grid), not both")
-    st = Stage(lmax, iters, frac, K, fine, coarse, prune, local, cap, margin)
+    st = Stage(lmax, iters, frac, K, fine, coarse, prune, local, cap, margin, bound)
     try:
         st.search_spec()
     except NumbaemError as exc:

@@ -85,6 +85,11 @@ class SearchSpec:
         Rotations within ``margin`` grid steps of a refined one are refined too.
     local : float
         Local search radius in degrees (0: every patch scored on all of level ``coarse``).
+    bound : bool
+        A refined patch also refines every rotation whose cell *could* hold more than its
+        share of the fine posterior mass: a bound on the best score among the cell's
+        fine-level descendants (branch and bound, theory section 12.11), not its centre's
+        mass alone.
     """
 
     coarse: int
@@ -93,6 +98,7 @@ class SearchSpec:
     cap: int = 32
     margin: float = 1.5
     local: float = 0.0
+    bound: bool = False
 
     def __post_init__(self):
         hopf.size(self.coarse)
@@ -185,6 +191,7 @@ class SearchModel:
         self.max_pairs = MAX_PAIRS
         self.max_rows = None         # rows the accumulator may hold (the memory plan's; None: every rotation)
         self._q = {}
+        self._bounds = {}
         self.view_weights = None if view_weights is None else np.asarray(view_weights, dtype=np.float64)
         self._view_log_mean = {}
 
@@ -222,6 +229,7 @@ class SearchModel:
         direction images; the coarse level's spectra made for the group, in this model's precision)."""
         other = copy.copy(self)
         other.filt = np.asarray(filt, dtype=np.float64)
+        other._bounds = {}      # the group's own projections
         other.coarse = direct_spectra(other._filtered(self._coarse_raw), self.dtype)
         return other
 
@@ -245,6 +253,7 @@ class SearchModel:
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_q"] = {}            # rebuilt where it is used (a Dask worker), not sent
+        d["_bounds"] = {}
         return d
 
     def direction_images(self, level):
@@ -257,6 +266,17 @@ class SearchModel:
             self._q[level] = q
         return q
 
+    def cell_bounds(self, level):
+        """``(B, log_w)`` over the rotations of ``level`` (below the fine one) for the bound of
+        :attr:`SearchSpec.bound` (theory section 12.11): ``B[c]`` the largest distance
+        ``||P_d - P_c||`` from rotation ``c``'s projection to those of its descendants ``d`` on
+        the fine level (filtered, whole images); ``log_w[c]`` the log of the mean prior weight
+        ``exp(delta_d)`` of those descendants less ``delta_c`` (zeros without an orientation
+        prior). Built for every level on first use (one sweep over the fine level)."""
+        if level not in self._bounds:
+            self._bounds.update(_cell_bounds(self))
+        return self._bounds[level]
+
     def projections(self, level, idx):
         """Projections (n, L, L) float64 of the rotations ``idx`` of ``level``, steered."""
         idx = np.asarray(idx, dtype=np.int64)
@@ -266,6 +286,40 @@ class SearchModel:
         out = np.empty((len(idx), self.L * self.L))
         _steer(q, pix, alpha, self.basis.lmax, out)
         return self._filtered(out.reshape(-1, self.L, self.L))
+
+
+#: Fine-level rotations projected at once while the cell bounds are built.
+BOUND_BLOCK = 1 << 12
+
+
+def _cell_bounds(model):
+    """:meth:`SearchModel.cell_bounds` of every level from ``coarse`` to ``fine - 1``."""
+    spec = model.spec
+    rf = spec.fine
+    levels = range(spec.coarse, rf)
+    dist = {r: np.zeros(hopf.size(r)) for r in levels}
+    wsum = {r: np.zeros(hopf.size(r)) for r in levels}
+    prior = model.view_weights is not None
+    n = hopf.size(rf)
+    for i0 in range(0, n, BOUND_BLOCK):
+        d = np.arange(i0, min(n, i0 + BOUND_BLOCK))
+        Pd = model.projections(rf, d).reshape(len(d), -1)
+        wd = np.exp(model.view_offsets(rf, d)) if prior else None
+        for r in levels:
+            par = hopf.parent(d, rf - r)
+            cells, first, inv = np.unique(par, return_index=True, return_inverse=True)    # par is sorted
+            Pc = model.projections(r, cells).reshape(len(cells), -1)
+            far = np.sqrt(np.sum((Pd - Pc[inv.ravel()]) ** 2, axis=1))
+            dist[r][cells] = np.maximum(dist[r][cells], np.maximum.reduceat(far, first))
+            if prior:
+                wsum[r][cells] += np.add.reduceat(wd, first)
+    out = {}
+    for r in levels:
+        log_w = np.zeros(hopf.size(r))
+        if prior:
+            log_w = np.log(wsum[r] / float(hopf.CHILDREN) ** (rf - r)) - model.view_offsets(r, np.arange(hopf.size(r)))
+        out[r] = (dist[r], log_w)
+    return out
 
 
 def rotations_of_rows(spec, rows):
@@ -702,11 +756,11 @@ def _dense_pass(Y, model, rows, c2, inv, log_prior, log_u, timer):
     with timer("coarse"):
         kernels.dense_scores(Yg, cs.P, cs.E, len(rows), c2, inv, True, C, bmax, lsum)
     bm = bmax + log_prior
-    f, _, _ = block_scales(bm, lsum.sum(axis=2), log_u)
+    f, _, lse = block_scales(bm, lsum.sum(axis=2), log_u)
     mass = (f[:, :, None] * lsum).reshape(len(rows), B * KB)[:, :cs.K]
     pos = {int(j): i for i, j in enumerate(rows)}
     return _Pass(model.spec.coarse, True, rows=np.asarray(rows), pos=pos, Y=Yg, C=C, bm=bm, lsum=lsum,
-                 keep=np.ones(lsum.shape, bool), mass=mass, K=cs.K)
+                 keep=np.ones(lsum.shape, bool), mass=mass, K=cs.K, lse=lse, log_prior=log_prior)
 
 
 def _sparse_pass(Y, model, level, ptr, rot, c2, inv, log_prior, log_u, timer):
@@ -738,11 +792,51 @@ def _sparse_pass(Y, model, level, ptr, rot, c2, inv, log_prior, log_u, timer):
     tsum = np.bincount(pair_task, weights=lsum, minlength=T) if T else np.zeros(0)
     bmm, col = _patch_matrix(t_patch, bm, n, -np.inf)
     bs, _ = _patch_matrix(t_patch, tsum, n, 0.0)
-    f, _, _ = block_scales(bmm, bs, log_u)
+    f, _, lse = block_scales(bmm, bs, log_u)
     mass = f[t_patch, col][pair_task] * lsum if T else np.zeros(0)
     return _Pass(level, False, ptr=ptr, rot=rot, U=U, lanes=lanes, t_patch=t_patch, t_start=t_start, t_len=t_len,
                  t_off=t_off, buf=buf, bm=bm, lsum=lsum, keep=np.ones(len(rot), bool), mass=mass,
-                 pair_task=pair_task)
+                 pair_task=pair_task, lse=lse, log_prior=log_prior)
+
+
+def bound_log_mass(model, level, rot, lhat, lse, yy, sigma2, log_prior):
+    """Per (patch, rotation) pair: the log of an upper bound on the share of the patch's
+    posterior that the states of the rotation's fine-level descendants can hold (theory
+    section 12.11).
+
+    Parameters
+    ----------
+    model : SearchModel
+    level : int
+        The level of the rotations ``rot``.
+    rot : ndarray of int, shape (m,)
+    lhat : ndarray, shape (m,)
+        An upper bound on each pair's best log-probability over the shifts (log prior of
+        the state included): its log of the sum over the shifts, at least.
+    lse, yy : ndarray, shape (m,)
+        The pair's patch's log normaliser (this pass's states and the empty state) and
+        ``||y||^2``.
+    sigma2 : float
+        The noise variance the scores use.
+    log_prior : float
+        The log prior of one state at ``level`` (without the orientation prior's offset).
+    """
+    L = model.L
+    B, log_w = model.cell_bounds(level)
+    rot = np.asarray(rot, dtype=np.int64)
+    x = lhat - log_prior - model.view_offsets(level, rot)        # (yy - r^2) / (2 sigma^2) at the best shift
+    with np.errstate(invalid="ignore"):
+        r2 = np.maximum(yy - 2.0 * sigma2 * x, 0.0)                  # r^2 at the best shift, at least
+        r = np.sqrt(r2)
+        gain = (r2 - np.maximum(r - B[rot], 0.0) ** 2) / (2.0 * sigma2)
+        out = math.log((2 * L - 1) ** 2) + lhat + gain + log_w[rot] - lse
+    return np.where(np.isfinite(lhat), out, -np.inf)
+
+
+def _pair_lhat(bm_of_pair, lsum):
+    """An upper bound on a pair's best state's log-probability: its block's best plus the log
+    of its sum over the shifts (a sum the kernels cut to 0 below ``LOG_NEGLIGIBLE``)."""
+    return bm_of_pair + np.log(np.maximum(lsum, math.exp(kernels.LOG_NEGLIGIBLE)))
 
 
 def _normalisers(passes, patches, n, log_u):
@@ -821,10 +915,12 @@ def _accumulate_pass(ps, Y, mx, Z, patches, acc, stats_eps=0.0, dropped=None):
 
 
 @jit
-def _decide_kernel(ptr, rot, mass, todo, eps, cap, share, nb_ptr, nb, margin, mark, keep, dropped, partial):
+def _decide_kernel(ptr, rot, mass, todo, eps, cap, share, nb_ptr, nb, margin, mark, keep, dropped, partial, ub,
+                   use_ub):
     """:func:`decide` for every patch ``j`` with ``todo[j]``; returns the CSR ``(rptr, ridx)``
     of the rotations each refines (sorted). ``mark`` (K_level,) int64 is scratch, all -1
-    (left so)."""
+    (left so). With ``use_ub`` a refined patch also refines every rotation outside the tail
+    (at most ``eps``) of the bounds ``exp(ub)``."""
     n = ptr.shape[0] - 1
     rptr = np.zeros(n + 1, np.int64)
     ridx = np.empty(1024, np.int64)
@@ -872,6 +968,19 @@ def _decide_kernel(ptr, rot, mass, todo, eps, cap, share, nb_ptr, nb, margin, ma
                         ridx = grown
                     ridx[cnt] = kk
                     cnt += 1
+        if use_ub:
+            u = np.exp(np.minimum(ub[a:b], 700.0))
+            asc_u, nd_u, _ = _tail(u, eps)
+            for t in range(nd_u, b - a):
+                kk = rot[a + asc_u[t]]
+                if mark[kk] < 0:
+                    mark[kk] = j
+                    if cnt == ridx.shape[0]:
+                        grown = np.empty(2 * cnt, np.int64)
+                        grown[:cnt] = ridx[:cnt]
+                        ridx = grown
+                    ridx[cnt] = kk
+                    cnt += 1
         ridx[start:cnt] = np.sort(ridx[start:cnt])
         left = 0.0
         for t in range(a, b):
@@ -889,7 +998,7 @@ def _decide_kernel(ptr, rot, mass, todo, eps, cap, share, nb_ptr, nb, margin, ma
     return rptr, ridx[:cnt]
 
 
-def decide(level, ptr, rot, mass, todo, spec, cap, keep, dropped, partial):
+def decide(level, ptr, rot, mass, todo, spec, cap, keep, dropped, partial, ub=None):
     """Which rotations each patch refines from a pass at ``level`` (all patches at once).
 
     Patch ``j``'s pairs are ``ptr[j]:ptr[j+1]`` of ``rot`` and ``mass``; only patches with
@@ -906,6 +1015,10 @@ def decide(level, ptr, rot, mass, todo, spec, cap, keep, dropped, partial):
       (``partial[j]`` is set);
     - *diffuse*: nothing is refined.
 
+    With ``ub`` (per pair, :func:`bound_log_mass`) a refined patch also refines every
+    rotation outside the tail of least bound (their bounds summing to at most ``eps``):
+    rotations whose cells could hold a peak their centres miss.
+
     No state is ever dropped: a rotation not refined keeps its state at its level (it is
     computed already), so the posterior is a quadrature on an adaptive grid. Ties in mass
     are ordered by position (stable sorts). Returns the CSR ``(rptr, ridx)`` of the
@@ -916,13 +1029,18 @@ def decide(level, ptr, rot, mass, todo, spec, cap, keep, dropped, partial):
     else:
         nb_ptr, nb = np.zeros(1, np.int64), np.zeros(0, np.int64)
     mark = np.full(hopf.size(level), -1, np.int64)
+    use_ub = ub is not None
+    ub = np.ascontiguousarray(ub, np.float64) if use_ub else np.zeros(0)
     return _decide_kernel(np.asarray(ptr, np.int64), np.asarray(rot, np.int64), np.asarray(mass, np.float64),
                           np.asarray(todo, np.bool_), float(spec.eps), int(cap or 0), REFINE_SHARE,
-                          nb_ptr, nb, spec.margin > 0, mark, keep, dropped, partial)
+                          nb_ptr, nb, spec.margin > 0, mark, keep, dropped, partial, ub, use_ub)
 
 
-def _decide_pass(ps, patches, spec, cap, dropped, partial):
-    """:func:`decide` on pass ``ps`` for the chunk patches ``patches``; returns ``{j: refined rotations}``."""
+def _decide_pass(ps, patches, spec, cap, dropped, partial, bound=None):
+    """:func:`decide` on pass ``ps`` for the chunk patches ``patches``; returns ``{j: refined rotations}``.
+
+    ``bound``: ``(model, yy, sigma2)`` (``yy`` per chunk patch) for the bound of
+    :attr:`SearchSpec.bound`, or None."""
     n = len(dropped)
     if ps.dense:
         ng, K = len(ps.rows), ps.K
@@ -933,8 +1051,15 @@ def _decide_pass(ps, patches, spec, cap, dropped, partial):
         keep = np.ones(ng * K, bool)
         dsub = dropped[ps.rows].copy()
         psub = partial[ps.rows].copy()
+        ub = None
+        if bound is not None:
+            model, yy, sigma2 = bound
+            KB = ps.lsum.shape[2]
+            lhat = _pair_lhat(np.repeat(ps.bm, KB, axis=1)[:, :K], ps.lsum.reshape(ng, -1)[:, :K])
+            ub = bound_log_mass(model, ps.level, rot, lhat.ravel(), np.repeat(ps.lse, K), np.repeat(yy[ps.rows], K),
+                                sigma2, ps.log_prior)
         rptr, ridx = decide(ps.level, ptr, rot, np.ascontiguousarray(ps.mass).ravel(), todo, spec, cap, keep, dsub,
-                            psub)
+                            psub, ub)
         ps.keep.reshape(ng, -1)[:, :K] &= keep.reshape(ng, K)
         dropped[ps.rows] = dsub
         partial[ps.rows] = psub
@@ -942,7 +1067,13 @@ def _decide_pass(ps, patches, spec, cap, dropped, partial):
     else:
         todo = np.zeros(n, bool)
         todo[np.asarray(patches, np.int64)] = True
-        rptr, ridx = decide(ps.level, ps.ptr, ps.rot, ps.mass, todo, spec, cap, ps.keep, dropped, partial)
+        ub = None
+        if bound is not None and len(ps.rot):
+            model, yy, sigma2 = bound
+            pp = ps.t_patch[ps.pair_task]
+            ub = bound_log_mass(model, ps.level, ps.rot, _pair_lhat(ps.bm[ps.pair_task], ps.lsum), ps.lse[pp], yy[pp],
+                                sigma2, ps.log_prior)
+        rptr, ridx = decide(ps.level, ps.ptr, ps.rot, ps.mass, todo, spec, cap, ps.keep, dropped, partial, ub)
         owner = np.arange(n)
     counts = np.diff(rptr)
     return {int(owner[i]): ridx[rptr[i]:rptr[i + 1]] for i in np.nonzero(counts)[0]}
@@ -995,6 +1126,7 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     def log_state_prior(level):
         return math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * hopf.size(level))
 
+    yy = np.einsum("jab,jab->j", patches, patches)
     dropped = np.zeros(n)          # mass a concentrated patch leaves unrefined (at most prune)
     partial = np.zeros(n, bool)    # patches refined in part only
     finest = np.full(n, -1)
@@ -1008,6 +1140,7 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     local = np.zeros(n, bool)
     if spec.local > 0 and prev is not None and patch_ids is not None:
         local = np.array([prev.has(p) for p in patch_ids], bool)
+    bound = (model, yy, sigma2) if spec.bound else None
     starts = []
     t0 = time.perf_counter()
     glob = np.nonzero(~local)[0]
@@ -1032,7 +1165,8 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
         members = ps.rows if ps.dense else loc
         finest[members] = ps.level
         if ps.level < rf:
-            nxt.update({j: (ps.level, r) for j, r in _decide_pass(ps, members, spec, cap, dropped, partial).items()})
+            nxt.update({j: (ps.level, r)
+                        for j, r in _decide_pass(ps, members, spec, cap, dropped, partial, bound).items()})
     todo = np.array(sorted(nxt), np.int64)
     cost = np.array([8 * len(nxt[j][1]) for j in todo], np.int64)
     start = 0
@@ -1040,7 +1174,7 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
         stop_at = start + max(1, int(np.searchsorted(np.cumsum(cost[start:]), model.max_pairs, side="right")))
         group = todo[start:stop_at]
         passes = _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dropped, partial, finest,
-                         rep, timer)
+                         rep, timer, bound)
         gmx, gZ = _normalisers(starts + passes, group, n, log_u)
         mx[group], Z[group] = gmx[group], gZ[group]
         t0 = time.perf_counter()
@@ -1070,7 +1204,6 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
 
     lse = mx + np.log(Z)
     w_empty = np.exp(log_u - mx) / Z
-    yy = np.einsum("jab,jab->j", patches, patches)
     loglik = lse - yy / (2.0 * sigma2) - 0.5 * L * L * math.log(2.0 * math.pi * sigma2)
     acc.n_patches += n
     acc.sum_empty += float(w_empty.sum())
@@ -1089,7 +1222,8 @@ def search_chunk(patches, model, upsilon, sigma2, acc, patch_ids=None, timer=Non
     return loglik
 
 
-def _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dropped, partial, finest, rep, timer):
+def _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dropped, partial, finest, rep, timer,
+            bound=None):
     """Refine the patches ``group`` (positions in the chunk) level by level; returns their passes."""
     n = len(Y)
     passes = []
@@ -1108,7 +1242,7 @@ def _refine(Y, model, group, nxt, spec, cap, c2, inv, log_u, log_state_prior, dr
         for j in now:
             del cur[j]
         if level < spec.fine:
-            cur.update({j: (level, r) for j, r in _decide_pass(ps, now, spec, cap, dropped, partial).items()})
+            cur.update({j: (level, r) for j, r in _decide_pass(ps, now, spec, cap, dropped, partial, bound).items()})
         _report_add(rep, f"seconds_level_{level}", time.perf_counter() - t0)
         passes.append(ps)
     return passes
