@@ -31,6 +31,13 @@ and tested in ``tests/test_search.py``). Per iteration the search reports the (p
 rotation) pairs scored at each level, the fraction of patches that reached ``rf``, the
 mass dropped (sum and largest per patch) and the seconds of each pass.
 
+Branch and bound (``bound``, theory section 12.11): a refined patch also refines every
+rotation whose cell's fine-level states could hold more than their share of its posterior,
+by a bound on their best score (the centre's residual less the largest distance from the
+centre's projection to a descendant's, :meth:`SearchModel.cell_bounds`). It finds the peaks
+the masses miss at high SNR, at many times the cost where the coarse cells are wide
+against the differences between views.
+
 Local search (``local > 0``): a patch with a *record* (:class:`numbaem.em.estep.Records`:
 the few rotations its posterior held at its last E-step, on whatever grid) is scored at
 level ``max(rc, rf - 2)`` only on the rotations within ``local`` degrees of its record;
