@@ -49,21 +49,32 @@ def _exhaustive(patches, theta, basis, level, upsilon, sigma2):
     return st, ll, w, we
 
 
-def _exhaustive_masses(patches, theta, basis, level, upsilon, sigma2):
-    """Posterior mass of every (patch, rotation) of ``level`` (summed over shifts), exhaustively
-    by the direct route's kernels (tested against brute force in test_estep.py)."""
+def _level_scores(patches, proj, upsilon, sigma2):
+    """Every (patch, rotation) of the projections ``proj`` exhaustively, by the direct route's
+    kernels (tested against brute force in test_estep.py): ``(lhat, mass, lse, lp)`` with
+    ``lhat`` the log of the pair's sum over the shifts (prior included; a sum the kernels cut
+    to 0, every shift more than exp(-50) below the block's best, read as exp(-50)), its
+    posterior mass summed over the shifts, the patch's log normaliser (these states and the
+    empty state) and the log prior of one state."""
     from numbaem.em import kernels
     from numbaem.em.estep import block_scales, direct_spectra
-    L = basis.L
-    sp = direct_spectra(project_hopf(theta, basis, level))
+    L = patches.shape[1]
+    sp = direct_spectra(proj)
     n = len(patches)
     B, KB = sp.P.shape[0], sp.KB
     bmax, lsum = np.empty((n, B)), np.empty((n, B, KB))
     kernels.dense_scores(np.ascontiguousarray(patches), sp.P, sp.E, n, 1.0 / sigma2, 0.5 / sigma2, False,
                          np.empty((1, 1, 1, 1, 1)), bmax, lsum)
     lp = math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * sp.K)
-    f, _, _ = block_scales(bmax + lp, lsum.sum(axis=2), math.log(upsilon))
-    return (f[:, :, None] * lsum).reshape(n, -1)[:, :sp.K]
+    f, _, lse = block_scales(bmax + lp, lsum.sum(axis=2), math.log(upsilon))
+    lhat = np.repeat(bmax + lp, KB, axis=1)[:, :sp.K] + np.log(np.maximum(lsum.reshape(n, -1)[:, :sp.K],
+                                                                          math.exp(kernels.LOG_NEGLIGIBLE)))
+    return lhat, (f[:, :, None] * lsum).reshape(n, -1)[:, :sp.K], lse, lp
+
+
+def _exhaustive_masses(patches, theta, basis, level, upsilon, sigma2):
+    """Posterior mass of every (patch, rotation) of ``level`` (summed over shifts), exhaustively."""
+    return _level_scores(patches, project_hopf(theta, basis, level), upsilon, sigma2)[1]
 
 
 @pytest.mark.parametrize("snr", [5.0, 100.0])

@@ -5,34 +5,17 @@ import math
 
 import numpy as np
 
-from numbaem.em import kernels
-from numbaem.em.estep import block_scales, direct_spectra
 from numbaem.em.schedule import parse_schedule
 from numbaem.em.search import SearchAccumulator, SearchModel, SearchSpec, bound_log_mass, search_chunk
 from numbaem.model import hopf
 from numbaem.model.projection import project
 
-from test_search import _molecule_theta, _patches
+from test_search import _level_scores as level_scores, _molecule_theta, _patches
 
 
 def _level_scores(patches, model, level, upsilon, sigma2):
-    """Every (patch, rotation) of ``level`` exhaustively: ``(lhat, mass, lse, lp)`` with
-    ``lhat`` the log of the pair's sum over the shifts (prior included), its posterior mass,
-    the patch's log normaliser (the level's states and the empty state) and the log prior
-    of one state."""
-    L = model.L
-    sp = direct_spectra(model.projections(level, np.arange(hopf.size(level))))
-    n = len(patches)
-    B, KB = sp.P.shape[0], sp.KB
-    bmax, lsum = np.empty((n, B)), np.empty((n, B, KB))
-    kernels.dense_scores(np.ascontiguousarray(patches), sp.P, sp.E, n, 1.0 / sigma2, 0.5 / sigma2, False,
-                         np.empty((1, 1, 1, 1, 1)), bmax, lsum)
-    lp = math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * sp.K)
-    f, _, lse = block_scales(bmax + lp, lsum.sum(axis=2), math.log(upsilon))
-    # a sum the kernels cut to 0 (every shift more than exp(-50) below the block's best) is read as exp(-50)
-    cut = math.exp(kernels.LOG_NEGLIGIBLE)
-    lhat = np.repeat(bmax + lp, KB, axis=1)[:, :sp.K] + np.log(np.maximum(lsum.reshape(n, -1)[:, :sp.K], cut))
-    return lhat, (f[:, :, None] * lsum).reshape(n, -1)[:, :sp.K], lse, lp
+    """:func:`test_search._level_scores` on every rotation of ``level`` of ``model``."""
+    return level_scores(patches, model.projections(level, np.arange(hopf.size(level))), upsilon, sigma2)
 
 
 def test_cell_bounds_match_brute_force(rng):

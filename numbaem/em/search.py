@@ -922,6 +922,21 @@ def _accumulate_pass(ps, Y, mx, Z, patches, acc, stats_eps=0.0, dropped=None):
 
 
 @jit
+def _mark(kk, j, mark, ridx, cnt):
+    """Rotation ``kk`` joins patch ``j``'s refined ones (``ridx[:cnt]``, grown as needed) unless
+    ``mark`` has it already; returns ``(ridx, cnt)``."""
+    if mark[kk] < 0:
+        mark[kk] = j
+        if cnt == ridx.shape[0]:
+            grown = np.empty(2 * cnt, np.int64)
+            grown[:cnt] = ridx[:cnt]
+            ridx = grown
+        ridx[cnt] = kk
+        cnt += 1
+    return ridx, cnt
+
+
+@jit
 def _decide_kernel(ptr, rot, mass, todo, eps, cap, share, nb_ptr, nb, margin, mark, keep, dropped, partial, ub,
                    use_ub):
     """:func:`decide` for every patch ``j`` with ``todo[j]``; returns the CSR ``(rptr, ridx)``
@@ -966,28 +981,12 @@ def _decide_kernel(ptr, rot, mass, todo, eps, cap, share, nb_ptr, nb, margin, ma
             k = rot[a + p]
             lo, hi = (nb_ptr[k], nb_ptr[k + 1]) if margin else (0, 1)
             for q in range(lo, hi):
-                kk = nb[q] if margin else k
-                if mark[kk] < 0:
-                    mark[kk] = j
-                    if cnt == ridx.shape[0]:
-                        grown = np.empty(2 * cnt, np.int64)
-                        grown[:cnt] = ridx[:cnt]
-                        ridx = grown
-                    ridx[cnt] = kk
-                    cnt += 1
+                ridx, cnt = _mark(nb[q] if margin else k, j, mark, ridx, cnt)
         if use_ub:
             u = np.exp(np.minimum(ub[a:b], 700.0))
             asc_u, nd_u, _ = _tail(u, eps)
             for t in range(nd_u, b - a):
-                kk = rot[a + asc_u[t]]
-                if mark[kk] < 0:
-                    mark[kk] = j
-                    if cnt == ridx.shape[0]:
-                        grown = np.empty(2 * cnt, np.int64)
-                        grown[:cnt] = ridx[:cnt]
-                        ridx = grown
-                    ridx[cnt] = kk
-                    cnt += 1
+                ridx, cnt = _mark(rot[a + asc_u[t]], j, mark, ridx, cnt)
         ridx[start:cnt] = np.sort(ridx[start:cnt])
         left = 0.0
         for t in range(a, b):
