@@ -49,17 +49,20 @@ def _exhaustive(patches, theta, basis, level, upsilon, sigma2):
     return st, ll, w, we
 
 
-def _level_scores(patches, proj, upsilon, sigma2):
+def _level_scores(patches, proj, upsilon, sigma2, delta=None):
     """Every (patch, rotation) of the projections ``proj`` exhaustively, by the direct route's
     kernels (tested against brute force in test_estep.py): ``(lhat, mass, lse, lp)`` with
     ``lhat`` the log of the pair's sum over the shifts (prior included; a sum the kernels cut
     to 0, every shift more than exp(-50) below the block's best, read as exp(-50)), its
     posterior mass summed over the shifts, the patch's log normaliser (these states and the
-    empty state) and the log prior of one state."""
+    empty state) and the log prior of one state (``delta``: per-rotation log prior offsets,
+    folded into the energies)."""
     from numbaem.em import kernels
-    from numbaem.em.estep import block_scales, direct_spectra
+    from numbaem.em.estep import block_scales, direct_spectra, fold_log_prior
     L = patches.shape[1]
     sp = direct_spectra(proj)
+    if delta is not None:
+        sp = fold_log_prior(sp, delta, sigma2)
     n = len(patches)
     B, KB = sp.P.shape[0], sp.KB
     bmax, lsum = np.empty((n, B)), np.empty((n, B, KB))

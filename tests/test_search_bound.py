@@ -4,6 +4,7 @@ fine level, and the search that refines by it against the exhaustive search."""
 import math
 
 import numpy as np
+import pytest
 
 from numbaem.em.schedule import parse_schedule
 from numbaem.em.search import SearchAccumulator, SearchModel, SearchSpec, bound_log_mass, search_chunk
@@ -14,8 +15,11 @@ from test_search import _level_scores as level_scores, _molecule_theta, _patches
 
 
 def _level_scores(patches, model, level, upsilon, sigma2):
-    """:func:`test_search._level_scores` on every rotation of ``level`` of ``model``."""
-    return level_scores(patches, model.projections(level, np.arange(hopf.size(level))), upsilon, sigma2)
+    """:func:`test_search._level_scores` on every rotation of ``level`` of ``model`` (under its
+    orientation prior, if any)."""
+    idx = np.arange(hopf.size(level))
+    delta = model.view_offsets(level, idx) if model.view_weights is not None else None
+    return level_scores(patches, model.projections(level, idx), upsilon, sigma2, delta)
 
 
 def test_cell_bounds_match_brute_force(rng):
@@ -48,16 +52,19 @@ def test_cell_bounds_match_brute_force(rng):
     assert np.all(plain.cell_bounds(0)[1] == 0.0)
 
 
-def test_bound_holds_for_every_cell_at_high_snr(rng):
+@pytest.mark.parametrize("prior", [False, True])
+def test_bound_holds_for_every_cell_at_high_snr(rng, prior):
     """For every patch and every cell of levels 0 and 1, the fine-level (level 2) posterior
     mass of the cell's descendants, exhaustively, is at most the bound (both unnormalised:
     the bound is relative to the coarse pass's normaliser); at SNR 100 the centre's own
     share (the bound without the gain over the cell) falls short for some cells, so the
-    gain is what makes it a bound."""
+    gain is what makes it a bound. Also under an orientation prior (the descendants' prior
+    mass against the centre's enters the bound)."""
     basis, theta = _molecule_theta(5, 2)
     patches, sigma2 = _patches(rng, basis, theta, 12, snr=100.0)
     n, ups = len(patches), 0.4
-    model = SearchModel(theta, basis, SearchSpec(0, 2, bound=True), precision="float64")
+    weights = np.exp(rng.uniform(-8.0, 8.0, 48)) if prior else None     # strong: beyond the bound's slack
+    model = SearchModel(theta, basis, SearchSpec(0, 2, bound=True), precision="float64", view_weights=weights)
     yy = np.einsum("jab,jab->j", patches, patches)
     _, fine_mass, fine_lse, _ = _level_scores(patches, model, 2, ups, sigma2)
     short = 0
