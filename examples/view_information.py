@@ -23,12 +23,14 @@ from numbaem.model.projection import project
 from numbaem.model.rotations import rotation_grid
 from numbaem.sim.molecule import synthetic_molecule
 from numbaem.sim.simulate import simulate_micrographs
-from numbaem.sim.views import parse_views, sample_directions
+
+from orientation_junk import truth_cells     # the example beside this one (same truth, same draws)
 
 
-def cell_tv(Y, theta, basis, rots, sigma2, bins, truth):
-    st = SufficientStats.zeros(len(rots), basis.L)
-    e_step_chunk(Y, projection_spectra(project(theta, basis, rots), route="direct"), 0.7, sigma2, st)
+def cell_tv(Y, spectra, sigma2, bins, truth):
+    """TV from ``truth`` to the posterior mass by cell of one E-step of the patches ``Y``."""
+    st = SufficientStats.zeros(spectra.K, Y.shape[1])
+    e_step_chunk(Y, spectra, 0.7, sigma2, st)
     n_b = np.bincount(bins, minlength=len(truth))
     r = np.bincount(bins, weights=st.W.sum(axis=(1, 2)), minlength=len(truth)) / np.maximum(n_b, 1)
     return viewprior.tv_distance(r / r.sum(), truth)
@@ -50,14 +52,14 @@ def main():
     Y = src.get(np.arange(src.n_patches))
     rots = rotation_grid(args.K)
     bins = viewprior.bins_of_rotations(rots, 2)
-    v = sample_directions(400000, parse_views("top:0.6"), np.random.default_rng(0))
-    truth = np.bincount(viewprior.bins_of_directions(v, 2), minlength=48) / len(v)
+    spectra = projection_spectra(project(theta, basis, rots), route="direct")
+    truth = truth_cells("top:0.6", 2)
     print(f"L = {L}, SNR {args.snr}: TV of the uniform distribution {viewprior.tv_distance(np.full(48, 1 / 48), truth):.3f}")
-    print(f"  all {len(Y)} patches: {cell_tv(Y, theta, basis, rots, sim.sigma2, bins, truth):.3f}")
+    print(f"  all {len(Y)} patches: {cell_tv(Y, spectra, sim.sigma2, bins, truth):.3f}")
     e = (Y ** 2).sum(axis=(1, 2))
     for frac in (0.05, 0.1, 0.3):
         sel = np.argsort(-e)[:int(frac * len(Y))]
-        print(f"  the {frac:.0%} of most energy: {cell_tv(Y[sel], theta, basis, rots, sim.sigma2, bins, truth):.3f}")
+        print(f"  the {frac:.0%} of most energy: {cell_tv(Y[sel], spectra, sim.sigma2, bins, truth):.3f}")
 
 
 if __name__ == "__main__":
