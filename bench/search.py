@@ -41,7 +41,10 @@ their built-in runs by name.
     run through ``numbaem reconstruct`` (a homolog start, ``lmax=10, frac=0.05``: 59,405
     patches per iteration, ``--memory 4GiB``) with the exhaustive K = 560 on the FFT route
     (today's code path), on the direct route, and the schedules given; seconds per
-    iteration and aligned relative error after each iteration from its log.
+    iteration and aligned relative error after each iteration from its log. With ``--seeds
+    0,1,2`` every variant runs at each minibatch seed and the JSON's ``paired`` holds, per
+    variant and iteration, the mean error and the mean difference to the first variant on
+    the same seeds with its standard error.
 ``decisions``
     The search's refinement decisions at SNR 100 (theory section 12.10): the 400 patches of
     the off-grid data holding most signal, one E-step and M-step from the true
@@ -482,7 +485,7 @@ def _simulate(data_dir, tag, L, N, count, snr, density, L0, seed=0):
                                                                   ("snr", "snr_downsampled", "sigma2", "method")})
 
 
-def reconstruct_run(data, L, schedule, out_dir, name, memory="4GiB", threads=None, env=None):
+def reconstruct_run(data, L, schedule, out_dir, name, memory="4GiB", threads=None, env=None, seed=None):
     """``numbaem reconstruct`` on ``data`` with ``schedule`` (after a warm-up on 0.2% of the
     patches, one iteration per stage: numba's kernels compiled); its log's records."""
     log = os.path.join(out_dir, f"{name}.jsonl")
@@ -491,6 +494,8 @@ def reconstruct_run(data, L, schedule, out_dir, name, memory="4GiB", threads=Non
             "--truth", data["truth"], "--log", log, "--memory", memory, "--force", "-q"]
     if threads:
         argv += ["--threads", threads]
+    if seed is not None:
+        argv += ["--seed", seed]
     # warm-up: the same command on a sliver of the patches, one iteration per stage, so the
     # timed run finds every kernel it uses compiled in numba's cache (as a user's second run)
     warm = ";".join(",".join("iters=1" if kv.startswith("iters=") else kv for kv in st.split(",")
@@ -503,9 +508,28 @@ def reconstruct_run(data, L, schedule, out_dir, name, memory="4GiB", threads=Non
     wall = _cli(*argv, env=env)
     with open(log) as fh:
         recs = [json.loads(x) for x in fh if x.strip()]
-    return dict(name=name, schedule=schedule, env=env or {}, wall_seconds=wall, load_before=l0, load_after=load(),
+    return dict(name=name, schedule=schedule, env=env or {}, seed=seed, wall_seconds=wall, load_before=l0, load_after=load(),
                 iterations=[{k: v for k, v in r.items() if not isinstance(v, (list, dict)) or k.startswith("search")}
                             for r in recs])
+
+
+def _paired(runs):
+    """Per variant and iteration: the error's mean over the minibatch seeds, and its mean
+    difference to the first variant's on the same seed with the standard error of that mean
+    (the seeds draw the same minibatches for every variant, so the pairs share their noise)."""
+    by = {}
+    for r in runs:
+        by.setdefault(r["variant"], {})[r["seed"]] = [x.get("relative_error", np.nan) for x in r["iterations"]]
+    names = list(by)
+    ref = by[names[0]]
+    out = {}
+    for n in names:
+        seeds = [s for s in by[n] if s in ref]
+        e = np.array([by[n][s] for s in seeds])
+        d = e - np.array([ref[s] for s in seeds])
+        out[n] = dict(seeds=seeds, mean_error=e.mean(0).tolist(), reference=names[0], mean_difference=d.mean(0).tolist(),
+                      sem_difference=(d.std(0, ddof=1) / np.sqrt(len(seeds))).tolist() if len(seeds) > 1 else None)
+    return out
 
 
 def paper(args):
@@ -523,24 +547,28 @@ def paper(args):
     if args.variants:
         variants = [v for v in variants if v[0] in args.variants.split(",") or v[0] in (args.schedule or [])]
     runs = []
-    for name, sched, env in variants:
-        print(f"paper: {name}: {sched} {env}", flush=True)
-        r = reconstruct_run(data, 11, sched, runs_dir, name.replace("/", "_"), threads=args.threads, env=env)
-        its = r["iterations"]
-        print("  " + "; ".join(f"it {x['iteration']}: {x['seconds']:.1f} s (E {x['seconds_estep']:.1f}), "
-                               f"error {x.get('relative_error', float('nan')):.4f}" for x in its)
-              + f"; load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}", flush=True)
-        runs.append(r)
+    for seed in args.seeds or [None]:
+        for name, sched, env in variants:
+            print(f"paper: {name}: {sched} {env} seed {seed}", flush=True)
+            tag = name.replace("/", "_") + ("" if seed is None else f"-seed{seed}")
+            r = reconstruct_run(data, 11, sched, runs_dir, tag, threads=args.threads, env=env, seed=seed)
+            r["variant"] = name
+            its = r["iterations"]
+            print("  " + "; ".join(f"it {x['iteration']}: {x['seconds']:.1f} s (E {x['seconds_estep']:.1f}), "
+                                   f"error {x.get('relative_error', float('nan')):.5f}" for x in its)
+                  + f"; load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}", flush=True)
+            runs.append(r)
     rec = dict(experiment="paper", quick=q, machine=machine(), data=data["info"], patches_per_iteration=
-               runs[0]["iterations"][0]["patches"], runs=runs,
+               runs[0]["iterations"][0]["patches"], runs=runs, paired=_paired(runs) if args.seeds else None,
                notes=["seconds: numbaem reconstruct's own per-iteration log (E-step and M-step); the first "
                       "iteration includes no compilation (numba caches) but the FFTW plans and first touches",
                       "exhaustive-560-fft: today's E-step (NUMBAEM_ROUTE=fft), the baseline of issue 11"])
     fig, (a1, a2) = _figure(2)
     for r in runs:
         its = r["iterations"]
-        a1.plot([x["iteration"] for x in its], [x["seconds"] for x in its], "o-", label=r["name"])
-        a2.plot([x["iteration"] for x in its], [x.get("relative_error", np.nan) for x in its], "o-", label=r["name"])
+        lab = r["name"]
+        a1.plot([x["iteration"] for x in its], [x["seconds"] for x in its], "o-", label=lab)
+        a2.plot([x["iteration"] for x in its], [x.get("relative_error", np.nan) for x in its], "o-", label=lab)
     a1.axhline(60, color="k", ls=":", lw=0.6)
     a1.set_ylabel("seconds per iteration")
     a2.set_ylabel("aligned relative error")
@@ -604,6 +632,9 @@ def main(argv=None):
     p.add_argument("--schedule", action="append", help="a schedule to run besides the built-in ones (repeatable)")
     p.add_argument("--anneal", default=None, type=lambda v: (float(v.split(",")[0]), int(v.split(",")[1])),
                    metavar="T0,N", help="offgrid: anneal the --schedule runs (T0 down to 1 over N iterations)")
+    p.add_argument("--seeds", default=None, type=lambda v: [int(x) for x in v.split(",")],
+                   help="paper: run every variant at each of these minibatch seeds (reconstruct --seed) and "
+                        "report the errors' paired differences to the first variant")
     p.add_argument("--variants", default=None,
                    help="paper, default: run only these built-in variants (comma-separated names) and --schedule's")
     args = p.parse_args(argv)
