@@ -5,7 +5,9 @@ reconstructed from the same homolog start with the same exhaustive schedule, wit
 without the extension:
 
 (a) preferred views (``views='top:0.6'``): ``orientation_prior=NSIDE`` against the uniform
-    ``1/K``; the aligned relative error and the total variation distance of the estimated
+    ``1/K`` (with ``--oracle`` also the truth's own distribution held fixed as the prior,
+    carried into the estimate's frame by the alignment of the run without the prior: what
+    the best estimate of the views could give); the aligned relative error and the total variation distance of the estimated
     distribution of viewing directions (HEALPix cells) to the truth's (the cells' masses of
     the true distribution, by Monte Carlo, carried into the estimate's frame through the
     alignment by :func:`numbaem.analysis.align.estimate_directions`: ``v -> w^T v`` whether
@@ -13,7 +15,9 @@ without the extension:
     projections by 180 degrees in the plane; tested against projections in
     tests/test_view_alignment.py), with the TV of the uniform distribution to the same
     truth as the reference, and the TV to the simulated particles' own directions;
-(b) contaminants (``junk=0.3``): ``junk_class=True`` against without;
+(b) contaminants (``junk=0.3``): ``junk_class='field'`` (the default model) and ``'image'``
+    against without; the junk class's prior ``varsigma`` against the fraction of patches
+    whose centre object is a contaminant;
 (c) crowding: arbitrary against separated spacing at the highest density both reach.
 
 Writes orientation_junk.json and orientation_junk_views.png (estimate against truth, SNR 1)
@@ -28,6 +32,7 @@ import json
 import logging
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -58,6 +63,12 @@ def cells_of_directions(v, nside, pair=None):
     return np.bincount(viewprior.bins_of_directions(v, nside), minlength=12 * nside * nside) / len(v)
 
 
+def oracle_weights(views, nside, rec):
+    """The truth's cell probabilities in the frame of the estimate of run ``rec`` (its alignment)."""
+    pair = SimpleNamespace(rotation=np.asarray(rec["alignment_rotation"]), reflected=rec["reflected"])
+    return truth_cells(views, nside, pair)
+
+
 def run_one(truth_full, init, args, snr, rng_seed, sim_kw, rec_kw):
     L = args.L
     sim = simulate_micrographs(truth_full, L, micrograph_size=args.micrograph_size, method=1, snr=snr,
@@ -69,12 +80,14 @@ def run_one(truth_full, init, args, snr, rng_seed, sim_kw, rec_kw):
     seconds = time.perf_counter() - t0
     figures, pair = compare_to_truth(result.theta, result.basis, sim.truth_volume, return_alignment=True)
     out = dict(snr=snr, snr_downsampled=sim.snr_downsampled, **{k: v for k, v in sim_kw.items()},
-               extension={k: v for k, v in rec_kw.items()}, upsilon=result.upsilon, **figures,
+               extension={k: (np.asarray(v).tolist() if k == "prior_weights" else v) for k, v in rec_kw.items()}, upsilon=result.upsilon, **figures,
                reflected=bool(pair.reflected), seconds=seconds,
                seconds_per_iteration=float(np.mean([r["seconds"] for r in result.history])),
                iterations=len(result.history), load=os.getloadavg())
     if "views" in sim_kw:
         nside = rec_kw.get("orientation_prior") or args.nside
+        if rec_kw.get("prior_weights") is not None:
+            nside = viewprior.nside_of(rec_kw["prior_weights"])
         t = truth_cells(sim_kw["views"], nside, pair)
         # the simulated particles' own viewing directions W^T e_z (third rows), a finite sample of t
         t_particles = cells_of_directions(np.concatenate([np.asarray(r)[:, 2, :] for r in sim.rotations]),
@@ -91,6 +104,9 @@ def run_one(truth_full, init, args, snr, rng_seed, sim_kw, rec_kw):
                    alignment_rotation=np.asarray(pair.rotation).tolist())
     if result.state.junk_theta is not None:
         out.update(varsigma=result.state.varsigma, junk_theta=result.state.junk_theta.tolist())
+    if result.state.junk_lam is not None:
+        out.update(varsigma=result.state.varsigma, junk_spectrum=result.state.junk_lam.tolist(),
+                   sigma2=result.state.sigma2)
     if "junk" in sim_kw:
         out["junk_true_fraction_of_patches"] = float(
             sum(int(j.sum()) for j in sim.junk) / source.n_patches) if sim.junk is not None else 0.0
@@ -114,6 +130,8 @@ def main():
     p.add_argument("--start", choices=("homolog", "truth"), default="homolog",
                    help="start from a homolog (default) or from the truth itself (isolates the extension's estimate)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--oracle", action="store_true",
+                   help="views: also run with the truth's distribution of views held fixed as the prior")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.makedirs(args.out, exist_ok=True)
@@ -133,27 +151,30 @@ def main():
     plan = []
     for snr in (float(s) for s in args.snrs.split(",")):
         if "views" in parts:
-            for ext in ({}, dict(orientation_prior=args.nside)):
+            for ext in ({}, dict(orientation_prior=args.nside)) + ((dict(oracle=True),) if args.oracle else ()):
                 plan.append(("views", snr, dict(views="top:0.6", density=args.density), ext))
         if "junk" in parts:
-            for ext in ({}, dict(junk_class=True)):
+            for ext in ({}, dict(junk_class="field"), dict(junk_class="image")):
                 plan.append(("junk", snr, dict(junk=0.3, density=args.density), ext))
         if "crowding" in parts:
             for spacing in ("separated", "arbitrary"):
                 plan.append(("crowding", snr, dict(spacing=spacing, density=args.crowded_density), {}))
     for i, (part, snr, sim_kw, ext) in enumerate(plan):
         seed = [args.seed, int(1000 * snr), ["views", "junk", "crowding"].index(part)]
+        if ext.get("oracle"):     # after the run without the prior on the same data: its alignment
+            ext = dict(prior_weights=oracle_weights(sim_kw["views"], args.nside, runs[-2]), prior_fixed=True)
         rec = run_one(truth_full, init, args, snr, seed, sim_kw, ext)
         rec["part"] = part
         rec["args"] = vars(args)
         runs.append(rec)
-        print(f"{part:8s} SNR {snr:g} {sim_kw} {ext or 'off'}: aligned relative error {rec['relative_error']:.3f}"
+        label = "oracle prior (fixed)" if ext.get("prior_fixed") else (ext or "off")
+        print(f"{part:8s} SNR {snr:g} {sim_kw} {label}: aligned relative error {rec['relative_error']:.3f}"
               + (f", TV {rec['tv_distance']:.3f} (uniform {rec['tv_uniform']:.3f})" if "tv_distance" in rec else "")
               + (f", varsigma {rec['varsigma']:.3f}" if "varsigma" in rec else "")
               + f", {rec['seconds_per_iteration']:.2f} s/iteration", flush=True)
         with open(path, "w") as fh:       # after every run: a partial table survives an interrupted job
             json.dump(dict(args=vars(args), runs=kept + runs), fh, indent=1)
-        if part == "views" and ext and snr == 1.0:
+        if part == "views" and ext.get("orientation_prior") and snr == 1.0:
             plot_view_distribution(np.asarray(rec["view_distribution"]), os.path.join(args.out,
                                    "orientation_junk_views.png"), truth=np.asarray(rec["truth_distribution"]),
                                    force=True, title=f"viewing directions, top:0.6, SNR {snr:g} (L = {args.L})")

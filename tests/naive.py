@@ -74,13 +74,41 @@ def shift_operator(L, shift):
     return Mtx
 
 
-def brute_log_posteriors(patches, A, theta, upsilon, sigma2, window=None, log_prior=None, junk=None):
+def circulant_covariance(lam_k):
+    """The covariance (L^2, L^2) of a stationary field on the periodic L x L grid whose DFT
+    eigenvalue at integer frequency ``(k1, k2)`` is ``lam_k[k1, k2]``, by the explicit cosine
+    sum ``C[x, x'] = L^-2 sum_k lam_k cos(2 pi k . (x - x') / L)``."""
+    L = lam_k.shape[0]
+    x = np.arange(L)
+    X1, X2 = np.meshgrid(x, x, indexing="ij")
+    X1, X2 = X1.ravel(), X2.ravel()
+    C = np.zeros((L * L, L * L))
+    for k1 in range(L):
+        for k2 in range(L):
+            ph = 2 * np.pi * (k1 * (X1[:, None] - X1[None, :]) + k2 * (X2[:, None] - X2[None, :])) / L
+            C += lam_k[k1, k2] * np.cos(ph)
+    return C / (L * L)
+
+
+def gaussian_logpdf(y, C):
+    """``log N(y; 0, C)`` by a Cholesky factor (y flattened)."""
+    y = np.asarray(y, dtype=np.float64).ravel()
+    c = np.linalg.cholesky(C)
+    z = np.linalg.solve(c, y)
+    return -0.5 * z @ z - np.sum(np.log(np.diag(c))) - 0.5 * len(y) * math.log(2 * math.pi)
+
+
+def brute_log_posteriors(patches, A, theta, upsilon, sigma2, window=None, log_prior=None, junk=None, field=None):
     """Brute-force E-step: unnormalised log-probabilities of every state of every patch.
 
     With ``log_prior`` (K,) the rotations' prior is ``exp(log_prior_k)`` in place of ``1/K``
     (each state ``(1 - upsilon - varsigma) exp(log_prior_k) / (2L-1)^2``). With ``junk =
     (image (L, L), varsigma)`` a junk row ``K`` is added: the same image at every rotation,
     prior ``varsigma / (2L-1)^2`` per shift (``logp`` then has ``K + 1`` rows).
+
+    With ``field = (C (L^2, L^2), varsigma)`` a junk state per patch whose likelihood is
+    ``N(y; 0, C)`` with prior ``varsigma`` (theory section 14.4); the molecule's states then
+    share ``1 - upsilon - varsigma`` and a fourth array ``logp_field (n,)`` is returned.
 
     Returns ``(logp_empty (n,), logp (n, K, 2L, 2L) with -inf at dropped shifts, loglik (n,))``
     where ``loglik`` is the full log-likelihood of each patch (theory section 4),
@@ -102,8 +130,8 @@ def brute_log_posteriors(patches, A, theta, upsilon, sigma2, window=None, log_pr
     const = -P / 2 * math.log(2 * math.pi * sigma2)
     proj = (A @ theta).reshape(K, L, L)
     row_prior = np.full(K, logprior_shift)
-    if log_prior is not None or junk is not None:
-        vs = 0.0 if junk is None else junk[1]
+    if log_prior is not None or junk is not None or field is not None:
+        vs = junk[1] if junk is not None else field[1] if field is not None else 0.0
         lp = np.full(K, -math.log(K)) if log_prior is None else np.asarray(log_prior, dtype=np.float64)
         n_sh = len(shifts)
         row_prior = math.log(1 - upsilon - vs) + lp - math.log(n_sh)
@@ -113,17 +141,22 @@ def brute_log_posteriors(patches, A, theta, upsilon, sigma2, window=None, log_pr
             K += 1
     logp = np.full((n, K, 2 * L, 2 * L), -np.inf)
     logp_empty = np.empty(n)
+    logp_field = np.full(n, -np.inf)
     loglik = np.empty(n)
     for j in range(n):
         y = patches[j]
         logp_empty[j] = math.log(upsilon) - np.sum(y ** 2) / (2 * sigma2) + const
+        if field is not None:
+            logp_field[j] = math.log(field[1]) + gaussian_logpdf(y, field[0])
         for k in range(K):
             for sh in shifts:
                 r = y - shift_crop(proj[k], sh, L)
                 logp[j, k, sh[0], sh[1]] = row_prior[k] - np.sum(r ** 2) / (2 * sigma2) + const
-        allv = np.concatenate([[logp_empty[j]], logp[j].ravel()])
+        allv = np.concatenate([[logp_empty[j], logp_field[j]], logp[j].ravel()])
         mx = allv.max()
         loglik[j] = mx + math.log(np.sum(np.exp(allv - mx)))
+    if field is not None:
+        return logp_empty, logp, loglik, logp_field
     return logp_empty, logp, loglik
 
 

@@ -267,15 +267,18 @@ def test_worker_with_two_threads_matches_in_process(micrographs, reference):
     _assert_close(est, reference)
 
 
-def test_cluster_with_orientation_prior_and_junk_class_matches_in_process(micrographs, client):
-    """The extensions fold their priors into the spectra, which travel as they are: the cluster's
-    run (prior weights, junk volume, varsigma included) matches the in-process one (RTOL)."""
+@pytest.mark.parametrize("model", ["image", "field"])
+def test_cluster_with_orientation_prior_and_junk_class_matches_in_process(micrographs, client, model):
+    """The extensions fold their priors into the spectra (the junk field travels as the E-step's
+    Background), which travel as they are: the cluster's run (prior weights, junk volume or
+    spectrum, varsigma included) matches the in-process one (RTOL)."""
     def go(executor=None):
         return reconstruct(PatchSource.from_files(micrographs, L), "random", sigma2=SIGMA2, schedule=SCHEDULE,
                            rng=np.random.default_rng(7), progress=False, executor=executor, orientation_prior=1,
-                           junk_class=True)
+                           junk_class=model)
     ref, got = go(), go(DaskExecutor(client))
     _assert_close(got, ref)
     np.testing.assert_allclose(got.state.view_weights, ref.state.view_weights, rtol=RTOL)
-    np.testing.assert_allclose(got.state.junk_theta, ref.state.junk_theta, rtol=RTOL)
+    junk = "junk_theta" if model == "image" else "junk_lam"
+    np.testing.assert_allclose(getattr(got.state, junk), getattr(ref.state, junk), rtol=RTOL)
     assert got.state.varsigma == pytest.approx(ref.state.varsigma, rel=RTOL)

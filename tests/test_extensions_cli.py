@@ -50,7 +50,14 @@ def test_cli_extensions_end_to_end(tmp_path, molecule, capsys):  # noqa: F811
     s = json.loads(out)
     assert len(s["orientation_prior"]["weights"]) == 12 and abs(sum(s["orientation_prior"]["distribution"]) - 1) < 1e-12
     assert 0 < s["junk_class"]["varsigma"] < 1
-    assert (tmp_path / "est_views.png").stat().st_size > 1000 and (tmp_path / "est_junk.mrc").exists()
+    assert s["junk_class"]["model"] == "field" and len(s["junk_class"]["spectrum"]) == 5
+    assert (tmp_path / "est_views.png").stat().st_size > 1000 and (tmp_path / "est_junk.png").stat().st_size > 1000
+    assert not (tmp_path / "est_junk.mrc").exists()
+    code, out, err = run(["reconstruct", str(mic), "--patch-size", "7", "-o", str(tmp_path / "img.mrc"), "--init",
+                          str(tmp_path / "mic.truth.mrc"), "--noise-var", str(truth["sigma2"]),
+                          "--schedule", "lmax=2,iters=1,rotations=60", "--junk-class", "image", "--json", "-q"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["junk_class"]["model"] == "image" and (tmp_path / "img_junk.mrc").exists()
     # bad values: one sentence, exit 2, nothing written
     for extra, match in ((["--orientation-prior", "0"], "power of two"), (["--prior-floor", "1.5",
                           "--orientation-prior"], "floor"), (["--junk-class", "--schedule", "lmax=2,iters=1,fine=30"], "exhaustive")):

@@ -240,16 +240,18 @@ def test_junk_class_refuses_the_search(rng):
             budget=1 << 30)
 
 
-def test_checkpoint_resume_with_both_extensions_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("model", ["image", "field"])
+def test_checkpoint_resume_with_both_extensions_is_bit_exact(tmp_path, model):
     """Stopped after 2 of 4 iterations and resumed from the checkpoint: the prior weights, varsigma
-    and the junk volume travel in state.json and the run ends with the same bits."""
+    and the junk volume (or the junk field's spectrum) travel in state.json and the run ends with
+    the same bits."""
     from numbaem.em.checkpoint import Checkpointer, run_inputs
     from test_checkpoint import L as LC, MEMORY as MEM, SIGMA2, make_micrograph as ck_micrograph
 
     mic = ck_micrograph(tmp_path / "m.mrc")
     sched = [schedule.Stage(2, 2, 0.5, 16), schedule.Stage(3, 2, 0.5, 32)]
     kw = dict(sigma2=SIGMA2, schedule=sched, memory=MEM, progress=False, orientation_prior=1,
-              junk_class=True)
+              junk_class=model)
     inputs = run_inputs([mic], L=LC, sigma2=SIGMA2, estimate_noise=False, schedule=sched, seed=5, tikhonov=0.0,
                         upsilon0=0.5, init="random", memory=MEM)
 
@@ -265,10 +267,11 @@ def test_checkpoint_resume_with_both_extensions_is_bit_exact(tmp_path):
     go(tmp_path / "b", stop=lambda: n.append(1) or len(n) > 2)
     with Checkpointer(tmp_path / "b", inputs) as ck:
         saved = ck.load()
-    assert saved.total_iterations == 2 and saved.view_weights is not None and saved.junk_theta is not None
+    junk = "junk_theta" if model == "image" else "junk_lam"
+    assert saved.total_iterations == 2 and saved.view_weights is not None and getattr(saved, junk) is not None
     out = go(tmp_path / "b", resume=True)
     assert np.array_equal(out.theta, ref.theta) and np.array_equal(out.view_weights, ref.view_weights)
-    assert np.array_equal(out.junk_theta, ref.junk_theta) and out.varsigma == ref.varsigma
+    assert np.array_equal(getattr(out, junk), getattr(ref, junk)) and out.varsigma == ref.varsigma
     assert out.upsilon == ref.upsilon
 
 
@@ -316,3 +319,41 @@ def test_view_distribution_plot_is_written_and_bad_weights_refused(tmp_path):
         plot_view_distribution(np.ones(47), tmp_path / "w.png")
     with pytest.raises(NumbaemError):
         plot_view_distribution(q, tmp_path / "v.png")          # exists, no force
+
+
+def test_known_weights_start_the_prior_and_fixed_weights_stay_fixed(rng):
+    """prior_weights start the prior (scaled to mean 1); with prior_fixed the E-step uses them
+    (the same iteration as a state holding them) and no M-step moves them; without it they move."""
+    basis, theta, mic, s2, stage, op = _iteration_case(rng)
+    src = PatchSource([mic], basis.L)
+    q = rng.uniform(0.5, 2.0, 12)
+    kw = dict(sigma2=s2, schedule=[Stage(stage.lmax, 2, 1.0, 40)], progress=False, estimate_noise=False)
+    fixed = em.reconstruct(src, "random", rng=np.random.default_rng(1), prior_weights=q, prior_fixed=True, **kw)
+    np.testing.assert_array_equal(fixed.state.view_weights, q / q.mean())
+    assert fixed.state.view_fixed
+    moved = em.reconstruct(src, "random", rng=np.random.default_rng(1), prior_weights=3 * q, **kw)
+    assert not moved.state.view_fixed and not np.allclose(moved.state.view_weights, q / q.mean())
+    # the fixed run's first iteration is em_iteration on a state holding q (its E-step used q)
+    r = np.random.default_rng(1)
+    th0 = em.initial_theta("random", basis.L, stage.lmax, rng=r, source=src, sigma2=s2)
+    state = em.EMState(theta=th0, lmax=stage.lmax, upsilon=0.5, sigma2=s2, rng=r, view_weights=q / q.mean())
+    rec = em.em_iteration(state, src, op, Stage(stage.lmax, 2, 1.0, 40), budget=1 << 30, estimate_noise=False)
+    assert rec["loglik"] == fixed.history[0]["loglik"]
+    assert moved.history[0]["loglik"] == rec["loglik"]       # the same start: the same first E-step
+
+
+def test_known_weights_are_checked():
+    with pytest.raises(NumbaemError, match="12 nside"):
+        viewprior.check_weights(np.ones(40))
+    with pytest.raises(NumbaemError, match="positive"):
+        viewprior.check_weights(np.r_[np.ones(47), 0.0])
+    with pytest.raises(NumbaemError, match="nside=1"):
+        viewprior.check_weights(np.ones(48), 1)
+    np.testing.assert_array_equal(viewprior.check_weights(np.ones(48), 2), np.ones(48))
+
+
+def test_fixed_prior_without_weights_is_refused(rng):
+    basis, theta, mic, s2, stage, op = _iteration_case(rng)
+    with pytest.raises(NumbaemError, match="prior_weights"):
+        em.reconstruct(PatchSource([mic], basis.L), "random", sigma2=s2, schedule=[stage], orientation_prior=2,
+                       prior_fixed=True, progress=False)

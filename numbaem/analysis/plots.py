@@ -424,3 +424,34 @@ def plot_view_distribution(weights, path, truth=None, force=False, title=None):
         fig.colorbar(im, ax=ax, orientation="horizontal", shrink=0.7, label="density / uniform")
     fig.suptitle(title or "viewing directions")
     return save_png(fig, path, force, "view distribution plot")
+
+
+def plot_junk_spectrum(lam, sigma2, path, varsigma=None, force=False):
+    """The junk field's variance per radial shell against the noise's (theory section 14.4), to a PNG.
+
+    Parameters
+    ----------
+    lam : ndarray, shape (n_shells,)
+        Shell variances ``lambda_s`` (:mod:`numbaem.model.junkfield`), shell ``s`` at ``s / L``
+        cycles per pixel.
+    sigma2 : float
+        The noise variance (the empty patch's ``lambda``).
+    path : str or os.PathLike
+    varsigma : float, optional
+        The junk class's prior probability, for the title.
+    force : bool, optional
+    """
+    lam = np.asarray(lam, dtype=np.float64)
+    if lam.ndim != 1 or not len(lam) or not np.all(np.isfinite(lam)) or not np.all(lam > 0):
+        raise NumbaemError(f"junk spectrum of shape {lam.shape} is not positive variances per shell")
+    force = check_force(force)
+    fig = new_figure(5.0, 3.4, layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    s = np.arange(len(lam))
+    ax.semilogy(s, lam, "o-", label="junk field")
+    ax.axhline(sigma2, color="k", ls=":", label="noise sigma^2")
+    ax.set_xlabel("shell |k| (frequency index on the patch)")
+    ax.set_ylabel("variance per frequency")
+    ax.legend(fontsize=8)
+    ax.set_title("junk class" + (f" (prior {varsigma:.3f})" if varsigma is not None else ""))
+    return save_png(fig, path, force, "junk spectrum plot")

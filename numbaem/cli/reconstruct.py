@@ -124,10 +124,12 @@ def add_args(p):
     x.add_argument("--prior-floor", type=float, default=0.05, metavar="LAMBDA",
                    help="the orientation prior's floor: each update mixes in this fraction of the uniform "
                         "distribution, so no rotation falls below LAMBDA/K (default 0.05)")
-    x.add_argument("--junk-class", action="store_true",
-                   help="add a junk class for contaminants: an isotropic low-resolution volume (lmax 0) at every "
-                        "shift, with its own prior probability; exhaustive stages (rotations=K) only; writes "
-                        "OUTPUT_junk.mrc")
+    x.add_argument("--junk-class", nargs="?", const="field", default=None, choices=("field", "image"),
+                   metavar="MODEL",
+                   help="add a junk class for contaminants, with its own prior probability; exhaustive stages "
+                        "(rotations=K) only. MODEL 'field' (the default): a patch of junk is a stationary Gaussian "
+                        "field with its own radial spectrum (writes OUTPUT_junk.png); 'image': an isotropic "
+                        "low-resolution volume (lmax 0) at every shift (writes OUTPUT_junk.mrc)")
     d = p.add_argument_group("real micrographs (theory section 11)")
     d.add_argument("--pixel-size", type=positive_float, default=None, metavar="ANGSTROM",
                    help="pixel size of the micrographs as given (default: their MRC headers); an atomic-model start "
@@ -231,7 +233,7 @@ def main(args):
             raise NumbaemError("--junk-class runs with exhaustive stages only; pass a --schedule whose stages all "
                                "have rotations=K, e.g. 'lmax=2,iters=5,frac=1,rotations=600;lmax=4,iters=5,frac=1,"
                                "rotations=600'")
-        outputs.append(_sibling(args.output, "_junk.mrc"))
+        outputs.append(_sibling(args.output, "_junk.mrc" if args.junk_class == "image" else "_junk.png"))
     if not args.resume:
         check_outputs(outputs, args.force)
     if args.restarts > 1 and (args.init != "random" or args.checkpoint):
@@ -341,7 +343,7 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
         inputs["anneal"] = list(anneal) if anneal else None
         if args.orientation_prior is not None or args.junk_class:    # absent when off: older checkpoints resume
             inputs["extensions"] = dict(orientation_prior=args.orientation_prior, prior_floor=args.prior_floor,
-                                        junk_class=bool(args.junk_class))
+                                        junk_class=args.junk_class or False)
         # what the micrographs were made into is part of what the run computes on
         inputs["preprocess"] = dict(
             pixel_size=args.pixel_size, particle_diameter=args.particle_diameter, invert=bool(args.invert_contrast),
@@ -415,7 +417,14 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
         junk_mrc = _sibling(args.output, "_junk.mrc")
         write_volume(junk_mrc, synthesize(state.junk_theta, FBBasis(L, 0)), voxel_size=result.pixel_size,
                      force=force)
-        summary["junk_class"] = dict(varsigma=state.varsigma, theta=state.junk_theta.tolist(), volume=junk_mrc)
+        summary["junk_class"] = dict(model="image", varsigma=state.varsigma, theta=state.junk_theta.tolist(),
+                                     volume=junk_mrc)
+    if state.junk_lam is not None:
+        from ..analysis.plots import plot_junk_spectrum
+        junk_png = _sibling(args.output, "_junk.png")
+        plot_junk_spectrum(state.junk_lam, state.sigma2, junk_png, varsigma=state.varsigma, force=force)
+        summary["junk_class"] = dict(model="field", varsigma=state.varsigma, spectrum=state.junk_lam.tolist(),
+                                     noise_var=state.sigma2, plot=junk_png)
     if args.write_particles:
         summary["particles_written"] = len(picks)
     if truth is not None:

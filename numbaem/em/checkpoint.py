@@ -495,8 +495,13 @@ class Checkpointer:
         if state.view_weights is not None:
             doc["view_weights"] = [float(x) for x in state.view_weights]
             doc["view_floor"] = float(state.view_floor)
+            if state.view_fixed:
+                doc["view_fixed"] = True
         if state.junk_theta is not None:
             doc["junk_theta"] = [float(x) for x in state.junk_theta]
+            doc["varsigma"] = float(state.varsigma)
+        if state.junk_lam is not None:
+            doc["junk_lam"] = [float(x) for x in state.junk_lam]
             doc["varsigma"] = float(state.varsigma)
         text = json.dumps(doc, indent=1, default=_json_default) + "\n"
         atomic_write_bytes(self.directory / name, data, force=True)
@@ -613,8 +618,12 @@ class Checkpointer:
             if "view_weights" in doc:
                 state.view_weights = np.array([_float(x) for x in doc["view_weights"]], dtype=np.float64)
                 state.view_floor = _float(doc["view_floor"])
+                state.view_fixed = bool(doc.get("view_fixed", False))
             if "junk_theta" in doc:
                 state.junk_theta = np.array([_float(x) for x in doc["junk_theta"]], dtype=np.float64)
+                state.varsigma = _float(doc["varsigma"])
+            if "junk_lam" in doc:
+                state.junk_lam = np.array([_float(x) for x in doc["junk_lam"]], dtype=np.float64)
                 state.varsigma = _float(doc["varsigma"])
         except (KeyError, TypeError, ValueError) as exc:
             raise NumbaemError(f"{where} has a damaged orientation prior or junk class ({exc!r}); {fix}") from None

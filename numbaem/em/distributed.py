@@ -51,7 +51,7 @@ import uuid
 import numpy as np
 
 from ..runtime.errors import NumbaemError
-from .estep import GroupSpectra, SufficientStats, chunk_bytes
+from .estep import Background, GroupSpectra, SufficientStats, add_junk, chunk_bytes
 from .search import stats_from_arrays
 from .plan import INTERPRETER_BYTES, worker_bytes
 from ..runtime.memory import format_size, parse_size
@@ -104,7 +104,9 @@ class _Job:
 
     def __init__(self, paths, sizes, L, spectra, upsilon, sigma2, n_chunk, threads):
         self.paths, self.sizes, self.L = tuple(paths), tuple(sizes), int(L)
-        self.spectra, self.upsilon, self.sigma2 = spectra, float(upsilon), float(sigma2)
+        # a float, or the Background of the junk field (theory section 14.4)
+        self.spectra, self.upsilon, self.sigma2 = spectra, upsilon if isinstance(upsilon, Background) else \
+            float(upsilon), float(sigma2)
         self.n_chunk, self.threads = int(n_chunk), threads
 
     def __sizeof__(self):  # what Dask's sizeof() reports: the spectra dominate
@@ -457,6 +459,7 @@ class DaskExecutor:
                 stats.sum_empty += res["sum_empty"]
                 stats.sum_yy += res["sum_yy"]
                 stats.loglik += res["loglik"]
+                stats.junk = add_junk(stats.junk, res.get("junk"))
         else:
             stats = stats_from_arrays(results[0])
         del leaves, level, roots, job_f

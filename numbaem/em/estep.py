@@ -170,6 +170,10 @@ class SufficientStats:
         The search's report (pairs per level, mass dropped, seconds per pass), additive.
     records : Records, optional
         The patches' records (what a later local search starts from).
+    junk : ndarray, shape (1 + n_shells,), optional
+        With the junk field (:class:`Background`, theory section 14.4): ``sum_j r_j`` and
+        ``sum_j r_j p_js``, the junk posteriors and their shell powers; ``sum_empty`` then
+        holds the empty state's posteriors only.
     """
 
     W: np.ndarray
@@ -181,6 +185,7 @@ class SufficientStats:
     rotations: np.ndarray = None
     search: dict = None
     records: "Records" = None
+    junk: np.ndarray = None
 
     @classmethod
     def zeros(cls, K, L, n_groups=None):
@@ -219,6 +224,8 @@ class SufficientStats:
         """Plain dict of arrays and floats (for sending or saving)."""
         out = dict(W=self.W, G=self.G, n_patches=self.n_patches, sum_empty=self.sum_empty,
                    sum_yy=self.sum_yy, loglik=self.loglik)
+        if self.junk is not None:
+            out["junk"] = self.junk
         if self.rotations is not None:
             out["rotations"] = self.rotations
         if self.search is not None:
@@ -233,6 +240,59 @@ class SufficientStats:
         d = dict(d)
         records = pop_records(d)
         return cls(**d, records=records)
+
+
+def add_junk(a, b):
+    """Sum of two junk-field sums (:attr:`SufficientStats.junk`), either of which may be None."""
+    if b is None:
+        return a
+    return np.array(b, dtype=np.float64) if a is None else a + b
+
+
+@dataclasses.dataclass(frozen=True)
+class Background:
+    """The patch states other than the molecule with the junk class as a field (theory 14.4):
+    empty with prior ``upsilon``, junk with prior ``varsigma`` and shell variances ``lam``.
+
+    Passed to the E-step in place of the float ``upsilon``; the molecule's states then share
+    ``1 - upsilon - varsigma``.
+    """
+    upsilon: float
+    varsigma: float
+    lam: np.ndarray
+
+    def terms(self, patches, sigma2):
+        """``(log_mol, log_bg, share, p)`` for patches (n, L, L): the log prior mass of the
+        molecule's states, each patch's ``log(upsilon + varsigma exp(llr_j))`` (the background
+        states' weight relative to the empty patch's likelihood), the junk's share ``r_j / (r_j +
+        e_j)`` of it, and the shell powers."""
+        from ..model.junkfield import log_ratio, shell_powers
+        p = shell_powers(patches)
+        log_j = math.log(self.varsigma) + log_ratio(p, self.lam, sigma2, patches.shape[1])
+        log_bg = np.logaddexp(math.log(self.upsilon), log_j)
+        return math.log(1.0 - self.upsilon - self.varsigma), log_bg, np.exp(log_j - log_bg), p
+
+
+def _background(upsilon, patches, sigma2, n_pad=None):
+    """``(log_mol, log_bg, share, p)`` of :meth:`Background.terms`, or for a float ``upsilon``
+    ``(log(1 - upsilon), log(upsilon), None, None)`` (the model without the junk field, the
+    same bits as before it existed). ``n_pad``: pad ``log_bg`` to this many rows (zeros)."""
+    if not isinstance(upsilon, Background):
+        return math.log1p(-upsilon), math.log(upsilon), None, None
+    log_mol, log_bg, share, p = upsilon.terms(patches, sigma2)
+    if n_pad is not None and n_pad > len(log_bg):
+        log_bg = np.concatenate([log_bg, np.zeros(n_pad - len(log_bg))])
+    return log_mol, log_bg, share, p
+
+
+def _add_background(acc, w_bg, share, p):
+    """Split the background posteriors ``w_bg`` (n,) into empty and junk and add their sums."""
+    if share is None:
+        acc.sum_empty += float(w_bg.sum())
+        return
+    r = w_bg * share
+    acc.sum_empty += float((w_bg - r).sum())
+    acc.junk = add_junk(acc.junk, np.concatenate([[r.sum()], r @ p]))
 
 
 def merge_rows(rows_a, arrays_a, rows_b, arrays_b):
@@ -255,6 +315,9 @@ def add_totals(stats, other):
     stats.sum_empty += other.sum_empty
     stats.sum_yy += other.sum_yy
     stats.loglik += other.loglik
+    junk = add_junk(getattr(stats, "junk", None), getattr(other, "junk", None))
+    if junk is not None:
+        stats.junk = junk
     stats.search = merge_reports(stats.search, other.search)
     if other.records is not None:
         stats.records = (stats.records or Records()).update(other.records)
@@ -800,7 +863,8 @@ def _posteriors(C, e, n_valid, L, cscale, log_shift_prior, log_upsilon, inv2s2):
     On return ``C[j] * norm[j]`` are the posteriors of patch ``j`` (the normalisation is
     folded into the accumulation, saving a pass over ``C``). Returns ``(w_empty, lse,
     norm)`` per patch: the empty-state posterior, the log-sum-exp of the scores (empty
-    state counted once) and ``1 / sum``. The per-rotation maxima and sums are combined
+    state counted once) and ``1 / sum``. ``log_upsilon``: a float, or one per row of ``C``
+    (the background states' weight, :class:`Background`). The per-rotation maxima and sums are combined
     in NumPy in a fixed order.
     """
     n, K = C.shape[0], C.shape[1]
@@ -888,6 +952,7 @@ class DirectAccumulator:
         self.sum_empty = 0.0
         self.sum_yy = 0.0
         self.loglik = 0.0
+        self.junk = None
 
     @property
     def nbytes(self):
@@ -906,6 +971,7 @@ class DirectAccumulator:
         stats.sum_empty += self.sum_empty
         stats.sum_yy += self.sum_yy
         stats.loglik += self.loglik
+        stats.junk = add_junk(stats.junk, self.junk)
         return stats
 
 
@@ -922,7 +988,11 @@ def check_estep_args(L, L_model, upsilon, sigma2, what):
     """One sentence for an E-step's bad arguments: patch size against the model's, upsilon, sigma^2."""
     if L != L_model:
         raise NumbaemError(f"patches are {L}x{L} but {what} {L_model}x{L_model}; use one patch size")
-    if not 0.0 < upsilon < 1.0:
+    if isinstance(upsilon, Background):
+        if not (0.0 < upsilon.upsilon and 0.0 < upsilon.varsigma and upsilon.upsilon + upsilon.varsigma < 1.0):
+            raise NumbaemError(f"upsilon={upsilon.upsilon} and varsigma={upsilon.varsigma} must be positive with a "
+                               "sum below 1")
+    elif not 0.0 < upsilon < 1.0:
         raise NumbaemError(f"upsilon={upsilon} must lie strictly between 0 and 1")
     if not sigma2 > 0:
         raise NumbaemError(f"sigma2={sigma2} must be positive; give the noise variance of the micrograph pixels")
@@ -1002,10 +1072,11 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
         _products(Yh, spectra.Pc, n, ws.spec)
     with timer("fft_backward"):
         C = ws.backward(normalise=False)
-    log_shift_prior = math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * K) + spectra.log_shift_offset
+    log_mol, log_bg, share, pw = _background(upsilon, patches, sigma2, n_pad=C.shape[0])
+    log_shift_prior = log_mol - math.log((2 * L - 1) ** 2 * K) + spectra.log_shift_offset
     with timer("posteriors"):
         w_empty, lse, norm = _posteriors(C, spectra.e, n, L, 1.0 / (2 * L) ** 2, log_shift_prior,
-                                         math.log(upsilon), 1.0 / (2.0 * sigma2))
+                                         log_bg, 1.0 / (2.0 * sigma2))
     post = C[:n] * norm[:n, None, None, None] if keep_posteriors else None
     best = best_states(C[:n] * norm[:n, None, None, None], w_empty[:n]) if return_best else None
     with timer("fft_forward"):
@@ -1016,7 +1087,7 @@ def e_step_chunk(patches, spectra, upsilon, sigma2, stats, n_chunk=None, keep_po
         yy = np.einsum("jab,jab->j", patches, patches)
         loglik = lse[:n] - yy / (2.0 * sigma2) - 0.5 * L * L * math.log(2.0 * math.pi * sigma2)
         stats.n_patches += n
-        stats.sum_empty += float(w_empty[:n].sum())
+        _add_background(stats, w_empty[:n], share, pw)
         stats.sum_yy += float(yy.sum())
         stats.loglik += float(loglik.sum())
     out = (loglik,)
@@ -1051,9 +1122,10 @@ def _direct_chunk(patches, spectra, upsilon, sigma2, acc, keep_posteriors=False,
     inv2s2 = 1.0 / (2.0 * sigma2)
     with timer("scores"):
         kernels.dense_scores(Y, spectra.P, spectra.E, n, dt(2.0 * inv2s2), dt(inv2s2), True, C, bmax, lsum)
-    log_shift_prior = math.log1p(-upsilon) - math.log((2 * L - 1) ** 2 * K) + spectra.log_shift_offset
+    log_mol, log_bg, share, pw = _background(upsilon, patches, sigma2)
+    log_shift_prior = log_mol - math.log((2 * L - 1) ** 2 * K) + spectra.log_shift_offset
     with timer("posteriors"):
-        f, w_empty, lse = block_scales(bmax + log_shift_prior, lsum.sum(axis=2), math.log(upsilon))
+        f, w_empty, lse = block_scales(bmax + log_shift_prior, lsum.sum(axis=2), log_bg)
     post = None
     if keep_posteriors:
         post = np.zeros((n, K, 2 * L, 2 * L))
@@ -1070,7 +1142,7 @@ def _direct_chunk(patches, spectra, upsilon, sigma2, acc, keep_posteriors=False,
     yy = np.einsum("jab,jab->j", patches, patches)
     loglik = lse - yy / (2.0 * sigma2) - 0.5 * L * L * math.log(2.0 * math.pi * sigma2)
     acc.n_patches += n
-    acc.sum_empty += float(w_empty.sum())
+    _add_background(acc, w_empty, share, pw)
     acc.sum_yy += float(yy.sum())
     acc.loglik += float(loglik.sum())
     if keep_posteriors:
@@ -1087,8 +1159,9 @@ def block_scales(bmax, bsum, log_upsilon):
         Each block's largest log-probability (log prior included; ``-inf`` for an empty block).
     bsum : ndarray, shape (n, B)
         Each block's sum of ``exp(logp - bmax)``.
-    log_upsilon : float
-        Log-probability of the empty state (counted once per patch).
+    log_upsilon : float or ndarray, shape (n,)
+        Log-probability of the empty state (counted once per patch), or per patch that of the
+        background states (empty and junk field, :class:`Background`).
 
     Returns
     -------
@@ -1183,6 +1256,7 @@ def _stream_groups(source, idx, spectra, upsilon, sigma2, n_chunk, progress, tim
         stats.sum_empty += part.sum_empty
         stats.sum_yy += part.sum_yy
         stats.loglik += part.loglik
+        stats.junk = add_junk(stats.junk, part.junk)
     for n in sizes:
         fft.release((n, K, 2 * L, 2 * L))
         fft.release((n, 2 * L, 2 * L))

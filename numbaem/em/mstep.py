@@ -225,7 +225,14 @@ def update_sigma2(stats, H, b, theta, L):
     """EM update of the noise variance (section 6):
     ``(sum_j ||y_j||^2 - 2 b^T theta + theta^T H theta) / (Nd L^2)``.
 
-    ``H`` and ``b`` must be without any Tikhonov term.
+    ``H`` and ``b`` must be without any Tikhonov term. With the junk field (``stats.junk``,
+    theory section 14.4) its patches' share ``sum_j r_j ||y_j||^2`` and ``sum_j r_j`` leave the sums:
+    their variances are the field's own.
     """
-    val = (stats.sum_yy - 2.0 * b @ theta + theta @ H @ theta) / (stats.n_patches * L * L)
+    junk = getattr(stats, "junk", None)
+    if junk is None:
+        val = (stats.sum_yy - 2.0 * b @ theta + theta @ H @ theta) / (stats.n_patches * L * L)
+    else:     # the junk field's patches carry their own variances (theory section 14.4)
+        val = (stats.sum_yy - junk[1:].sum() - 2.0 * b @ theta + theta @ H @ theta) / \
+            ((stats.n_patches - junk[0]) * L * L)
     return float(max(val, 1e-300))

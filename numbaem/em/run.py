@@ -29,7 +29,7 @@ from ..runtime.threads import prefer_passive_openmp
 from ..runtime.validate import as_rng
 from ..runtime.memory import default_budget, peak_rss, reset_peak_rss
 from ..model import viewprior
-from .estep import GroupSpectra, Records, choose_precision, choose_route, fold_log_prior, projection_spectra, \
+from .estep import Background, GroupSpectra, Records, choose_precision, choose_route, fold_log_prior, projection_spectra, \
     restrict_shifts, stream_stats
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
 from .plan import phi_bytes, plan_iteration, plan_search
@@ -59,8 +59,10 @@ class EMState:
     records: Records = None   # what each patch's posterior held last (for local searches)
     view_weights: np.ndarray = None   # orientation prior: HEALPix cell weights q_b (numbaem.model.viewprior)
     view_floor: float = 0.05          # its floor lambda
+    view_fixed: bool = False          # hold the weights (a known distribution): no M-step update
     junk_theta: np.ndarray = None     # junk class: coefficients of its isotropic volume (FBBasis(L, 0)), or None
     varsigma: float = 0.0             # the junk class's prior probability per patch
+    junk_lam: np.ndarray = None       # junk class as a field: its shell variances (theory 14.4), or None
 
 
 class LocalExecutor:
@@ -142,7 +144,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     if stage.is_search:
         from .search import SearchModel, search_normal_equations
         check_search_source(source, stage)
-        if state.junk_theta is not None:
+        if state.junk_theta is not None or state.junk_lam is not None:
             raise NumbaemError("the junk class runs with exhaustive stages only; give the schedule's stages "
                                "rotations=K instead of fine=STEP")
         spec = stage.search_spec()
@@ -161,7 +163,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
         H, b = search_normal_equations(stats, spec, basis, max_block_bytes=plan.mstep_block_bytes, filters=filters)
         extra = search_record(stats, spec)
         extra["precision"] = plan.parts["precision"]
-        if state.view_weights is not None:
+        if state.view_weights is not None and not state.view_fixed:
             from ..model import hopf
             nside = _nside(state.view_weights)
             state.view_weights = viewprior.update_weights(
@@ -204,13 +206,15 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
             if getattr(source, "shift_window", None) is not None:   # boxes around picks (numbaem.data.boxes)
                 spectra = restrict_shifts(spectra, source.shift_window)
             executor = executor or LocalExecutor()
-            stats = executor.sufficient_stats(source, idx, spectra, state.upsilon, sigma2_e, n_chunk, progress)
+            background = state.upsilon if state.junk_lam is None else \
+                Background(state.upsilon, state.varsigma, state.junk_lam)
+            stats = executor.sufficient_stats(source, idx, spectra, background, sigma2_e, n_chunk, progress)
             del spectra
             t_e = time.perf_counter()
             W, G = (stats.W[..., :K, :, :], stats.G[..., :K, :, :]) if junk else (stats.W, stats.G)
             H, b = normal_equations(operator.blocks(), W, G, L, M, max_block_bytes=plan.mstep_block_bytes,
                                     filters=filters)
-            if state.view_weights is not None:
+            if state.view_weights is not None and not state.view_fixed:
                 state.view_weights = viewprior.update_weights(state.view_weights, view_bins,
                                                               viewprior.rotation_mass(W), state.view_floor)
             if junk:
@@ -223,6 +227,9 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     loglik = stats.loglik
     state.theta = sol.theta
     state.upsilon = update_upsilon(stats)
+    if state.junk_lam is not None and not stage.is_search:
+        state.varsigma, state.junk_lam = junk_field_mstep(stats, state, L)
+        extra["varsigma"] = state.varsigma
     if junk:
         H_J, b_J, theta_J, vs = junk_update
         state.varsigma = min(vs, 1.0 - state.upsilon - JUNK_FLOOR)
@@ -292,6 +299,34 @@ def junk_mstep(stats, K, L, filters=None, tikhonov=0.0):
         return None, None, None, vs
     H_J, b_J = normal_equations([(slice(0, 1), A_J[None])], W_J, G_J, L, A_J.shape[1], filters=filters)
     return H_J, b_J, solve(H_J, b_J, tikhonov).theta, vs
+
+
+#: The junk class's models (theory section 14): an isotropic volume, or a stationary field.
+JUNK_MODELS = ("image", "field")
+#: Patches whose spectra start the junk field (a seeded sample).
+JUNK_START_PATCHES = 4000
+
+
+def junk_model(junk_class):
+    """``junk_class`` as False or one of :data:`JUNK_MODELS` (True: the default, ``'field'``)."""
+    if junk_class is None or junk_class is False:
+        return False
+    if junk_class is True:
+        return "field"
+    if junk_class not in JUNK_MODELS:
+        raise NumbaemError(f"junk class {junk_class!r} is not one of {', '.join(JUNK_MODELS)}; e.g. 'field'")
+    return junk_class
+
+
+def junk_field_mstep(stats, state, L):
+    """The junk field's M-step (theory section 14.4): ``varsigma = sum_j r_j / Nd`` (within
+    ``[JUNK_FLOOR, 1 - upsilon - JUNK_FLOOR]``, ``upsilon`` already updated) and the shell
+    variances :func:`numbaem.model.junkfield.update_spectrum` (kept when no patch is junk)."""
+    from ..model.junkfield import update_spectrum
+    mass, power = float(stats.junk[0]), stats.junk[1:]
+    vs = min(max(mass / stats.n_patches, JUNK_FLOOR), 1.0 - state.upsilon - JUNK_FLOOR)
+    lam = update_spectrum(power, mass, state.sigma2, L) if mass > 0 else state.junk_lam
+    return float(vs), lam
 
 
 def _nside(q):
@@ -481,7 +516,8 @@ def _check_anneal(anneal):
 def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=None, upsilon0=0.5,
                 rng=None, memory=None, tikhonov=0.0, truth=None, callback=None, progress=True,
                 state=None, should_stop=None, executor=None, anneal=None, restarts=1, scale_init=False,
-                precision="auto", orientation_prior=None, prior_floor=0.05, junk_class=False, varsigma0=0.1):
+                precision="auto", orientation_prior=None, prior_floor=0.05, junk_class=False, varsigma0=0.1,
+                prior_weights=None, prior_fixed=False):
     """Run the approximate EM with frequency marching.
 
     Parameters
@@ -547,9 +583,18 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         starting uniform; None: every rotation ``1/K`` (today's model, the same bits).
     prior_floor : float
         Its floor ``lambda``: each update mixes in ``lambda`` of the uniform distribution.
-    junk_class : bool
-        Add the junk class (an isotropic volume of ``FBBasis(L, 0)``, started at the spherical
-        average of the start; theory section 14.2); exhaustive stages only.
+    prior_weights : array_like, shape (12 nside^2,), optional
+        Start the prior from these positive cell weights (a known distribution of viewing
+        directions, e.g. a previous run's) instead of uniform; switches the prior on, at the
+        ``nside`` of their length (``orientation_prior``, if given, must agree).
+    prior_fixed : bool
+        Hold the prior at its start (no M-step update): a known distribution of views.
+    junk_class : bool or {'field', 'image'}
+        Add a junk class for contaminants; exhaustive stages only. ``'field'`` (``True``): a
+        patch of junk is a stationary Gaussian field with its own radial spectrum, estimated
+        (:mod:`numbaem.model.junkfield`, started from the patches of most energy; theory
+        section 14.4); ``'image'``: an isotropic volume of ``FBBasis(L, 0)`` started at the
+        spherical average of the start (theory section 14.2).
     varsigma0 : float
         The junk class's starting prior probability per patch.
 
@@ -587,10 +632,17 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                                  callback=callback, progress=progress, should_stop=should_stop, executor=executor,
                                  anneal=anneal, restarts=restarts, precision=precision,
                                  orientation_prior=orientation_prior, prior_floor=prior_floor, junk_class=junk_class,
-                                 varsigma0=varsigma0)
+                                 varsigma0=varsigma0, prior_weights=prior_weights, prior_fixed=prior_fixed)
+    if prior_weights is not None:
+        prior_weights = viewprior.check_weights(prior_weights, orientation_prior)
+        orientation_prior = viewprior.nside_of(prior_weights)
+    elif prior_fixed and orientation_prior is not None:
+        raise NumbaemError("prior_fixed holds the orientation prior at its start; give that start as prior_weights "
+                           "(12 nside^2 positive cell weights), or drop prior_fixed to estimate it")
     if orientation_prior is not None:
         nside = viewprior.check_nside(orientation_prior)
         prior_floor = viewprior.check_floor(prior_floor)
+    junk_class = junk_model(junk_class)
     if junk_class:
         if any(st.is_search for st in schedule):
             raise NumbaemError("the junk class runs with exhaustive stages only; give a schedule whose stages all "
@@ -603,8 +655,15 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         state = EMState(theta=theta, lmax=schedule[0].lmax, upsilon=upsilon0, sigma2=float(sigma2), rng=rng)
         if orientation_prior is not None:
             state.view_weights, state.view_floor = np.ones(12 * nside * nside), prior_floor
-        if junk_class:
+            if prior_weights is not None:
+                state.view_weights, state.view_fixed = prior_weights / prior_weights.mean(), bool(prior_fixed)
+        if junk_class == "image":
             state.junk_theta = resize_theta(theta, FBBasis(L, schedule[0].lmax), FBBasis(L, 0))
+        elif junk_class == "field":
+            from ..model.junkfield import start_spectrum
+            sample = source.sample(min(1.0, JUNK_START_PATCHES / source.n_patches), state.rng)
+            state.junk_lam = start_spectrum(source.get(sample), sigma2)
+        if junk_class:
             state.varsigma = float(varsigma0)
     total = sum(st.iters for st in schedule)
     bar = _progress(total, progress, "EM iterations", state.total_iterations)

@@ -54,6 +54,30 @@ def check_floor(floor):
     return lam
 
 
+def nside_of(q):
+    """The ``nside`` of a weight vector of ``12 nside^2`` cells."""
+    return int(round(math.sqrt(len(q) / 12)))
+
+
+def check_weights(q, nside=None):
+    """Cell weights ``q`` as float64 (B,): ``B = 12 nside^2`` positive finite numbers, with
+    ``nside`` (if given) agreeing (one sentence otherwise)."""
+    try:
+        w = np.asarray(q, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        w = np.zeros(0)
+    n = nside_of(w) if len(w) else 0
+    if n < 1 or 12 * n * n != len(w) or n & (n - 1) or n > 16:
+        raise NumbaemError(f"orientation-prior weights must number 12 nside^2 for nside a power of two from 1 to 16 "
+                           f"(12, 48, 192, ...), not {len(w)}")
+    if not np.all(np.isfinite(w)) or not np.all(w > 0):
+        raise NumbaemError("orientation-prior weights must all be positive and finite; give each HEALPix cell a weight > 0")
+    if nside is not None and check_nside(nside) != n:
+        raise NumbaemError(f"orientation-prior weights number {len(w)} (nside {n}) but nside={nside} was asked for; "
+                           "give one or make them agree")
+    return w
+
+
 @functools.lru_cache(maxsize=8)
 def centres(nside):
     """Unit centre directions (12 nside^2, 3) of the HEALPix cells (nested order)."""
