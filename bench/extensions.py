@@ -7,8 +7,9 @@ Standalone::
 
 One data set (Method 2, density 0.1, SNR 1, ``count`` micrographs of ``size^2`` pixels;
 the patches per iteration are in the JSON), one start, and ``em_iteration`` timed
-``reps`` times (after a warm-up) for: off, ``orientation_prior`` (nside 2), ``junk_class``,
-both; on an exhaustive stage of ``K`` rotations, and with ``--fine DEG`` also a search
+``reps`` times (after a warm-up) for: off, ``orientation_prior`` (nside 2), ``junk_class``
+(the field model, theory 14.4), ``junk_class_image`` (14.2), both (prior and field); on
+an exhaustive stage of ``K`` rotations, and with ``--fine DEG`` also a search
 stage (orientation prior only: the junk class is exhaustive-only). Records the best and
 median seconds, the E-step / M-step split, the load average before and after, and writes
 ``extensions-<UTC time>.json`` into ``--out`` (default ``bench/results``).
@@ -32,16 +33,20 @@ from numbaem.runtime.threads import use_threads
 from numbaem.sim.molecule import synthetic_molecule
 from numbaem.sim.simulate import simulate_micrographs
 
-VARIANTS = {"off": {}, "orientation_prior": dict(view=True), "junk_class": dict(junk=True),
-            "both": dict(view=True, junk=True)}
+VARIANTS = {"off": {}, "orientation_prior": dict(view=True), "junk_class": dict(junk="field"),
+            "junk_class_image": dict(junk="image"), "both": dict(view=True, junk="field")}
 
 
-def _state(theta, basis, sigma2, view=False, junk=False):
+def _state(theta, basis, sigma2, view=False, junk=None):
     st = em.EMState(theta=theta.copy(), lmax=basis.lmax, upsilon=0.5, sigma2=sigma2, rng=np.random.default_rng(0))
     if view:
         st.view_weights = np.ones(48)
-    if junk:
+    if junk == "image":
         st.junk_theta = em.resize_theta(theta, basis, FBBasis(basis.L, 0))
+    elif junk == "field":
+        from numbaem.model.junkfield import shells
+        st.junk_lam = np.full(len(shells(basis.L)[1]), 4.0 * sigma2)
+    if junk:
         st.varsigma = 0.1
     return st
 
