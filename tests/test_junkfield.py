@@ -181,3 +181,34 @@ def test_start_spectrum_is_the_brightest_patches_mean(rng):
     np.testing.assert_allclose(lam, junkfield.shell_powers(y[:5]).mean(axis=0) / ns, rtol=1e-12)
     assert np.all(junkfield.start_spectrum(y, 100.0) == 100.0)
     assert math.isclose(float(junkfield.shell_powers(y[:5]).sum(axis=1).mean()), float(lam @ ns), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("route", ["direct", "fft"])
+def test_estep_by_ctf_groups_with_the_junk_field_matches_brute_force(rng, route):
+    """CTF groups (the path whitened micrographs take): each group's patches against its own
+    filtered projections, the field unfiltered; sums over the groups against the explicit states."""
+    from numbaem.em.estep import GroupSpectra, stream_stats
+    from scipy.special import logsumexp
+    from test_estep import _group_case
+    basis, A, theta, Psi, source, s2 = _group_case(rng)
+    L, K = basis.L, len(A)
+    idx = np.arange(source.n_patches)
+    lam = _lam(L, s2)
+    ups, vs = 0.3, 0.2
+    stats = stream_stats(source, idx, GroupSpectra((A @ theta).reshape(K, L, L), Psi, route=route),
+                         Background(ups, vs, lam), s2, n_chunk=3)
+    patches, groups = source.get(idx), source.patch_groups(idx)
+    # molecule states with prior (1 - ups - vs): the brute force with upsilon = ups + vs, its empty state re-weighted
+    le, lp, _ = naive.brute_log_posteriors_groups(patches, groups, A, Psi, theta, ups + vs, s2)
+    le = le - math.log(ups + vs) + math.log(ups)
+    C = naive.circulant_covariance(_lam_k(lam, L))
+    lf = np.array([math.log(vs) + naive.gaussian_logpdf(y, C) for y in patches])
+    ll = np.array([logsumexp(np.concatenate([[le[j], lf[j]], lp[j].ravel()])) for j in range(len(patches))])
+    np.testing.assert_allclose(stats.loglik, ll.sum(), rtol=1e-12)
+    w = np.exp(lp - ll[:, None, None, None])
+    for g in (0, 1):
+        np.testing.assert_allclose(stats.W[g], w[groups == g].sum(axis=0), rtol=1e-10, atol=1e-15)
+    r_j = np.exp(lf - ll)
+    np.testing.assert_allclose(stats.sum_empty, np.exp(le - ll).sum(), rtol=1e-10)
+    np.testing.assert_allclose(stats.junk, np.concatenate([[r_j.sum()], r_j @ junkfield.shell_powers(patches)]),
+                               rtol=1e-10)

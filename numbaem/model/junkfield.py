@@ -40,11 +40,17 @@ def shell_powers(patches):
     n, L, _ = patches.shape
     s, ns = shells(L)
     P = np.abs(np.fft.fft2(patches)) ** 2 / (L * L)
-    out = np.zeros((n, len(ns)))
-    flat = s.ravel()
-    for j in range(n):
-        out[j] = np.bincount(flat, weights=P[j].ravel(), minlength=len(ns))
-    return out
+    return P.reshape(n, L * L) @ _indicator(L)
+
+
+@functools.lru_cache(maxsize=16)
+def _indicator(L):
+    """(L^2, n_shells): 1 where a frequency lies in a shell."""
+    s, ns = shells(L)
+    M = np.zeros((L * L, len(ns)))
+    M[np.arange(L * L), s.ravel()] = 1.0
+    M.setflags(write=False)
+    return M
 
 
 def log_ratio(p, lam, sigma2, L):
