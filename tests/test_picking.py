@@ -115,3 +115,37 @@ def test_posterior_picks_find_the_particles(high_snr):
     m = match_picks(picks.per_micrograph(2), [p + 3 for p in sim.positions], 1)
     assert m["precision"] >= 0.95 and m["recall"] >= 0.95, m
     assert np.all(picks.score >= 0.5) and picks.rotation.shape == (len(picks), 3, 3)
+
+
+def test_posterior_picks_leave_out_what_the_junk_field_explains(high_snr):
+    """With the junk field (theory 14.4) a bright contaminant is background, not a particle:
+    picked without it, not with it; the particles are still found."""
+    from numbaem.data.patches import PatchSource
+    from numbaem.em.estep import Background
+    from numbaem.em.particles import posterior_particles
+    from numbaem.model.junkfield import shell_powers, shells
+    from numbaem.sim.junk import junk_images
+
+    sim = high_snr
+    mic = sim.micrographs[0].copy()
+    L = 7
+    energy = 4.0 * L * L * sim.sigma2           # a particle's mean projection energy at SNR 4
+    blob = junk_images(1, L, 4.0 * energy, np.random.default_rng(3))[0]
+    # a free place: the patch grid cell farthest from every particle
+    pos = np.asarray(sim.positions[0]) + 3
+    cells = [(r, c) for r in range(mic.shape[0] // L) for c in range(mic.shape[1] // L)]
+    r, c = max(cells, key=lambda rc: np.min(np.hypot(pos[:, 0] - (rc[0] * L + 3), pos[:, 1] - (rc[1] * L + 3))))
+    mic[r * L:(r + 1) * L, c * L:(c + 1) * L] += blob
+    src = PatchSource([mic], L)
+    basis = FBBasis(L, sim.lmax)
+    centre = np.array([r * L + 3, c * L + 3])
+
+    def near(picks):
+        return np.any(np.hypot(*(picks.centre - centre).T) <= 2) if len(picks) else False
+
+    plain = posterior_particles(src, sim.truth_theta, basis, 100, 0.6, sim.sigma2)
+    lam = shell_powers(blob[None])[0] / shells(L)[1] + sim.sigma2      # a field of this blob's spectrum
+    field = posterior_particles(src, sim.truth_theta, basis, 100, Background(0.6, 0.05, lam), sim.sigma2)
+    assert near(plain) and not near(field)
+    m = match_picks(field.per_micrograph(1), [pos], 1)
+    assert m["recall"] >= 0.95, m

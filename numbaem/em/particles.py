@@ -44,8 +44,11 @@ def posterior_particles(source, theta, basis, K, upsilon, sigma2, min_probabilit
     basis : FBBasis
     K : int
         Size of the rotation grid (:func:`numbaem.model.rotations.rotation_grid`).
-    upsilon, sigma2 : float
-        The empty-patch probability and the noise variance (as reached by the EM).
+    upsilon : float or numbaem.em.estep.Background
+        The empty-patch probability (as reached by the EM), or with the junk field the
+        background states (theory section 14.4): a patch the field explains is not a particle.
+    sigma2 : float
+        The noise variance (as reached by the EM).
     min_probability : float
         Keep patches whose posterior probability of holding a particle is at least this.
     memory : int, optional
