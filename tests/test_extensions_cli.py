@@ -69,3 +69,23 @@ def test_cli_extensions_end_to_end(tmp_path, molecule, capsys):  # noqa: F811
         code, _, err = run(["simulate", str(molecule), "-o", str(tmp_path / "y.mrc"), "--patch-size", "7", "-q"]
                            + extra, capsys)
         _assert_one_line_error(code, err, match)
+
+
+def test_junk_model_is_part_of_a_checkpoints_inputs(tmp_path, molecule, capsys):  # noqa: F811
+    """A checkpoint made with --junk-class image resumes with --junk-class image (recorded as
+    before the field existed, so older checkpoints resume) and refuses the field in one sentence."""
+    mic = tmp_path / "mic.mrc"
+    code, _, err = run(["simulate", str(molecule), "-o", str(mic), "--patch-size", "7", "--micrograph-size", "98",
+                        "--method", "2", "--density", "0.1", "--snr", "20", "--seed", "1", "--junk", "0.2", "-q"],
+                       capsys)
+    assert code == 0, err
+    ck = tmp_path / "ck"
+    base = ["reconstruct", str(mic), "--patch-size", "7", "-o", str(tmp_path / "est.mrc"), "--noise-var", "0.01",
+            "--schedule", "lmax=2,iters=1,rotations=30", "--checkpoint", str(ck), "-q"]
+    code, _, err = run(base + ["--init", "random", "--junk-class", "image"], capsys)
+    assert code == 0, err
+    assert json.loads((ck / "state.json").read_text())["inputs"]["extensions"]["junk_class"] is True
+    code, _, err = run(base + ["--resume", "--junk-class", "field", "--force"], capsys)
+    _assert_one_line_error(code, err, "another run")
+    code, _, err = run(base + ["--resume", "--junk-class", "image", "--force"], capsys)
+    assert code == 0, err

@@ -343,7 +343,8 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
         inputs["anneal"] = list(anneal) if anneal else None
         if args.orientation_prior is not None or args.junk_class:    # absent when off: older checkpoints resume
             inputs["extensions"] = dict(orientation_prior=args.orientation_prior, prior_floor=args.prior_floor,
-                                        junk_class=args.junk_class or False)
+                                        # True: the image model, as checkpoints made before the field wrote it
+                                        junk_class=True if args.junk_class == "image" else args.junk_class or False)
         # what the micrographs were made into is part of what the run computes on
         inputs["preprocess"] = dict(
             pixel_size=args.pixel_size, particle_diameter=args.particle_diameter, invert=bool(args.invert_contrast),
