@@ -351,9 +351,14 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
             ctf=file_fingerprint(args.ctf) if args.ctf else None, defocus_tolerance=args.defocus_tolerance,
             noise=args.noise, background=not args.no_preprocess, background_degree=args.background_degree)
         ckpt = Checkpointer(args.checkpoint, inputs, force=args.force and not args.resume)
-        state = ckpt.begin(resume=args.resume)
-        if args.resume and state is None:
-            raise NumbaemError(f"no checkpoint found in {args.checkpoint}; start the run with --init instead of --resume")
+        try:
+            state = ckpt.begin(resume=args.resume)
+            if args.resume and state is None:
+                raise NumbaemError(f"no checkpoint found in {args.checkpoint}; start the run with --init instead of "
+                                   "--resume")
+        except BaseException:
+            ckpt.close()          # the directory's lock: a caller running main() again in-process finds it free
+            raise
         if state is not None:
             logger.info("resuming after iteration %d", state.total_iterations)
 
@@ -385,6 +390,8 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
                 picks = _write_particles(args, source, result, schedule, budget)
     finally:
         close()
+        if ckpt is not None:
+            ckpt.close()
     state, basis = result.state, result.basis
     write_volume(args.output, result.volume, voxel_size=result.pixel_size, force=True if args.resume else args.force)
     if args.plot and state.history:
