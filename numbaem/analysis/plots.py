@@ -401,7 +401,7 @@ def plot_view_distribution(weights, path, truth=None, force=False, title=None):
     from ..model import viewprior
     q = np.asarray(weights, dtype=np.float64)
     B = len(q)
-    nside = int(round(math.sqrt(B / 12)))
+    nside = viewprior.nside_of(q)
     if q.ndim != 1 or 12 * nside * nside != B or not np.all(np.isfinite(q)) or not np.all(q >= 0) or q.sum() <= 0:
         raise NumbaemError(f"weights of shape {q.shape} are not non-negative weights of 12 nside^2 HEALPix cells")
     force = check_force(force)

@@ -165,7 +165,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
         extra["precision"] = plan.parts["precision"]
         if state.view_weights is not None and not state.view_fixed:
             from ..model import hopf
-            nside = _nside(state.view_weights)
+            nside = viewprior.nside_of(state.view_weights)
             state.view_weights = viewprior.update_weights(
                 state.view_weights, viewprior.bins_of_rotations(hopf.rotations(spec.fine), nside),
                 viewprior.rotation_mass(stats.W), state.view_floor,
@@ -198,7 +198,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
             if state.view_weights is not None or junk:
                 delta = np.zeros(K)
                 if state.view_weights is not None:
-                    view_bins = viewprior.bins_of_rotations(operator.rots, _nside(state.view_weights))
+                    view_bins = viewprior.bins_of_rotations(operator.rots, viewprior.nside_of(state.view_weights))
                     delta = viewprior.log_offsets(state.view_weights, view_bins)
                 if junk:
                     delta = junk_offsets(delta, state.upsilon, state.varsigma)
@@ -327,11 +327,6 @@ def junk_field_mstep(stats, state, L):
     vs = min(max(mass / stats.n_patches, JUNK_FLOOR), 1.0 - state.upsilon - JUNK_FLOOR)
     lam = update_spectrum(power, mass, state.sigma2, L) if mass > 0 else state.junk_lam
     return float(vs), lam
-
-
-def _nside(q):
-    """HEALPix ``nside`` of cell weights ``q`` (12 nside^2 cells)."""
-    return int(round(math.sqrt(len(q) / 12)))
 
 
 def search_record(stats, spec):
@@ -636,7 +631,7 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
     if prior_weights is not None:
         prior_weights = viewprior.check_weights(prior_weights, orientation_prior)
         orientation_prior = viewprior.nside_of(prior_weights)
-    elif prior_fixed and orientation_prior is not None:
+    elif prior_fixed:
         raise NumbaemError("prior_fixed holds the orientation prior at its start; give that start as prior_weights "
                            "(12 nside^2 positive cell weights), or drop prior_fixed to estimate it")
     if orientation_prior is not None:

@@ -210,7 +210,7 @@ class SearchModel:
         if self.view_weights is None:
             return np.zeros(len(idx))
         from ..model import viewprior
-        nside = int(round(math.sqrt(len(self.view_weights) / 12)))
+        nside = viewprior.nside_of(self.view_weights)
         lm = self._view_log_mean.get(level)
         if lm is None:
             b = viewprior.bins_of_rotations(hopf.rotations(level), nside)
