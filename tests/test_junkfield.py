@@ -212,3 +212,40 @@ def test_estep_by_ctf_groups_with_the_junk_field_matches_brute_force(rng, route)
     np.testing.assert_allclose(stats.sum_empty, np.exp(le - ll).sum(), rtol=1e-10)
     np.testing.assert_allclose(stats.junk, np.concatenate([[r_j.sum()], r_j @ junkfield.shell_powers(patches)]),
                                rtol=1e-10)
+
+
+@pytest.mark.parametrize("ext", ["none", "prior+image", "prior+field"])
+def test_restarts_compare_runs_under_their_own_extensions(rng, ext):
+    """log_likelihood(state=...) (what restarts rank runs by) is the log-likelihood an EM
+    iteration from that state reports: the prior, the junk image or the junk field included."""
+    basis, rots, theta, mic, s2 = _case(rng, K=20)
+    L = basis.L
+    src = PatchSource([mic], L)
+    from numbaem.model.rotations import rotation_grid
+    state = em.EMState(theta=theta.copy(), lmax=basis.lmax, upsilon=0.4, sigma2=s2, rng=np.random.default_rng(0))
+    if ext != "none":
+        state.view_weights = rng.uniform(0.5, 2.0, 12)
+        state.varsigma = 0.12
+        if ext == "prior+image":
+            state.junk_theta = 0.4 * np.ones(em.junk_operator(L).shape[1])
+        else:
+            state.junk_lam = _lam(L, s2)
+    ll = em.log_likelihood(src, theta, basis, 20, 0.4, s2, state=state)
+    rec = em.em_iteration(state, src, em.Operator(basis, rotation_grid(20), 1 << 30),
+                          schedule.Stage(basis.lmax, 1, 1.0, 20), budget=1 << 30, precision="float64")
+    np.testing.assert_allclose(ll, rec["loglik"], rtol=1e-12)
+    if ext != "none":    # the extensions change it
+        assert abs(em.log_likelihood(src, theta, basis, 20, 0.4, s2) - ll) > 1e-3 * abs(ll)
+
+
+def test_restarts_log_likelihood_filters_by_ctf_groups(rng):
+    """With CTF groups the comparison's E-step filters the projections as the EM does (it did not)."""
+    from numbaem.model.rotations import rotation_grid
+    from test_estep import _group_case
+    basis, A, theta, Psi, source, s2 = _group_case(rng)
+    state = em.EMState(theta=theta.copy(), lmax=basis.lmax, upsilon=0.3, sigma2=s2, rng=np.random.default_rng(0),
+                       varsigma=0.1, junk_lam=_lam(basis.L, s2))
+    ll = em.log_likelihood(source, theta, basis, 12, 0.3, s2, state=state)
+    rec = em.em_iteration(state, source, em.Operator(basis, rotation_grid(12), 1 << 30),
+                          schedule.Stage(basis.lmax, 1, 1.0, 12), budget=1 << 30, precision="float64")
+    np.testing.assert_allclose(ll, rec["loglik"], rtol=1e-12)

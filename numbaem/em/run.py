@@ -734,22 +734,42 @@ def hopf_step(level):
     return hopf.level_step(level)
 
 
-def log_likelihood(source, theta, basis, K, upsilon, sigma2, idx=None, memory=None):
+def log_likelihood(source, theta, basis, K, upsilon, sigma2, idx=None, memory=None, state=None):
     """The approximate log-likelihood (theory section 4) of ``theta`` on the patches ``idx``.
 
     One E-step pass (no M-step) with the ``K``-rotation grid; ``idx`` defaults to every
-    patch. Used to compare runs (restarts) on the same patches.
+    patch; the source's CTF groups filter the projections as in the EM. With ``state`` its
+    extensions enter as in its iterations (theory section 14): the orientation prior's
+    weights, the junk class (image row or field) with its ``varsigma``. Used to compare runs
+    (restarts) on the same patches.
     """
     budget = default_budget() if memory is None else int(memory)
     idx = np.arange(source.n_patches) if idx is None else np.asarray(idx, dtype=np.int64)
-    plan = stage_plan(budget, basis, K, len(idx))
+    L = basis.L
+    filters = _filters(source)
+    image_junk = state is not None and state.junk_theta is not None
+    plan = stage_plan(budget, basis, K + image_junk, len(idx), None if filters is None else len(filters))
     old_limit = fft.set_cache_limit(plan.fft_cache_bytes)
     try:
-        op = Operator(basis, rotation_grid(K), plan.parts["operator"])
-        spectra = projection_spectra(op.project(theta))
+        rots = rotation_grid(K)
+        op = Operator(basis, rots, plan.parts["operator"])
+        proj = op.project(theta)
+        background, delta = upsilon, None
+        if state is not None:
+            if state.view_weights is not None:
+                delta = viewprior.log_offsets(state.view_weights,
+                                              viewprior.bins_of_rotations(rots, viewprior.nside_of(state.view_weights)))
+            if image_junk:
+                proj = np.concatenate([proj, (junk_operator(L) @ state.junk_theta).reshape(1, L, L)])
+                delta = junk_offsets(np.zeros(K) if delta is None else delta, upsilon, state.varsigma)
+            if state.junk_lam is not None:
+                background = Background(upsilon, state.varsigma, state.junk_lam)
+        spectra = projection_spectra(proj) if filters is None else GroupSpectra(proj, filters)
+        if delta is not None:
+            spectra = fold_log_prior(spectra, delta, sigma2)
         if getattr(source, "shift_window", None) is not None:
             spectra = restrict_shifts(spectra, source.shift_window)
-        stats = LocalExecutor().sufficient_stats(source, idx, spectra, upsilon, sigma2, plan.n_chunk)
+        stats = LocalExecutor().sufficient_stats(source, idx, spectra, background, sigma2, plan.n_chunk)
     finally:
         fft.set_cache_limit(old_limit)
     return float(stats.loglik)
@@ -776,7 +796,8 @@ def _best_of_restarts(source, *, restarts, rng, schedule, truth, callback, memor
         cb = None if callback is None else _tagged(callback, r)
         res = reconstruct(source, "random", rng=child, schedule=schedule, truth=truth, callback=cb, memory=memory,
                           restarts=1, **kw)
-        ll = log_likelihood(source, res.theta, res.basis, last.rotations, res.upsilon, res.sigma2, idx, memory)
+        ll = log_likelihood(source, res.theta, res.basis, last.rotations, res.upsilon, res.sigma2, idx, memory,
+                            state=res.state)
         rec = dict(restart=r, loglik=ll, loglik_per_patch=ll / len(idx), upsilon=res.upsilon, stopped=res.stopped)
         if truth is not None:
             rec.update(compare_to_truth(res.theta, res.basis, truth))
