@@ -459,14 +459,11 @@ def _read_particles(args):
 
 def _write_particles(args, source, result, schedule, budget):
     from ..data.coordinates import relion_angles, write_coordinates
-    from ..em.estep import Background
     from ..em.particles import posterior_particles
 
     last = schedule[-1]
     K = 1000 if last.is_search else last.rotations     # the picks' most likely rotation, on a 20-degree grid
-    st = result.state
-    background = result.upsilon if st.junk_lam is None else Background(st.upsilon, st.varsigma, st.junk_lam)
-    picks = posterior_particles(source, result.theta, result.basis, K, background, result.sigma2,
+    picks = posterior_particles(source, result.theta, result.basis, K, result.state.background(), result.sigma2,
                                 min_probability=args.min_probability, memory=budget)
     ang = relion_angles(picks.rotation)
     write_coordinates(args.write_particles, [args.micrographs[m] for m in picks.micrograph], picks.centre,

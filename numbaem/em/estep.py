@@ -1252,11 +1252,7 @@ def _stream_groups(source, idx, spectra, upsilon, sigma2, n_chunk, progress, tim
         sizes.add(n)
         part = SufficientStats(stats.W[g], stats.G[g])     # views: the kernels add into the group's slices
         stream_stats(source, sel, spectra.group(g), upsilon, sigma2, n, progress, timer, stats=part, release=False)
-        stats.n_patches += part.n_patches
-        stats.sum_empty += part.sum_empty
-        stats.sum_yy += part.sum_yy
-        stats.loglik += part.loglik
-        stats.junk = add_junk(stats.junk, part.junk)
+        add_totals(stats, part)
     for n in sizes:
         fft.release((n, K, 2 * L, 2 * L))
         fft.release((n, 2 * L, 2 * L))

@@ -229,10 +229,9 @@ def update_sigma2(stats, H, b, theta, L):
     theory section 14.4) its patches' share ``sum_j r_j ||y_j||^2`` and ``sum_j r_j`` leave the sums:
     their variances are the field's own.
     """
+    yy, n = stats.sum_yy, stats.n_patches
     junk = getattr(stats, "junk", None)
-    if junk is None:
-        val = (stats.sum_yy - 2.0 * b @ theta + theta @ H @ theta) / (stats.n_patches * L * L)
-    else:     # the junk field's patches carry their own variances (theory section 14.4)
-        val = (stats.sum_yy - junk[1:].sum() - 2.0 * b @ theta + theta @ H @ theta) / \
-            ((stats.n_patches - junk[0]) * L * L)
+    if junk is not None:     # the junk field's patches carry their own variances (theory section 14.4)
+        yy, n = yy - junk[1:].sum(), n - junk[0]
+    val = (yy - 2.0 * b @ theta + theta @ H @ theta) / (n * L * L)
     return float(max(val, 1e-300))

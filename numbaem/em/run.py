@@ -64,6 +64,11 @@ class EMState:
     varsigma: float = 0.0             # the junk class's prior probability per patch
     junk_lam: np.ndarray = None       # junk class as a field: its shell variances (theory 14.4), or None
 
+    def background(self):
+        """What the E-step takes for the states other than the molecule: ``upsilon``, or with
+        the junk field its :class:`numbaem.em.estep.Background`."""
+        return self.upsilon if self.junk_lam is None else Background(self.upsilon, self.varsigma, self.junk_lam)
+
 
 class LocalExecutor:
     """Runs the E-step in this process (the default; ``numbaem.em.distributed`` has a Dask one)."""
@@ -173,9 +178,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
     else:
         proj = operator.project(state.theta)
         junk = state.junk_theta is not None
-        if junk:                             # row K: the junk class's image, the same at every rotation
-            A_J = junk_operator(L)
-            proj = np.concatenate([proj, (A_J @ state.junk_theta).reshape(1, L, L)])
+        proj = _with_junk_row(state, proj, L)
         route = choose_route(L)
         dtype = choose_precision(proj, sigma2_e, precision) if route == "direct" else np.dtype(np.float64)
         plan = stage_plan(budget, basis, K + junk, len(idx), None if filters is None else len(filters), route,
@@ -195,20 +198,13 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
             else:
                 spectra = GroupSpectra(proj, filters, route=route, precision=str(dtype))
             del proj
-            if state.view_weights is not None or junk:
-                delta = np.zeros(K)
-                if state.view_weights is not None:
-                    view_bins = viewprior.bins_of_rotations(operator.rots, viewprior.nside_of(state.view_weights))
-                    delta = viewprior.log_offsets(state.view_weights, view_bins)
-                if junk:
-                    delta = junk_offsets(delta, state.upsilon, state.varsigma)
+            delta, view_bins = _state_log_prior(state, operator.rots)
+            if delta is not None:
                 spectra = fold_log_prior(spectra, delta, sigma2_e)
             if getattr(source, "shift_window", None) is not None:   # boxes around picks (numbaem.data.boxes)
                 spectra = restrict_shifts(spectra, source.shift_window)
             executor = executor or LocalExecutor()
-            background = state.upsilon if state.junk_lam is None else \
-                Background(state.upsilon, state.varsigma, state.junk_lam)
-            stats = executor.sufficient_stats(source, idx, spectra, background, sigma2_e, n_chunk, progress)
+            stats = executor.sufficient_stats(source, idx, spectra, state.background(), sigma2_e, n_chunk, progress)
             del spectra
             t_e = time.perf_counter()
             W, G = (stats.W[..., :K, :, :], stats.G[..., :K, :, :]) if junk else (stats.W, stats.G)
@@ -263,6 +259,29 @@ def junk_operator(L):
     the same for every rotation (taken at the identity)."""
     from ..model.projection import projection_matrices
     return projection_matrices(FBBasis(L, 0), np.eye(3)[None])[0]
+
+
+def _with_junk_row(state, proj, L):
+    """``proj`` (K, L, L) with the image junk class's row ``K`` appended (the same image at
+    every rotation, theory section 14.2) when the state has one."""
+    if state.junk_theta is None:
+        return proj
+    return np.concatenate([proj, (junk_operator(L) @ state.junk_theta).reshape(1, L, L)])
+
+
+def _state_log_prior(state, rots):
+    """``(delta, view_bins)``: the per-row log-prior offsets of the state's orientation prior
+    and image junk class over the grid ``rots`` (:func:`numbaem.em.estep.fold_log_prior`; the
+    junk row's last) and the grid's view cells, or None for what the state does not have."""
+    if state.view_weights is None and state.junk_theta is None:
+        return None, None
+    delta, bins = np.zeros(len(rots)), None
+    if state.view_weights is not None:
+        bins = viewprior.bins_of_rotations(rots, viewprior.nside_of(state.view_weights))
+        delta = viewprior.log_offsets(state.view_weights, bins)
+    if state.junk_theta is not None:
+        delta = junk_offsets(delta, state.upsilon, state.varsigma)
+    return delta, bins
 
 
 def junk_offsets(delta, upsilon, varsigma):
@@ -756,14 +775,9 @@ def log_likelihood(source, theta, basis, K, upsilon, sigma2, idx=None, memory=No
         proj = op.project(theta)
         background, delta = upsilon, None
         if state is not None:
-            if state.view_weights is not None:
-                delta = viewprior.log_offsets(state.view_weights,
-                                              viewprior.bins_of_rotations(rots, viewprior.nside_of(state.view_weights)))
-            if image_junk:
-                proj = np.concatenate([proj, (junk_operator(L) @ state.junk_theta).reshape(1, L, L)])
-                delta = junk_offsets(np.zeros(K) if delta is None else delta, upsilon, state.varsigma)
-            if state.junk_lam is not None:
-                background = Background(upsilon, state.varsigma, state.junk_lam)
+            proj = _with_junk_row(state, proj, L)
+            delta, _ = _state_log_prior(state, rots)
+            background = state.background()
         spectra = projection_spectra(proj) if filters is None else GroupSpectra(proj, filters)
         if delta is not None:
             spectra = fold_log_prior(spectra, delta, sigma2)
