@@ -49,6 +49,8 @@ def test_cli_extensions_end_to_end(tmp_path, molecule, capsys):  # noqa: F811
     assert code == 0, err
     s = json.loads(out)
     assert len(s["orientation_prior"]["weights"]) == 12 and abs(sum(s["orientation_prior"]["distribution"]) - 1) < 1e-12
+    # 60 rotations (a 109-degree step) do not resolve 59-degree cells: the prior is held uniform
+    assert s["orientation_prior"]["grid_ratio"] == 0.6 and s["orientation_prior"]["weights"] == [1.0] * 12
     assert 0 < s["junk_class"]["varsigma"] < 1
     assert s["junk_class"]["model"] == "field" and len(s["junk_class"]["spectrum"]) == 5
     assert (tmp_path / "est_views.png").stat().st_size > 1000 and (tmp_path / "est_junk.png").stat().st_size > 1000
@@ -60,7 +62,8 @@ def test_cli_extensions_end_to_end(tmp_path, molecule, capsys):  # noqa: F811
     assert json.loads(out)["junk_class"]["model"] == "image" and (tmp_path / "img_junk.mrc").exists()
     # bad values: one sentence, exit 2, nothing written
     for extra, match in ((["--orientation-prior", "0"], "power of two"), (["--prior-floor", "1.5",
-                          "--orientation-prior"], "floor"), (["--junk-class", "--schedule", "lmax=2,iters=1,fine=30"], "exhaustive")):
+                          "--orientation-prior"], "floor"), (["--prior-grid-ratio", "0", "--orientation-prior"], "grid ratio"),
+                         (["--junk-class", "--schedule", "lmax=2,iters=1,fine=30"], "exhaustive")):
         code, _, err = run(["reconstruct", str(mic), "--patch-size", "7", "-o", str(tmp_path / "x.mrc"),
                             "--init", "random", "--noise-var", "1", "-q"] + extra, capsys)
         _assert_one_line_error(code, err, match)

@@ -1,6 +1,7 @@
 """The orientation prior (numbaem.model.viewprior, theory section 14.1):
 its E-step against the brute-force sum over states on both routes and in the search, its
 M-step update against a numerical maximiser, the floor, and the switched-off bits."""
+import logging
 import math
 
 import numpy as np
@@ -159,7 +160,7 @@ def test_switched_off_and_uniform_prior_give_the_same_bits(rng):
     runs = []
     for q in (None, np.ones(48)):
         state = em.EMState(theta=start.copy(), lmax=stage.lmax, upsilon=0.5, sigma2=s2,
-                           rng=np.random.default_rng(0), view_weights=q)
+                           rng=np.random.default_rng(0), view_weights=q, view_grid_ratio=math.inf)
         rec = em.em_iteration(state, PatchSource([mic], basis.L), op, stage, budget=1 << 30)
         runs.append((state, rec))
     (a, ra), (b, rb) = runs
@@ -174,7 +175,7 @@ def test_iteration_update_is_the_grid_mass_per_cell(rng):
     basis, theta, mic, s2, stage, op = _iteration_case(rng)
     q = rng.uniform(0.5, 2.0, 12)
     state = em.EMState(theta=theta.copy(), lmax=stage.lmax, upsilon=0.5, sigma2=s2, rng=np.random.default_rng(0),
-                       view_weights=q.copy(), view_floor=0.1)
+                       view_weights=q.copy(), view_floor=0.1, view_grid_ratio=math.inf)
     rec = em.em_iteration(state, PatchSource([mic], basis.L), op, stage, budget=1 << 30)
     src = PatchSource([mic], basis.L)
     bins = viewprior.bins_of_rotations(op.rots, 1)
@@ -205,7 +206,8 @@ def test_iteration_with_prior_and_junk_class_matches_brute_force(rng, monkeypatc
     q = rng.uniform(0.5, 2.0, 12)
     junk_theta = np.array([0.5] * A_J.shape[1])
     state = em.EMState(theta=theta.copy(), lmax=lmax, upsilon=0.4, sigma2=s2, rng=np.random.default_rng(0),
-                       view_weights=q.copy(), view_floor=0.05, junk_theta=junk_theta.copy(), varsigma=0.1)
+                       view_weights=q.copy(), view_floor=0.05, junk_theta=junk_theta.copy(), varsigma=0.1,
+                       view_grid_ratio=math.inf)
     stage = schedule.Stage(lmax, 1, 1.0, K)
     rec = em.em_iteration(state, src, em.Operator(basis, rots, 1 << 30), stage, budget=1 << 30,
                           precision="float64")
@@ -251,7 +253,7 @@ def test_checkpoint_resume_with_both_extensions_is_bit_exact(tmp_path, model):
     mic = ck_micrograph(tmp_path / "m.mrc")
     sched = [schedule.Stage(2, 2, 0.5, 16), schedule.Stage(3, 2, 0.5, 32)]
     kw = dict(sigma2=SIGMA2, schedule=sched, memory=MEM, progress=False, orientation_prior=1,
-              junk_class=model)
+              prior_grid_ratio=math.inf, junk_class=model)      # updated on these coarse grids too
     inputs = run_inputs([mic], L=LC, sigma2=SIGMA2, estimate_noise=False, schedule=sched, seed=5, tikhonov=0.0,
                         upsilon0=0.5, init="random", memory=MEM)
 
@@ -283,6 +285,9 @@ def test_reconstruct_refuses_bad_extension_options(rng):
     with pytest.raises(NumbaemError, match="floor"):
         em.reconstruct(src, "random", sigma2=s2, schedule=[stage], orientation_prior=2, prior_floor=0,
                        progress=False)
+    with pytest.raises(NumbaemError, match="grid ratio"):
+        em.reconstruct(src, "random", sigma2=s2, schedule=[stage], orientation_prior=2, prior_grid_ratio=-1,
+                       progress=False)
     with pytest.raises(NumbaemError, match="exhaustive"):
         em.reconstruct(src, "random", sigma2=s2, junk_class=True, progress=False,
                        schedule=[stage, Stage(stage.lmax, 1, 1.0, fine=30.0)])
@@ -307,6 +312,60 @@ def test_search_iteration_updates_the_prior_from_its_rows(rng):
                                    mass_bins=viewprior.bins_of_rotations(model.rotations(stats.rotations), 1))
     np.testing.assert_allclose(state.view_weights, ref, rtol=1e-10)
     assert not np.allclose(state.view_weights, q)
+    # the 30-degree level resolves 59-degree cells at the default ratio 0.6, not at 0.4: held
+    coarse = em.EMState(theta=theta.copy(), lmax=2, upsilon=0.5, sigma2=s2, rng=np.random.default_rng(0),
+                        view_weights=q.copy(), view_grid_ratio=0.4)
+    rec = em.em_iteration(coarse, src, em.SearchOperator(basis, spec), stage, budget=1 << 30, precision="float64")
+    assert rec["view_prior"] == "held" and np.array_equal(coarse.view_weights, q)
+
+
+def test_grid_step_and_cell_size():
+    """The grid step ``(8 pi^2 / K)^(1/3)`` is each Hopf level's step within 2%; the cells tile the
+    sphere (``12 nside^2 cell_size^2 = 4 pi``); with 48 cells of 29 degrees and the default ratio
+    0.6, 3,000 rotations and the 15-degree level resolve them, 1,000 and the 30-degree level do not."""
+    for r in range(6):
+        assert abs(math.degrees(viewprior.grid_step(hopf.size(r))) / hopf.level_step(r) - 1) < 0.02
+    for n in (1, 2, 4, 16):
+        assert 12 * n * n * viewprior.cell_size(n) ** 2 == pytest.approx(4 * math.pi, rel=1e-14)
+    assert viewprior.resolves(3000, 2) and viewprior.resolves(hopf.size(2), 2)
+    assert not viewprior.resolves(1000, 2) and not viewprior.resolves(hopf.size(1), 2)
+    assert viewprior.resolves(1000, 1) and viewprior.resolves(10, 2, math.inf)
+
+
+def test_prior_is_held_on_a_coarse_grid_and_updated_on_a_fine_one(rng, caplog):
+    """The rule ``grid_step(K) <= ratio * cell_size``: just below the ratio that 40 rotations need for
+    12 cells the weights are held (the same array, the record says 'held', the log says why), just
+    above they are updated; either way the E-step used them (the same log-likelihood and volume)."""
+    basis, theta, mic, s2, stage, op = _iteration_case(rng)
+    q = rng.uniform(0.5, 2.0, 12)
+    need = viewprior.grid_step(40) / viewprior.cell_size(1)
+    out = []
+    for ratio in (need * (1 - 1e-9), need * (1 + 1e-9)):
+        state = em.EMState(theta=theta.copy(), lmax=stage.lmax, upsilon=0.5, sigma2=s2, rng=np.random.default_rng(0),
+                           view_weights=q.copy(), view_grid_ratio=ratio)
+        with caplog.at_level(logging.INFO, logger="numbaem.em.run"):
+            rec = em.em_iteration(state, PatchSource([mic], basis.L), op, stage, budget=1 << 30)
+        out.append((state, rec))
+    (held, rh), (upd, ru) = out
+    assert rh["view_prior"] == "held" and np.array_equal(held.view_weights, q)
+    assert "orientation prior held" in caplog.text
+    assert ru["view_prior"] == "updated" and not np.allclose(upd.view_weights, q)
+    assert rh["loglik"] == ru["loglik"] and np.array_equal(held.theta, upd.theta)
+
+
+def test_a_schedule_that_never_resolves_the_cells_warns(rng, caplog):
+    """No stage fine enough: one warning, and the prior ends uniform; a ratio that lets the stage
+    update it: no warning, and the prior moves."""
+    basis, theta, mic, s2, stage, op = _iteration_case(rng)
+    src = PatchSource([mic], basis.L)
+    kw = dict(sigma2=s2, schedule=[stage], progress=False, orientation_prior=1)
+    with caplog.at_level(logging.WARNING, logger="numbaem.em.run"):
+        held = em.reconstruct(src, "random", rng=np.random.default_rng(1), **kw)
+    assert "stays uniform" in caplog.text and np.array_equal(held.state.view_weights, np.ones(12))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="numbaem.em.run"):
+        moved = em.reconstruct(src, "random", rng=np.random.default_rng(1), prior_grid_ratio=2.0, **kw)
+    assert "stays uniform" not in caplog.text and not np.allclose(moved.state.view_weights, 1.0)
 
 
 def test_view_distribution_plot_is_written_and_bad_weights_refused(tmp_path):
@@ -331,7 +390,8 @@ def test_known_weights_start_the_prior_and_fixed_weights_stay_fixed(rng):
     fixed = em.reconstruct(src, "random", rng=np.random.default_rng(1), prior_weights=q, prior_fixed=True, **kw)
     np.testing.assert_array_equal(fixed.state.view_weights, q / q.mean())
     assert fixed.state.view_fixed
-    moved = em.reconstruct(src, "random", rng=np.random.default_rng(1), prior_weights=3 * q, **kw)
+    moved = em.reconstruct(src, "random", rng=np.random.default_rng(1), prior_weights=3 * q,
+                           prior_grid_ratio=math.inf, **kw)
     assert not moved.state.view_fixed and not np.allclose(moved.state.view_weights, q / q.mean())
     # the fixed run's first iteration is em_iteration on a state holding q (its E-step used q)
     r = np.random.default_rng(1)

@@ -124,6 +124,10 @@ def add_args(p):
     x.add_argument("--prior-floor", type=float, default=0.05, metavar="LAMBDA",
                    help="the orientation prior's floor: each update mixes in this fraction of the uniform "
                         "distribution, so no rotation falls below LAMBDA/K (default 0.05)")
+    x.add_argument("--prior-grid-ratio", type=float, default=0.6, metavar="R",
+                   help="update the orientation prior only on stages whose rotation grid's step is at most R times "
+                        "the cells' size (coarser grids smear the views across cells; those stages hold the prior; "
+                        "default 0.6: with NSIDE 2, rotations >= 3000 or a search's fine <= 15 degrees)")
     x.add_argument("--junk-class", nargs="?", const="field", default=None, choices=("field", "image"),
                    metavar="MODEL",
                    help="add a junk class for contaminants, with its own prior probability; exhaustive stages "
@@ -224,9 +228,10 @@ def main(args):
         noise_plot = str(Path(args.output).with_suffix("")) + "_noise.png"
     outputs = [args.output] + [x for x in (args.log, args.plot, args.write_particles, noise_plot) if x]
     if args.orientation_prior is not None:
-        from ..model.viewprior import check_floor, check_nside
+        from ..model.viewprior import check_floor, check_grid_ratio, check_nside
         check_nside(args.orientation_prior)
         check_floor(args.prior_floor)
+        check_grid_ratio(args.prior_grid_ratio)
         outputs.append(_sibling(args.output, "_views.png"))
     if args.junk_class:
         if any(st.is_search for st in schedule):
@@ -343,6 +348,7 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
         inputs["anneal"] = list(anneal) if anneal else None
         if args.orientation_prior is not None or args.junk_class:    # absent when off: older checkpoints resume
             inputs["extensions"] = dict(orientation_prior=args.orientation_prior, prior_floor=args.prior_floor,
+                                        prior_grid_ratio=args.prior_grid_ratio,
                                         # True: the image model, as checkpoints made before the field wrote it
                                         junk_class=True if args.junk_class == "image" else args.junk_class or False)
         # what the micrographs were made into is part of what the run computes on
@@ -384,7 +390,7 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
                                  state=state, should_stop=stop.should_stop, executor=executor, anneal=anneal,
                                  restarts=args.restarts, scale_init=model_start,
                                  orientation_prior=args.orientation_prior, prior_floor=args.prior_floor,
-                                 junk_class=args.junk_class)
+                                 prior_grid_ratio=args.prior_grid_ratio, junk_class=args.junk_class)
             interrupted = stop.should_stop()
             if args.write_particles and not interrupted:
                 picks = _write_particles(args, source, result, schedule, budget)
@@ -418,6 +424,7 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
         views_png = _sibling(args.output, "_views.png")
         plot_view_distribution(state.view_weights, views_png, force=force)
         summary["orientation_prior"] = dict(nside=args.orientation_prior, floor=state.view_floor,
+                                            grid_ratio=state.view_grid_ratio,
                                             weights=state.view_weights.tolist(),
                                             distribution=distribution(state.view_weights).tolist(), plot=views_png)
     if state.junk_theta is not None:

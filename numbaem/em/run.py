@@ -28,7 +28,7 @@ from ..runtime.errors import NumbaemError
 from ..runtime.threads import prefer_passive_openmp
 from ..runtime.validate import as_rng
 from ..runtime.memory import default_budget, peak_rss, reset_peak_rss
-from ..model import viewprior
+from ..model import hopf, viewprior
 from .estep import Background, GroupSpectra, Records, choose_precision, choose_route, fold_log_prior, projection_spectra, \
     restrict_shifts, stream_stats
 from .mstep import normal_equations, solve, update_sigma2, update_upsilon
@@ -59,6 +59,7 @@ class EMState:
     records: Records = None   # what each patch's posterior held last (for local searches)
     view_weights: np.ndarray = None   # orientation prior: HEALPix cell weights q_b (numbaem.model.viewprior)
     view_floor: float = 0.05          # its floor lambda
+    view_grid_ratio: float = viewprior.DEFAULT_GRID_RATIO   # updated only on grids this fine (viewprior.resolves)
     view_fixed: bool = False          # hold the weights (a known distribution): no M-step update
     junk_theta: np.ndarray = None     # junk class: coefficients of its isotropic volume (FBBasis(L, 0)), or None
     varsigma: float = 0.0             # the junk class's prior probability per patch
@@ -100,7 +101,6 @@ class SearchOperator:
 
     @property
     def K(self):
-        from ..model import hopf
         return sum(hopf.size(r) for r in self.spec.levels)
 
 
@@ -168,8 +168,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
         H, b = search_normal_equations(stats, spec, basis, max_block_bytes=plan.mstep_block_bytes, filters=filters)
         extra = search_record(stats, spec)
         extra["precision"] = plan.parts["precision"]
-        if state.view_weights is not None and not state.view_fixed:
-            from ..model import hopf
+        if _view_update(state, hopf.size(spec.fine), extra):
             nside = viewprior.nside_of(state.view_weights)
             state.view_weights = viewprior.update_weights(
                 state.view_weights, viewprior.bins_of_rotations(hopf.rotations(spec.fine), nside),
@@ -210,7 +209,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
             W, G = (stats.W[..., :K, :, :], stats.G[..., :K, :, :]) if junk else (stats.W, stats.G)
             H, b = normal_equations(operator.blocks(), W, G, L, M, max_block_bytes=plan.mstep_block_bytes,
                                     filters=filters)
-            if state.view_weights is not None and not state.view_fixed:
+            if _view_update(state, K, extra):
                 state.view_weights = viewprior.update_weights(state.view_weights, view_bins,
                                                               viewprior.rotation_mass(W), state.view_floor)
             if junk:
@@ -267,6 +266,34 @@ def _with_junk_row(state, proj, L):
     if state.junk_theta is None:
         return proj
     return np.concatenate([proj, (junk_operator(L) @ state.junk_theta).reshape(1, L, L)])
+
+
+def _grid_size(stage):
+    """Rotations of a stage's grid: ``K``, or a search's fine Hopf level's."""
+    return hopf.size(stage.search_spec().fine) if stage.is_search else stage.rotations
+
+
+def _view_update(state, K, extra):
+    """Whether this iteration's M-step updates the orientation prior's weights, on a grid of ``K``
+    rotations (the search: its fine level's): a prior that is on, not held fixed, on a grid that
+    resolves its cells (:func:`numbaem.model.viewprior.resolves`, theory section 14.1). Writes
+    ``view_prior`` ('updated', 'held' or 'fixed') into the record ``extra``."""
+    if state.view_weights is None:
+        return False
+    if state.view_fixed:
+        extra["view_prior"] = "fixed"
+        return False
+    nside = viewprior.nside_of(state.view_weights)
+    if viewprior.resolves(K, nside, state.view_grid_ratio):
+        extra["view_prior"] = "updated"
+        return True
+    extra["view_prior"] = "held"
+    if state.iteration == 0:
+        logger.info("orientation prior held on this stage: its grid's step of %.0f degrees is coarser than %.2g of "
+                    "the %.0f-degree cells (updated from a finer stage on; a coarser NSIDE or a larger grid ratio "
+                    "updates it here)", math.degrees(viewprior.grid_step(K)), state.view_grid_ratio,
+                    math.degrees(viewprior.cell_size(nside)))
+    return False
 
 
 def _state_log_prior(state, rots):
@@ -358,7 +385,6 @@ def search_record(stats, spec):
     ``search_mass_pruned_mean`` / ``_max`` (per patch), ``search_seconds`` per pass,
     ``search_rows`` (rotations reached) and ``search_local`` (patches searched locally).
     """
-    from ..model import hopf
     rep = stats.search or {}
     n = max(1, int(rep.get("patches", stats.n_patches)))
     Kf = hopf.size(spec.fine)
@@ -531,7 +557,7 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                 rng=None, memory=None, tikhonov=0.0, truth=None, callback=None, progress=True,
                 state=None, should_stop=None, executor=None, anneal=None, restarts=1, scale_init=False,
                 precision="auto", orientation_prior=None, prior_floor=0.05, junk_class=False, varsigma0=0.1,
-                prior_weights=None, prior_fixed=False):
+                prior_weights=None, prior_fixed=False, prior_grid_ratio=viewprior.DEFAULT_GRID_RATIO):
     """Run the approximate EM with frequency marching.
 
     Parameters
@@ -603,6 +629,10 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         ``nside`` of their length (``orientation_prior``, if given, must agree).
     prior_fixed : bool
         Hold the prior at its start (no M-step update): a known distribution of views.
+    prior_grid_ratio : float
+        Update the prior only on stages whose grid step is at most this fraction of the cells'
+        size (:func:`numbaem.model.viewprior.resolves`; coarser stages hold it); ``inf``: on
+        every stage.
     junk_class : bool or {'field', 'image'}
         Add a junk class for contaminants; exhaustive stages only. ``'field'`` (``True``): a
         patch of junk is a stationary Gaussian field with its own radial spectrum, estimated
@@ -646,7 +676,8 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                                  callback=callback, progress=progress, should_stop=should_stop, executor=executor,
                                  anneal=anneal, restarts=restarts, precision=precision,
                                  orientation_prior=orientation_prior, prior_floor=prior_floor, junk_class=junk_class,
-                                 varsigma0=varsigma0, prior_weights=prior_weights, prior_fixed=prior_fixed)
+                                 varsigma0=varsigma0, prior_weights=prior_weights, prior_fixed=prior_fixed,
+                                 prior_grid_ratio=prior_grid_ratio)
     if prior_weights is not None:
         prior_weights = viewprior.check_weights(prior_weights, orientation_prior)
         orientation_prior = viewprior.nside_of(prior_weights)
@@ -656,6 +687,12 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
     if orientation_prior is not None:
         nside = viewprior.check_nside(orientation_prior)
         prior_floor = viewprior.check_floor(prior_floor)
+        prior_grid_ratio = viewprior.check_grid_ratio(prior_grid_ratio)
+        if not prior_fixed and not any(viewprior.resolves(_grid_size(st), nside, prior_grid_ratio) for st in schedule):
+            logger.warning("the orientation prior stays uniform: no stage's rotation grid is fine enough for its "
+                           "%.0f-degree cells (step <= %.2g of a cell); add a finer stage (e.g. fine=15), take "
+                           "coarser cells (a smaller NSIDE) or a larger grid ratio",
+                           math.degrees(viewprior.cell_size(nside)), prior_grid_ratio)
     junk_class = junk_model(junk_class)
     if junk_class:
         if any(st.is_search for st in schedule):
@@ -669,6 +706,7 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         state = EMState(theta=theta, lmax=schedule[0].lmax, upsilon=upsilon0, sigma2=float(sigma2), rng=rng)
         if orientation_prior is not None:
             state.view_weights, state.view_floor = np.ones(12 * nside * nside), prior_floor
+            state.view_grid_ratio = prior_grid_ratio
             if prior_weights is not None:
                 state.view_weights, state.view_fixed = prior_weights / prior_weights.mean(), bool(prior_fixed)
         if junk_class == "image":
@@ -749,7 +787,6 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
 
 
 def hopf_step(level):
-    from ..model import hopf
     return hopf.level_step(level)
 
 

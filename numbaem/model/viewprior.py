@@ -12,7 +12,8 @@ directions (cells have equal areas, so the probability of cell ``b`` is
 
 exactly ``1/K`` for uniform ``q``. The E-step adds ``delta_k = log(K p_k)`` to every
 score of rotation ``k`` (:func:`log_offsets`); the M-step update is
-:func:`update_weights`.
+:func:`update_weights`, made only on grids fine enough to tell the cells apart
+(:func:`resolves`).
 """
 import functools
 import logging
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_NSIDE = 2
 #: Weight of the uniform distribution mixed into every update (no rotation below FLOOR / K).
 DEFAULT_FLOOR = 0.05
+#: The weights are updated only on grids whose step is at most this fraction of the cells' size
+#: (:func:`resolves`; theory section 14.1).
+DEFAULT_GRID_RATIO = 0.6
 
 
 def check_nside(nside):
@@ -52,6 +56,44 @@ def check_floor(floor):
     if not 0 < lam <= 1:
         raise NumbaemError(f"orientation-prior floor {floor!r} must lie in (0, 1], e.g. 0.05")
     return lam
+
+
+def check_grid_ratio(ratio):
+    """The grid ratio as a float > 0 (``inf``: update on every grid; one sentence otherwise)."""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        r = float("nan")
+    if not r > 0:
+        raise NumbaemError(f"orientation-prior grid ratio {ratio!r} must be a number > 0 (the finest grid step, "
+                           f"as a fraction of the cells' size, on which the prior is updated), e.g. {DEFAULT_GRID_RATIO}")
+    return r
+
+
+def grid_step(K):
+    """Angular step in radians of a rotation grid of ``K`` rotations: ``(8 pi^2 / K)^(1/3)``, the
+    side of the cube of SO(3)'s volume ``8 pi^2`` per rotation (the Hopf level of step ``s``
+    has ``K`` with ``grid_step(K)`` within 2% of ``s``)."""
+    return (8 * math.pi ** 2 / K) ** (1 / 3)
+
+
+def cell_size(nside):
+    """Angular size in radians of a HEALPix cell: ``sqrt(4 pi / (12 nside^2))``."""
+    return math.sqrt(4 * math.pi / (12 * nside * nside))
+
+
+def resolves(K, nside, ratio=DEFAULT_GRID_RATIO):
+    """Whether a grid of ``K`` rotations is fine enough to update the weights of cells of ``nside``:
+    ``grid_step(K) <= ratio * cell_size(nside)``.
+
+    On a coarser grid a particle's posterior mass lands on the few rotations near it, many of
+    them in neighbouring cells, and the update smears the distribution of views: with the true
+    volume and 1,010 particles of a top-view-rich distribution (L = 11, SNR 1, 48 cells of 29
+    degrees) the maximiser over the weights is 0.31 from the truth in total variation on
+    ``K = 300`` (step 37 degrees), 0.19 on ``K = 1000`` (25 degrees), 0.13 on ``K = 3000``
+    (17 degrees) (theory section 14.1). On such grids the weights are held.
+    """
+    return grid_step(K) <= ratio * cell_size(check_nside(nside))
 
 
 def nside_of(q):
