@@ -132,6 +132,10 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--oracle", action="store_true",
                    help="views: also run with the truth's distribution of views held fixed as the prior")
+    p.add_argument("--views-runs", default="off,prior",
+                   help="views: which of off, prior (and oracle, as --oracle) to run")
+    p.add_argument("--prior-grid-ratio", type=float, default=None,
+                   help="views: the prior's grid ratio (default the library's; inf: updated on every stage)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.makedirs(args.out, exist_ok=True)
@@ -151,8 +155,15 @@ def main():
     plan = []
     for snr in (float(s) for s in args.snrs.split(",")):
         if "views" in parts:
-            for ext in ({}, dict(orientation_prior=args.nside)) + ((dict(oracle=True),) if args.oracle else ()):
-                plan.append(("views", snr, dict(views="top:0.6", density=args.density), ext))
+            prior = dict(orientation_prior=args.nside)
+            if args.prior_grid_ratio is not None:
+                prior["prior_grid_ratio"] = args.prior_grid_ratio
+            chosen = set(args.views_runs.split(",")) | ({"oracle"} if args.oracle else set())
+            if "oracle" in chosen and "off" not in chosen:
+                p.error("the oracle run takes its frame from the run without the prior: add off to --views-runs")
+            for name, ext in (("off", {}), ("prior", prior), ("oracle", dict(oracle=True))):
+                if name in chosen:
+                    plan.append(("views", snr, dict(views="top:0.6", density=args.density), ext))
         if "junk" in parts:
             for ext in ({}, dict(junk_class="field"), dict(junk_class="image")):
                 plan.append(("junk", snr, dict(junk=0.3, density=args.density), ext))
@@ -162,7 +173,8 @@ def main():
     for i, (part, snr, sim_kw, ext) in enumerate(plan):
         seed = [args.seed, int(1000 * snr), ["views", "junk", "crowding"].index(part)]
         if ext.get("oracle"):     # after the run without the prior on the same data: its alignment
-            ext = dict(prior_weights=oracle_weights(sim_kw["views"], args.nside, runs[-2]), prior_fixed=True)
+            off = [r for r in runs if r["part"] == "views" and r["snr"] == snr and not r["extension"]][-1]
+            ext = dict(prior_weights=oracle_weights(sim_kw["views"], args.nside, off), prior_fixed=True)
         rec = run_one(truth_full, init, args, snr, seed, sim_kw, ext)
         rec["part"] = part
         rec["args"] = vars(args)
