@@ -322,7 +322,8 @@ def test_search_iteration_updates_the_prior_from_its_rows(rng):
 def test_grid_step_and_cell_size():
     """The grid step ``(8 pi^2 / K)^(1/3)`` is each Hopf level's step within 2%; the cells tile the
     sphere (``12 nside^2 cell_size^2 = 4 pi``); with 48 cells of 29 degrees and the default ratio
-    0.6, 3,000 rotations and the 15-degree level resolve them, 1,000 and the 30-degree level do not."""
+    0.6, 2,729 rotations and more and the 15-degree level resolve them, 1,000 and the 30-degree level
+    do not."""
     for r in range(6):
         assert abs(math.degrees(viewprior.grid_step(hopf.size(r))) / hopf.level_step(r) - 1) < 0.02
     for n in (1, 2, 4, 16):
@@ -330,6 +331,7 @@ def test_grid_step_and_cell_size():
     assert viewprior.resolves(3000, 2) and viewprior.resolves(hopf.size(2), 2)
     assert not viewprior.resolves(1000, 2) and not viewprior.resolves(hopf.size(1), 2)
     assert viewprior.resolves(1000, 1) and viewprior.resolves(10, 2, math.inf)
+    assert viewprior.resolves(2729, 2) and not viewprior.resolves(2728, 2)      # the README's threshold
 
 
 def test_prior_is_held_on_a_coarse_grid_and_updated_on_a_fine_one(rng, caplog):

@@ -127,7 +127,7 @@ def add_args(p):
     x.add_argument("--prior-grid-ratio", type=float, default=0.6, metavar="R",
                    help="update the orientation prior only on stages whose rotation grid's step is at most R times "
                         "the cells' size (coarser grids smear the views across cells; those stages hold the prior; "
-                        "default 0.6: with NSIDE 2, rotations >= 3000 or a search's fine <= 15 degrees)")
+                        "default 0.6: with NSIDE 2, rotations >= 2729 or a search's fine <= 15 degrees)")
     x.add_argument("--junk-class", nargs="?", const="field", default=None, choices=("field", "image"),
                    metavar="MODEL",
                    help="add a junk class for contaminants, with its own prior probability; exhaustive stages "

@@ -89,9 +89,10 @@ def resolves(K, nside, ratio=DEFAULT_GRID_RATIO):
     On a coarser grid a particle's posterior mass lands on the few rotations near it, many of
     them in neighbouring cells, and the update smears the distribution of views: with the true
     volume and 1,010 particles of a top-view-rich distribution (L = 11, SNR 1, 48 cells of 29
-    degrees) the maximiser over the weights is 0.31 from the truth in total variation on
-    ``K = 300`` (step 37 degrees), 0.19 on ``K = 1000`` (25 degrees), 0.13 on ``K = 3000``
-    (17 degrees) (theory section 14.1). On such grids the weights are held.
+    degrees) the maximiser over the weights is 0.300 from the truth in total variation on
+    ``K = 300`` (step 37 degrees), 0.204 on ``K = 1000`` (25 degrees), 0.141 on ``K = 3000``
+    (17 degrees) (theory section 14.1, ``examples/view_grid_bias.py``). On coarser grids than
+    the rule allows the weights are held.
     """
     return grid_step(K) <= ratio * cell_size(check_nside(nside))
 
