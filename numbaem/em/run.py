@@ -290,7 +290,7 @@ def _view_update(state, K, extra):
     extra["view_prior"] = "held"
     if state.iteration == 0:
         logger.info("orientation prior held on this stage: its grid's step of %.0f degrees is coarser than %.2g of "
-                    "the %.0f-degree cells (updated from a finer stage on; a coarser NSIDE or a larger grid ratio "
+                    "the %.0f-degree cells (finer stages update it; a coarser NSIDE or a larger grid ratio "
                     "updates it here)", math.degrees(viewprior.grid_step(K)), state.view_grid_ratio,
                     math.degrees(viewprior.cell_size(nside)))
     return False
