@@ -69,6 +69,17 @@ def oracle_weights(views, nside, rec):
     return truth_cells(views, nside, pair)
 
 
+def json_safe(obj):
+    """``obj`` with every non-finite float written as a string ('inf'): standard JSON."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    return obj
+
+
 def run_one(truth_full, init, args, snr, rng_seed, sim_kw, rec_kw):
     L = args.L
     sim = simulate_micrographs(truth_full, L, micrograph_size=args.micrograph_size, method=1, snr=snr,
@@ -159,6 +170,8 @@ def main():
             if args.prior_grid_ratio is not None:
                 prior["prior_grid_ratio"] = args.prior_grid_ratio
             chosen = set(args.views_runs.split(",")) | ({"oracle"} if args.oracle else set())
+            if not chosen <= {"off", "prior", "oracle"}:
+                p.error(f"--views-runs takes off, prior and oracle, not {', '.join(sorted(chosen - {'off', 'prior', 'oracle'}))}")
             if "oracle" in chosen and "off" not in chosen:
                 p.error("the oracle run takes its frame from the run without the prior: add off to --views-runs")
             for name, ext in (("off", {}), ("prior", prior), ("oracle", dict(oracle=True))):
@@ -185,7 +198,7 @@ def main():
               + (f", varsigma {rec['varsigma']:.3f}" if "varsigma" in rec else "")
               + f", {rec['seconds_per_iteration']:.2f} s/iteration", flush=True)
         with open(path, "w") as fh:       # after every run: a partial table survives an interrupted job
-            json.dump(dict(args=vars(args), runs=kept + runs), fh, indent=1)
+            json.dump(json_safe(dict(args=vars(args), runs=kept + runs)), fh, indent=1, allow_nan=False)
         if part == "views" and ext.get("orientation_prior") and snr == 1.0:
             plot_view_distribution(np.asarray(rec["view_distribution"]), os.path.join(args.out,
                                    "orientation_junk_views.png"), truth=np.asarray(rec["truth_distribution"]),

@@ -122,7 +122,8 @@ def main():
                    seconds=time.perf_counter() - t0, distribution_maximiser=dists[-1].tolist())
         res["grids"].append(row)
         print(f"  {g:>6s}: K = {len(rots)}, step {step:.1f} deg ({row['step_over_cell']:.2f} of a cell): TV one "
-              f"update {tv[0]:.3f}, maximiser {tv[-1]:.3f} (after {args.steps} steps; {tv[9]:.3f} after 10), "
+              f"update {tv[0]:.3f}, maximiser {tv[-1]:.3f} (after {args.steps} steps; "
+              f"{tv[min(9, len(tv) - 1)]:.3f} after {min(10, len(tv))}), "
               f"max density {row['max_density_maximiser']:.1f} (truth {row['max_density_truth']:.1f})", flush=True)
         with open(os.path.join(args.out, "view_grid_bias.json"), "w") as fh:
             json.dump(res, fh, indent=1)

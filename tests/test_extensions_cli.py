@@ -49,8 +49,18 @@ def test_cli_extensions_end_to_end(tmp_path, molecule, capsys):  # noqa: F811
     assert code == 0, err
     s = json.loads(out)
     assert len(s["orientation_prior"]["weights"]) == 12 and abs(sum(s["orientation_prior"]["distribution"]) - 1) < 1e-12
-    # 60 rotations (a 109-degree step) do not resolve 59-degree cells: the prior is held uniform
+    # 60 rotations (a 63-degree step) do not resolve 59-degree cells at the default ratio: held uniform
     assert s["orientation_prior"]["grid_ratio"] == 0.6 and s["orientation_prior"]["weights"] == [1.0] * 12
+    # a ratio that lets them update it (also infinite, with a checkpoint: JSON has no infinity)
+    for ratio, recorded in (("1.5", 1.5), ("inf", None)):
+        code, out, err = run(["reconstruct", str(mic), "--patch-size", "7", "-o", str(tmp_path / f"r{ratio}.mrc"),
+                              "--init", str(tmp_path / "mic.truth.mrc"), "--noise-var", str(truth["sigma2"]),
+                              "--schedule", "lmax=2,iters=2,rotations=60", "--orientation-prior", "1",
+                              "--prior-grid-ratio", ratio, "--checkpoint", str(tmp_path / f"ck{ratio}"), "--json",
+                              "-q"], capsys)
+        assert code == 0, err
+        r = json.loads(out)["orientation_prior"]
+        assert r["grid_ratio"] == recorded and r["weights"] != [1.0] * 12
     assert 0 < s["junk_class"]["varsigma"] < 1
     assert s["junk_class"]["model"] == "field" and len(s["junk_class"]["spectrum"]) == 5
     assert (tmp_path / "est_views.png").stat().st_size > 1000 and (tmp_path / "est_junk.png").stat().st_size > 1000
@@ -87,7 +97,8 @@ def test_junk_model_is_part_of_a_checkpoints_inputs(tmp_path, molecule, capsys):
             "--schedule", "lmax=2,iters=1,rotations=30", "--checkpoint", str(ck), "-q"]
     code, _, err = run(base + ["--init", "random", "--junk-class", "image"], capsys)
     assert code == 0, err
-    assert json.loads((ck / "state.json").read_text())["inputs"]["extensions"]["junk_class"] is True
+    ext = json.loads((ck / "state.json").read_text())["inputs"]["extensions"]
+    assert ext == dict(orientation_prior=None, prior_floor=0.05, junk_class=True)    # the keys older ones hold
     code, _, err = run(base + ["--resume", "--junk-class", "field", "--force"], capsys)
     _assert_one_line_error(code, err, "another run")
     code, _, err = run(base + ["--resume", "--junk-class", "image", "--force"], capsys)

@@ -33,6 +33,7 @@ micrographs exactly as given.
 """
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -127,7 +128,7 @@ def add_args(p):
     x.add_argument("--prior-grid-ratio", type=float, default=0.6, metavar="R",
                    help="update the orientation prior only on stages whose rotation grid's step is at most R times "
                         "the cells' size (coarser grids smear the views across cells; those stages hold the prior; "
-                        "default 0.6: with NSIDE 2, rotations >= 2729 or a search's fine <= 15 degrees)")
+                        "default 0.6: with NSIDE 2, rotations >= 2729 or a search's fine level of 15 degrees, any fine below 30)")
     x.add_argument("--junk-class", nargs="?", const="field", default=None, choices=("field", "image"),
                    metavar="MODEL",
                    help="add a junk class for contaminants, with its own prior probability; exhaustive stages "
@@ -348,9 +349,10 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
         inputs["anneal"] = list(anneal) if anneal else None
         if args.orientation_prior is not None or args.junk_class:    # absent when off: older checkpoints resume
             inputs["extensions"] = dict(orientation_prior=args.orientation_prior, prior_floor=args.prior_floor,
-                                        prior_grid_ratio=args.prior_grid_ratio,
                                         # True: the image model, as checkpoints made before the field wrote it
                                         junk_class=True if args.junk_class == "image" else args.junk_class or False)
+            if args.orientation_prior is not None:   # the grid rule changes what a run with the prior computes
+                inputs["extensions"]["prior_grid_ratio"] = _finite_or_none(args.prior_grid_ratio)
         # what the micrographs were made into is part of what the run computes on
         inputs["preprocess"] = dict(
             pixel_size=args.pixel_size, particle_diameter=args.particle_diameter, invert=bool(args.invert_contrast),
@@ -424,7 +426,7 @@ def _run(args, L, schedule, budget, prepared, star, truth, particles, sigma2, no
         views_png = _sibling(args.output, "_views.png")
         plot_view_distribution(state.view_weights, views_png, force=force)
         summary["orientation_prior"] = dict(nside=args.orientation_prior, floor=state.view_floor,
-                                            grid_ratio=state.view_grid_ratio,
+                                            grid_ratio=_finite_or_none(state.view_grid_ratio),
                                             weights=state.view_weights.tolist(),
                                             distribution=distribution(state.view_weights).tolist(), plot=views_png)
     if state.junk_theta is not None:
@@ -490,3 +492,8 @@ def _executor(args):
 def _input_shapes(prepared):
     from ..data.io import read_image
     return [tuple(read_image(p, mmap=True)[0].shape) for p in prepared.inputs]
+
+
+def _finite_or_none(x):
+    """``x``, or None for an infinite grid ratio (every grid; JSON has no infinity)."""
+    return float(x) if math.isfinite(x) else None

@@ -495,7 +495,8 @@ class Checkpointer:
         if state.view_weights is not None:
             doc["view_weights"] = [float(x) for x in state.view_weights]
             doc["view_floor"] = float(state.view_floor)
-            doc["view_grid_ratio"] = float(state.view_grid_ratio)
+            # None: every grid (an infinite ratio; JSON has no infinity)
+            doc["view_grid_ratio"] = float(state.view_grid_ratio) if math.isfinite(state.view_grid_ratio) else None
             if state.view_fixed:
                 doc["view_fixed"] = True
         if state.junk_theta is not None:
@@ -619,8 +620,9 @@ class Checkpointer:
             if "view_weights" in doc:
                 state.view_weights = np.array([_float(x) for x in doc["view_weights"]], dtype=np.float64)
                 state.view_floor = _float(doc["view_floor"])
-                if "view_grid_ratio" in doc:      # absent in checkpoints written before the rule
-                    state.view_grid_ratio = _float(doc["view_grid_ratio"])
+                # absent in checkpoints written before the rule: those runs updated the prior on every grid
+                ratio = doc.get("view_grid_ratio")
+                state.view_grid_ratio = math.inf if ratio is None else _float(ratio)
                 state.view_fixed = bool(doc.get("view_fixed", False))
             if "junk_theta" in doc:
                 state.junk_theta = np.array([_float(x) for x in doc["junk_theta"]], dtype=np.float64)

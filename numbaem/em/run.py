@@ -689,7 +689,8 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         prior_floor = viewprior.check_floor(prior_floor)
         prior_grid_ratio = viewprior.check_grid_ratio(prior_grid_ratio)
         if not prior_fixed and not any(viewprior.resolves(_grid_size(st), nside, prior_grid_ratio) for st in schedule):
-            logger.warning("the orientation prior stays uniform: no stage's rotation grid is fine enough for its "
+            logger.warning("the orientation prior is never updated (it stays at its start): no stage's rotation grid "
+                           "is fine enough for its "
                            "%.0f-degree cells (step <= %.2g of a cell); add a finer stage (e.g. fine=15), take "
                            "coarser cells (a smaller NSIDE) or a larger grid ratio",
                            math.degrees(viewprior.cell_size(nside)), prior_grid_ratio)
