@@ -168,7 +168,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
         H, b = search_normal_equations(stats, spec, basis, max_block_bytes=plan.mstep_block_bytes, filters=filters)
         extra = search_record(stats, spec)
         extra["precision"] = plan.parts["precision"]
-        if _view_update(state, hopf.size(spec.fine), extra):
+        if _view_update(state, _grid_size(stage), extra):
             nside = viewprior.nside_of(state.view_weights)
             state.view_weights = viewprior.update_weights(
                 state.view_weights, viewprior.bins_of_rotations(hopf.rotations(spec.fine), nside),
@@ -209,7 +209,7 @@ def em_iteration(state, source, operator, stage, *, estimate_noise=False, tikhon
             W, G = (stats.W[..., :K, :, :], stats.G[..., :K, :, :]) if junk else (stats.W, stats.G)
             H, b = normal_equations(operator.blocks(), W, G, L, M, max_block_bytes=plan.mstep_block_bytes,
                                     filters=filters)
-            if _view_update(state, K, extra):
+            if _view_update(state, K, extra):      # the operator's grid
                 state.view_weights = viewprior.update_weights(state.view_weights, view_bins,
                                                               viewprior.rotation_mass(W), state.view_floor)
             if junk:
@@ -275,7 +275,7 @@ def _grid_size(stage):
 
 def _view_update(state, K, extra):
     """Whether this iteration's M-step updates the orientation prior's weights, on a grid of ``K``
-    rotations (the search: its fine level's): a prior that is on, not held fixed, on a grid that
+    rotations (:func:`_grid_size`: a search's is its fine level's): a prior that is on, not held fixed, on a grid that
     resolves its cells (:func:`numbaem.model.viewprior.resolves`, theory section 14.1). Writes
     ``view_prior`` ('updated', 'held' or 'fixed') into the record ``extra``."""
     if state.view_weights is None:
@@ -690,9 +690,8 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
         prior_grid_ratio = viewprior.check_grid_ratio(prior_grid_ratio)
         if not prior_fixed and not any(viewprior.resolves(_grid_size(st), nside, prior_grid_ratio) for st in schedule):
             logger.warning("the orientation prior is never updated (it stays at its start): no stage's rotation grid "
-                           "is fine enough for its "
-                           "%.0f-degree cells (step <= %.2g of a cell); add a finer stage (e.g. fine=15), take "
-                           "coarser cells (a smaller NSIDE) or a larger grid ratio",
+                           "is fine enough for its %.0f-degree cells (step <= %.2g of a cell); add a finer stage "
+                           "(e.g. fine=15), take coarser cells (a smaller NSIDE) or a larger grid ratio",
                            math.degrees(viewprior.cell_size(nside)), prior_grid_ratio)
     junk_class = junk_model(junk_class)
     if junk_class:
@@ -742,7 +741,7 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
                 op = SearchOperator(basis, spec)
                 logger.info("stage %d/%d: lmax=%d (M=%d), search %s degrees (levels %d-%d), prune %g%s, frac=%g, "
                             "%d iterations", state.stage + 1, len(schedule), stage.lmax, basis.M,
-                            "-".join(f"{hopf_step(r):g}" for r in spec.levels), spec.coarse, spec.fine,
+                            "-".join(f"{hopf.level_step(r):g}" for r in spec.levels), spec.coarse, spec.fine,
                             spec.prune, f", local {spec.local:g} degrees" if spec.local else "", stage.frac,
                             stage.iters)
             else:
@@ -785,10 +784,6 @@ def reconstruct(source, init, *, sigma2=None, estimate_noise=False, schedule=Non
     return Reconstruction(volume=synthesize(state.theta, basis), pixel_size=getattr(source, "pixel_size", None),
                           theta=state.theta, basis=basis, upsilon=state.upsilon, sigma2=state.sigma2,
                           history=state.history, state=state, stopped=stopped)
-
-
-def hopf_step(level):
-    return hopf.level_step(level)
 
 
 def log_likelihood(source, theta, basis, K, upsilon, sigma2, idx=None, memory=None, state=None):
